@@ -1,0 +1,330 @@
+"""Config CLI: one dataclass per script, overridden from the command line as `--key=value`.
+
+nanoGPT's configurator idea (globals + `--key=value` + literal_eval), but typed through a dataclass so that
+`--help` can list every field with its type, default and one-line meaning, and bad input fails loudly:
+
+    @dataclass
+    class Config:
+        steps: int = 300          # optimizer steps
+        lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    cfg = parse_config(Config)    # python x.py --steps=100 --lr 3e-4 --smoke
+
+Also: `save_json` (atomic, numpy/torch/dataclass aware) and `print_table` (aligned table of nested results).
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import io
+import json
+import math
+import os
+import sys
+import tokenize
+import typing
+from pathlib import Path
+
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f"}
+
+
+def _type_name(tp):
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(s, tp, key):
+    """Parse the command-line string `s` into type `tp`; SystemExit naming key, value and type on failure."""
+    def bad(why=""):
+        raise SystemExit(f"config error: bad value for --{key}: {s!r} is not a valid {_type_name(tp)}{why}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any or tp is None:
+        try:
+            return ast.literal_eval(s)
+        except (ValueError, SyntaxError):
+            return s
+    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
+        if type(None) in args and s.strip().lower() in ("none", "null", ""):
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _convert(s, a, key)
+            except SystemExit:
+                pass
+        bad()
+    if origin is typing.Literal:
+        for a in args:
+            if str(a) == s:
+                return a
+        bad(f" (choose from {', '.join(map(str, args))})")
+    if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
+        t = s.strip()
+        if t[:1] in "([{":
+            try:
+                items = list(ast.literal_eval(t))
+            except (ValueError, SyntaxError, TypeError):
+                bad()
+        else:
+            items = [x.strip() for x in t.split(",") if x.strip()] if t else []
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                bad(f" (expected {len(args)} comma-separated values)")
+            types = list(args)
+        else:
+            types = [args[0] if args else typing.Any] * len(items)
+        out = [_convert(x if isinstance(x, str) else repr(x), t, key) for x, t in zip(items, types)]
+        return (origin or tp)(out)
+    if tp is bool:
+        v = s.strip().lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+        bad(" (use true/false)")
+    if tp is int:
+        try:
+            return int(s.replace("_", ""))
+        except ValueError:
+            try:  # allow 1e4 for step counts, but only when it is integral
+                f = float(s)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+            bad()
+    if tp is float:
+        try:
+            return float(s)
+        except ValueError:
+            bad()
+    if tp is str:
+        return s
+    if tp is Path:
+        return Path(s)
+    try:
+        return tp(s)
+    except Exception:  # noqa: BLE001 - any constructor failure is a bad value
+        bad()
+
+
+def _comment_help(cls):
+    """Field name -> trailing `# comment` (or a comment line right above the field) in the class source."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    src = inspect.cleandoc("\n" + src) if src.startswith((" ", "\t")) else src
+    comments = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    lines = src.splitlines()
+    out = {}
+    try:
+        body = ast.parse(src).body[0].body
+    except (SyntaxError, IndexError, AttributeError):
+        return {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            end = node.end_lineno
+            if end in comments:
+                out[node.target.id] = comments[end][1]
+            elif node.lineno - 1 in comments and lines[node.lineno - 2].strip().startswith("#"):
+                out[node.target.id] = comments[node.lineno - 1][1]
+    return out
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints.get(f.name, typing.Any)) for f in dataclasses.fields(cls) if f.init]
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def format_help(cls, commands=None, prog=None):
+    """The --help text: one line per field with name, type, default and meaning."""
+    prog = prog or os.path.basename(sys.argv[0] or "script")
+    helps = _comment_help(cls)
+    rows = []
+    for f, tp in _fields(cls):
+        d = _default(f)
+        rows.append((f"--{f.name}", _type_name(tp), "(required)" if d is dataclasses.MISSING else repr(d),
+                     f.metadata.get("help") or helps.get(f.name, "")))
+    head = f"usage: {prog}" + (" [" + "|".join(commands) + "]" if commands else "") + " [--key=value ...]"
+    doc = (inspect.getdoc(cls) or "").strip()
+    if doc.startswith(cls.__name__ + "("):  # dataclass auto-docstring says nothing
+        doc = ""
+    out = [head]
+    if doc:
+        out += ["", doc.splitlines()[0]]
+    if commands:
+        out += ["", "commands: " + ", ".join(commands)]
+    out += ["", "options (bools: --flag, --flag=false):"]
+    w = [max(len(r[i]) for r in rows) if rows else 0 for i in range(3)]
+    for r in rows:
+        out.append(f"  {r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
+    return "\n".join(out)
+
+
+def parse_config(cls, argv=None, commands=None):
+    """Build `cls` (a dataclass) from `--key=value` / `--key value` / `--flag` arguments.
+
+    argv: list of strings (default sys.argv[1:]). commands: optional list of sub-command words; a leading positional
+    word must be one of them and is stored as `cfg._command` (None when absent). `-h/--help` prints every field and
+    exits 0. Unknown keys and unparsable values raise SystemExit with a message naming the key and listing valid keys.
+    Dashes in keys are accepted for underscores (`--batch-size`), and `--no_flag` sets a bool field to False.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name: (f, tp) for f, tp in _fields(cls)}
+    valid = ", ".join(fields)
+    command = None
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls, commands))
+        raise SystemExit(0)
+    if commands and argv and not argv[0].startswith("-"):
+        command = argv.pop(0)
+        if command not in commands:
+            raise SystemExit(f"config error: unknown command {command!r}; expected one of: {', '.join(commands)}")
+    kw, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if not a.startswith("--") or a == "--":
+            what = f"command {a!r} (expected one of: {', '.join(commands)})" if commands else f"argument {a!r}"
+            raise SystemExit(f"config error: unexpected {what}; options are --key=value with keys: {valid}")
+        key, eq, val = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in fields and key.startswith("no_") and key[3:] in fields and fields[key[3:]][1] is bool and not eq:
+            kw[key[3:]] = False
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise SystemExit(f"config error: unknown config key --{key}{hint} for {cls.__name__}; valid keys: {valid}")
+        tp = fields[key][1]
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if tp is bool and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
+                kw[key] = True
+                continue
+            if nxt is None:
+                raise SystemExit(f"config error: --{key} needs a value of type {_type_name(tp)}")
+            val, i = nxt, i + 1
+        kw[key] = _convert(val, tp, key)
+    missing = [n for n, (f, _) in fields.items() if _default(f) is dataclasses.MISSING and n not in kw]
+    if missing:
+        raise SystemExit(f"config error: missing required key(s): {', '.join('--' + m for m in missing)}")
+    cfg = cls(**kw)
+    if commands is not None:
+        object.__setattr__(cfg, "_command", command)
+    return cfg
+
+
+def _jsonable(obj):
+    """Recursively convert dataclasses, numpy, torch, paths, sets and tuples into JSON-native values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return config_to_dict(obj)
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, type(None))):
+        return obj
+    if isinstance(obj, float):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    tname = type(obj).__module__.split(".")[0]
+    if tname in ("numpy", "torch") and hasattr(obj, "tolist"):
+        if tname == "torch":
+            obj = obj.detach().cpu()
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    if tname == "torch":  # torch.device / torch.dtype
+        return str(obj)
+    raise TypeError(f"save_json: cannot serialise object of type {type(obj).__name__}: {obj!r}")
+
+
+def config_to_dict(cfg):
+    """Resolved config as a plain JSON-ready dict (dataclass fields, plus `_command` when set)."""
+    d = {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if getattr(cfg, "_command", None) is not None:
+        d["_command"] = cfg._command
+    return d
+
+
+def save_json(path, obj, indent=2):
+    """Write `obj` as JSON atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    Handles dataclasses, numpy / torch scalars and arrays, Paths, tuples and sets. Non-finite floats are written
+    as NaN/Infinity (Python's json reads them back)."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(_jsonable(obj), indent=indent)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v):
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        s = "[" + ", ".join(_fmt(x) for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+        return s
+    try:
+        return _fmt(_jsonable(v))
+    except TypeError:
+        return str(v)
+
+
+def print_table(results, title=None, file=None):
+    """Print `results` (a possibly nested dict) as an aligned two-column table; nested keys joined with dots.
+
+    Floats get 4 decimals (or 4 significant digits when tiny/huge). Returns the printed string."""
+    flat = _flatten(_jsonable(results) if not isinstance(results, dict) else results)
+    rows = [(k, _fmt(v)) for k, v in flat.items()]
+    wk = max([len(k) for k, _ in rows] + [len("key")])
+    wv = max([len(v) for _, v in rows] + [len("value")])
+    bar = "-" * (wk + wv + 3)
+    lines = []
+    if title:
+        lines += [title]
+    lines += [bar, f"{'key':<{wk}} | {'value':>{wv}}", bar]
+    lines += [f"{k:<{wk}} | {v:>{wv}}" for k, v in rows]
+    lines += [bar]
+    s = "\n".join(lines)
+    print(s, file=file or sys.stdout, flush=True)
+    return s

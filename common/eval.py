@@ -1,0 +1,281 @@
+"""Evaluation on frozen features: zero-shot classification, retrieval, linear probe, k-NN, dense probes.
+
+All metrics are fractions in [0, 1] (not percent) except depth RMSE (in the depth map's units). Everything here is
+deterministic for fixed inputs (no global RNG use): ties and initialisations are fixed by construction.
+
+- zero-shot: CLIP paper sec. 3.1.4 prompt ensembling; open_clip `build_zero_shot_classifier` (mean of normalised
+  text embeddings over templates, renormalised).
+- retrieval: recall@k both directions, caption j pairs with image j.
+- linear probe: logistic regression on standardised features (CLIP paper sec. 3.2 uses L-BFGS; we use full-batch
+  AdamW with a cosine schedule, which converges to the same convex optimum closely enough at these sizes).
+- k-NN: DINO's weighted k-NN (Caron et al. 2021, sec. 4.1 / eval_knn.py): cosine similarity, top-k neighbours vote
+  with weight exp(sim / T), T = 0.07.
+- dense probes: a 1x1 linear head on frozen patch tokens, logits bilinearly upsampled to the mask size
+  (the standard "linear" segmentation probe of DINOv2 sec. 7.4 / depth probe of its sec. 7.5, miniaturised).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _to_images(x):
+    """numpy / torch uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]; float tensors/arrays pass through."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2).float().div_(255) if x.shape[-1] == 3 and x.ndim == 4 else x.float().div_(255)
+    return x
+
+
+def _t(x, dtype=None):
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    return x.to(dtype) if dtype is not None else x
+
+
+@torch.no_grad()
+def extract_features(fn, images, batch_size=256, device=None):
+    """Apply `fn` to `images` in batches and return the concatenated outputs as a float32 CPU tensor.
+
+    images: tensor / array with the batch on dim 0 (uint8 NHWC images are converted to float NCHW in [0, 1]),
+    or a list (e.g. token tensors or strings) sliced as is. fn: batch -> (B, D) features (or any tensor)."""
+    outs = []
+    n = len(images)
+    for i in range(0, n, batch_size):
+        b = images[i:i + batch_size]
+        if isinstance(b, np.ndarray) or torch.is_tensor(b):
+            b = _to_images(b)
+            if device is not None:
+                b = b.to(device)
+        outs.append(fn(b).float().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, classnames, templates, device=None):
+    """Text classifier (C, D): per class, encode every template, L2-normalise, average, renormalise."""
+    from common.train import unwrap
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    texts = [t.format(c) for c in classnames for t in templates]
+    tok = tokenizer(texts).to(device)
+    f = F.normalize(model.encode_text(tok, normalize=False).float(), dim=-1)
+    f = f.view(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(f, dim=-1).cpu()
+
+
+def zero_shot_accuracy(img_f, classifier, labels, k=1):
+    """Top-k accuracy of argmax_c <img_f / |img_f|, classifier_c>. img_f (N, D), classifier (C, D), labels (N,)."""
+    img_f = F.normalize(_t(img_f).float(), dim=-1)
+    logits = img_f @ _t(classifier).float().to(img_f.device).T
+    top = logits.topk(k, dim=-1).indices
+    return (top == _t(labels).long().to(top.device)[:, None]).any(-1).float().mean().item()
+
+
+def _ranks(sim):
+    """Rank (0 = best) of the diagonal entry in each row of sim (N, N); ties broken by column index (a stable
+    descending sort: an equal-scoring candidate with a lower index counts as ranked above)."""
+    d = sim.diagonal()[:, None]
+    idx = torch.arange(sim.shape[1], device=sim.device)
+    before = (sim > d) | ((sim == d) & (idx[None, :] < torch.arange(sim.shape[0], device=sim.device)[:, None]))
+    return before.sum(1)
+
+
+def retrieval_recall(img_f, txt_f, ks=(1, 5, 10)):
+    """Image<->text retrieval recall@k, assuming text j is the caption of image j (cosine similarity).
+
+    i2t_rk: fraction of images whose caption is among the k most similar texts; t2i_rk: the converse;
+    mean_rk = (i2t_rk + t2i_rk) / 2; mean_recall: mean over all directions and k. Ties: see _ranks."""
+    img_f = F.normalize(_t(img_f).float(), dim=-1)
+    txt_f = F.normalize(_t(txt_f).float(), dim=-1)
+    if img_f.shape != txt_f.shape:
+        raise ValueError(f"retrieval_recall: need paired features, got image {tuple(img_f.shape)} "
+                         f"and text {tuple(txt_f.shape)}")
+    sim = img_f @ txt_f.T
+    r_i2t, r_t2i = _ranks(sim), _ranks(sim.T.contiguous())
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = (r_i2t < k).float().mean().item()
+        out[f"t2i_r{k}"] = (r_t2i < k).float().mean().item()
+        out[f"mean_r{k}"] = (out[f"i2t_r{k}"] + out[f"t2i_r{k}"]) / 2
+    out["mean_recall"] = sum(out[f"mean_r{k}"] for k in ks) / len(ks)
+    return out
+
+
+def _standardise(train, *others):
+    mu, sd = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
+    return [(x - mu) / sd for x in (train, *others)]
+
+
+def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=1e-2, wd=1e-4, batch_size=4096, seed=0,
+                 num_classes=None):
+    """Logistic-regression probe accuracy. Features standardised with train statistics; zero-initialised weights;
+    AdamW with cosine lr for `epochs` passes (full batch when N <= batch_size, else shuffled minibatches from a
+    torch.Generator(seed)). Deterministic."""
+    Xtr, Xte = _standardise(_t(train_f).float(), _t(test_f).float())
+    ytr, yte = _t(train_y).long(), _t(test_y).long()
+    C = num_classes or int(max(ytr.max(), yte.max())) + 1
+    W = torch.zeros(Xtr.shape[1], C, requires_grad=True)
+    b = torch.zeros(C, requires_grad=True)
+    opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(seed)
+    N = len(Xtr)
+    nb = max(1, math.ceil(N / batch_size))
+    total, it = epochs * nb, 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=g) if nb > 1 else torch.arange(N)
+            for j in range(nb):
+                idx = perm[j * batch_size:(j + 1) * batch_size]
+                for grp in opt.param_groups:
+                    grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / total))
+                loss = F.cross_entropy(Xtr[idx] @ W + b, ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                it += 1
+    with torch.no_grad():
+        return ((Xte @ W + b).argmax(1) == yte).float().mean().item()
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, k=10, T=0.07, weighted=True, chunk=1024):
+    """k-NN accuracy with cosine similarity. weighted=True: DINO's vote, each of the k neighbours adds exp(sim/T) to
+    its class; weighted=False: plain majority vote. Ties in the vote go to the lowest class id (argmax)."""
+    tr = F.normalize(_t(train_f).float(), dim=-1)
+    te = F.normalize(_t(test_f).float(), dim=-1)
+    ytr, yte = _t(train_y).long(), _t(test_y).long()
+    C = int(max(ytr.max(), yte.max())) + 1
+    k = min(k, len(tr))
+    correct = 0
+    for i in range(0, len(te), chunk):
+        sim, idx = (te[i:i + chunk] @ tr.T).topk(k, dim=1)
+        w = (sim / T).exp() if weighted else torch.ones_like(sim)
+        votes = torch.zeros(len(sim), C).scatter_add_(1, ytr[idx], w)
+        correct += (votes.argmax(1) == yte[i:i + chunk]).sum().item()
+    return correct / len(te)
+
+
+def seg_confusion(pred, target, num_classes, ignore_index=None):
+    """(K, K) confusion matrix, rows = target class, cols = predicted class, over all pixels of pred/target."""
+    p, t = _t(pred).long().flatten(), _t(target).long().flatten()
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    p, t = p[keep].clamp(0, num_classes - 1), t[keep]
+    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def seg_miou(pred, target, num_classes, ignore_index=None):
+    """Mean intersection-over-union.
+
+    The confusion matrix is accumulated over ALL pixels of the dataset (pred, target: integer maps of any equal
+    shape, e.g. (N, H, W)). Per class c: IoU_c = TP_c / (TP_c + FP_c + FN_c). mIoU = mean of IoU_c over the classes
+    that occur in the target or the prediction (TP+FP+FN > 0); absent classes are skipped, not counted as 1 or 0.
+    Class 0 (background) counts like any other class. Target pixels equal to ignore_index are dropped."""
+    cm = seg_confusion(pred, target, num_classes, ignore_index).double()
+    tp = cm.diagonal()
+    denom = cm.sum(0) + cm.sum(1) - tp  # TP + FP + FN
+    present = denom > 0
+    return (tp[present] / denom[present]).mean().item() if present.any() else float("nan")
+
+
+def depth_rmse(pred, target, valid=None):
+    """Root mean squared error sqrt(mean_p (pred_p - target_p)^2) over the valid pixels of the whole dataset.
+
+    Valid: target finite and > 0 (0 marks missing depth, as in NYUv2), and `valid` (bool mask) when given."""
+    p, t = _t(pred).double(), _t(target).double()
+    if p.shape != t.shape:
+        raise ValueError(f"depth_rmse: pred {tuple(p.shape)} and target {tuple(t.shape)} differ")
+    m = torch.isfinite(t) & (t > 0)
+    if valid is not None:
+        m &= _t(valid).bool()
+    return ((p[m] - t[m]) ** 2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def _patch_features(patch_fn, images, batch_size, device):
+    feats, grid = [], None
+    for i in range(0, len(images), batch_size):
+        x = _to_images(images[i:i + batch_size])
+        out = patch_fn(x.to(device) if device is not None else x)
+        f, grid = out if isinstance(out, tuple) else (out, None)
+        feats.append(f.float().cpu())
+    f = torch.cat(feats)
+    if grid is None:  # square grid
+        h = int(round(math.sqrt(f.shape[1])))
+        grid = (h, f.shape[1] // h)
+    if grid[0] * grid[1] != f.shape[1]:
+        raise ValueError(f"dense_probe: {f.shape[1]} patch tokens do not fill a grid {grid}")
+    return f, tuple(grid)
+
+
+def dense_probe(patch_fn, train_images, train_seg, train_depth, test_images, test_seg, test_depth, num_classes,
+                steps=300, label_fraction=1.0, lr=1e-2, wd=1e-4, batch_size=32, seed=0, device=None,
+                feat_batch_size=64):
+    """Semantic segmentation and depth probes on frozen patch features.
+
+    patch_fn: images float (B, 3, H, W) in [0, 1] -> patch tokens (B, N, C) or ((B, N, C), (h, w)) (e.g.
+      `lambda x: vit.patch_tokens(normalize(x))`); run once under no_grad, the features are cached.
+    *_images: uint8 (N, H, W, 3) or float (N, 3, H, W); *_seg: int (N, H, W) with classes in [0, num_classes);
+      *_depth: float (N, H, W) (either seg or depth may be None to skip that head).
+    Heads: a 1x1 linear classifier (C -> num_classes) and a linear regressor (C -> 1) on standardised tokens; their
+      (h, w) outputs are bilinearly upsampled to (H, W) and trained with pixel cross-entropy / masked MSE (on
+      standardised depth) for `steps` AdamW steps on random minibatches. label_fraction < 1 trains on the first
+      round(fraction * N) images of a seeded permutation (data-efficiency probes).
+    Returns {"miou": seg_miou on test, "depth_rmse": depth_rmse on test} (only the keys whose targets were given).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(train_images)
+    keep = torch.randperm(n, generator=g)[:max(1, round(label_fraction * n))].sort().values
+    keep_np = keep.numpy()
+    sel = (lambda a: None if a is None else a[keep_np] if isinstance(a, np.ndarray) else _t(a)[keep])
+    Ftr, grid = _patch_features(patch_fn, sel(train_images), feat_batch_size, device)
+    Fte, _ = _patch_features(patch_fn, test_images, feat_batch_size, device)
+    Ftr, Fte = _standardise(Ftr.flatten(0, 1), Fte.flatten(0, 1))
+    Ftr, Fte = Ftr.view(len(keep), *grid, -1), Fte.view(-1, *grid, Fte.shape[-1])
+    seg_tr = None if train_seg is None else _t(sel(train_seg)).long()
+    dep_tr = None if train_depth is None else _t(sel(train_depth)).float()
+    H, W = (seg_tr if seg_tr is not None else dep_tr).shape[-2:]
+    C = Ftr.shape[-1]
+    if dep_tr is not None:
+        valid = torch.isfinite(dep_tr) & (dep_tr > 0)
+        mu, sd = dep_tr[valid].mean(), dep_tr[valid].std().clamp_min(1e-6)
+    # zero init: both heads are convex problems, so no RNG is needed and the result is deterministic
+    Ws, bs = torch.zeros(C, num_classes, requires_grad=True), torch.zeros(num_classes, requires_grad=True)
+    Wd, bd = torch.zeros(C, 1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.AdamW([Ws, bs, Wd, bd], lr=lr, weight_decay=wd)
+
+    def heads(f):  # f (B, h, w, C) -> seg logits (B, K, H, W), depth (B, H, W) in standardised units
+        s = (f @ Ws + bs).permute(0, 3, 1, 2)
+        d = (f @ Wd + bd).permute(0, 3, 1, 2)
+        up = lambda z: F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)  # noqa: E731
+        return up(s), up(d)[:, 0]
+
+    with torch.enable_grad():
+        for it in range(steps):
+            idx = torch.randint(len(Ftr), (min(batch_size, len(Ftr)),), generator=g)
+            s, d = heads(Ftr[idx])
+            loss = 0.0
+            if seg_tr is not None:
+                loss = loss + F.cross_entropy(s, seg_tr[idx])
+            if dep_tr is not None:
+                m = valid[idx]
+                loss = loss + F.mse_loss(d[m], ((dep_tr[idx] - mu) / sd)[m])
+            for grp in opt.param_groups:
+                grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / steps))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out, preds, deps = {}, [], []
+    with torch.no_grad():
+        for i in range(0, len(Fte), 64):
+            s, d = heads(Fte[i:i + 64])
+            preds.append(s.argmax(1))
+            deps.append(d)
+    if test_seg is not None and seg_tr is not None:
+        out["miou"] = seg_miou(torch.cat(preds), _t(test_seg), num_classes)
+    if test_depth is not None and dep_tr is not None:
+        out["depth_rmse"] = depth_rmse(torch.cat(deps) * sd + mu, _t(test_depth).float())
+    return out

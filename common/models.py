@@ -1,0 +1,381 @@
+"""CLIP towers as plain nn.Modules: a ViT image encoder, a causal text transformer, the two-tower CLIP wrapper,
+presets (ViT-B/16 in open_clip's layout and tiny models for the synthetic world) and open_clip / OpenAI
+state-dict loading.
+
+References: CLIP (Radford et al. 2021, arXiv:2103.00020) for the towers, EOT pooling and the learnable
+temperature; ViT (Dosovitskiy et al. 2020, arXiv:2010.11929); the 4-2-2 conv stem of MobileCLIP-B / CatLIP
+(arXiv:2311.17049, arXiv:2404.15653, which follow Xiao et al. 2021 "Early convolutions help transformers see
+better"). Parameter names follow open_clip where possible so that loading a checkpoint is a rename:
+`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`, `ln_1`, `attn.in_proj`, `attn.out_proj`, `ln_2`,
+`mlp.c_fc`, `mlp.c_proj`, `ln_post`, `proj`, `token_embedding`, `ln_final`, `text_projection`, `logit_scale`.
+
+All attention goes through `kernels.attention(q, k, v, causal, scale)` with q, k, v of shape (B, H, N, D).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import attention
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's released CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT, arXiv:2103.17239 §2.1); open_clip's `ls_1.gamma` name."""
+
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, laid out like nn.MultiheadAttention's
+    `in_proj_weight` (rows: all q heads, then all k heads, then all v heads)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        assert width % heads == 0, f"width {width} must be divisible by heads {heads}"
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        """x: (B, N, C) -> (B, N, C)."""
+        B, N, C = x.shape
+        qkv = self.in_proj(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                       # (B, H, N, D)
+        y = attention(q, k, v, causal=causal)                 # scale defaults to D^-0.5
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden, act="gelu"):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (GPT-2 / CLIP ordering)."""
+
+    def __init__(self, width, heads, mlp_ratio=4.0, act="gelu", ls_init=None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+        self.ls_1 = LayerScale(width, ls_init) if ls_init else nn.Identity()
+        self.ls_2 = LayerScale(width, ls_init) if ls_init else nn.Identity()
+
+    def forward(self, x, causal=False):
+        x = x + self.ls_1(self.attn(self.ln_1(x), causal=causal))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def run_blocks(blocks, x, causal=False, grad_checkpointing=False):
+    """Apply blocks in order; with checkpointing, activations inside each block are recomputed in backward."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, causal, use_reentrant=False)
+        else:
+            x = blk(x, causal)
+    return x
+
+
+def init_blocks(blocks, width):
+    """CLIP's transformer init (OpenAI CLIP `initialize_parameters`, also open_clip's text tower):
+    attn in N(0, w^-0.5), residual-output projections N(0, w^-0.5 (2L)^-0.5), c_fc N(0, (2w)^-0.5), biases 0."""
+    L = len(blocks)
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * L) ** -0.5, (2 * width) ** -0.5
+    for blk in blocks:
+        nn.init.normal_(blk.attn.in_proj.weight, std=attn_std)
+        nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
+        for lin in (blk.attn.in_proj, blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+            nn.init.zeros_(lin.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# image tower
+
+class ConvStem(nn.Module):
+    """MobileCLIP-B / CatLIP conv stem (clip-family.md §1.6): conv k4 s4 -> BN -> GELU -> conv k2 s2 -> BN -> GELU
+    -> conv k2 s2 (bias, no norm); hidden width max(32, width // 4). Total stride 16 = patch_size; for other patch
+    sizes the first conv has stride patch_size // 4 (e.g. 1-2-2 for patch 4)."""
+
+    def __init__(self, width, patch_size=16):
+        super().__init__()
+        assert patch_size % 4 == 0, f"conv stem needs patch_size divisible by 4, got {patch_size}"
+        c, s = max(32, width // 4), patch_size // 4
+        self.conv1 = nn.Conv2d(3, c, s, s, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 2, 2, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, width, 2, 2)
+
+    def forward(self, x):
+        x = F.gelu(self.bn1(self.conv1(x)))
+        x = F.gelu(self.bn2(self.conv2(x)))
+        return self.conv3(x)
+
+
+def resize_pos_embed(pos, grid, new_grid):
+    """pos: (gh*gw, C) for grid (gh, gw) -> (nh*nw, C), bicubic (as open_clip/timm when the image size changes)."""
+    if tuple(grid) == tuple(new_grid):
+        return pos
+    C = pos.shape[-1]
+    p = pos.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2)
+    p = F.interpolate(p.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(pos.dtype)
+    return p.permute(0, 2, 3, 1).reshape(-1, C)
+
+
+class VisionTransformer(nn.Module):
+    """ViT image encoder.
+
+    stem="patch": open_clip ViT layout (conv1 p x p stride p without bias, class token, pos-emb over 1+N tokens,
+    ln_pre). stem="conv": MobileCLIP-B / CatLIP layout (4-2-2 ConvStem, pos-emb over the N patches only with no
+    pos-emb on the class token as in DeiT-3, no ln_pre). pool="cls" reads the class token; pool="mean" has no class
+    token and averages the patch tokens. ln_post is applied to every token before pooling (open_clip default).
+    embed_dim=None -> no projection (forward returns width features).
+    """
+
+    def __init__(self, image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0,
+                 embed_dim=512, pool="cls", stem="patch", grad_checkpointing=False, act="gelu", ls_init=None):
+        super().__init__()
+        assert pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {pool!r}"
+        assert stem in ("patch", "conv"), f"stem must be 'patch' or 'conv', got {stem!r}"
+        self.image_size, self.patch_size, self.width, self.pool, self.stem = image_size, patch_size, width, pool, stem
+        self.grad_checkpointing = grad_checkpointing
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        N = self.grid[0] * self.grid[1]
+        scale = width ** -0.5
+        if stem == "patch":
+            self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        else:
+            self.conv_stem = ConvStem(width, patch_size)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if pool == "cls" else None
+        n_pos = N + (1 if pool == "cls" and stem == "patch" else 0)   # conv stem: no pos-emb on the class token
+        self.positional_embedding = nn.Parameter(scale * torch.randn(n_pos, width))
+        self.ln_pre = nn.LayerNorm(width) if stem == "patch" else nn.Identity()
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act, ls_init) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim)) if embed_dim else None
+        init_blocks(self.blocks, width)
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    def _embed(self, x):
+        """x: (B, 3, H, W) -> tokens (B, [1+]N, C), grid (gh, gw)."""
+        x = self.conv1(x) if self.stem == "patch" else self.conv_stem(x)
+        B, C, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)                                  # (B, N, C)
+        pos = self.positional_embedding
+        has_cls = self.class_embedding is not None
+        if has_cls and self.stem == "patch":                               # pos row 0 belongs to the class token
+            pos = torch.cat([pos[:1], resize_pos_embed(pos[1:], self.grid, (gh, gw))])
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, C), x], dim=1) + pos.to(x.dtype)
+        else:
+            x = x + resize_pos_embed(pos, self.grid, (gh, gw)).to(x.dtype)
+            if has_cls:
+                x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, C), x], dim=1)
+        return self.ln_pre(x), (gh, gw)
+
+    def _tokens(self, x):
+        x, grid = self._embed(x)
+        x = run_blocks(self.blocks, x, causal=False, grad_checkpointing=self.grad_checkpointing)
+        return self.ln_post(x), grid
+
+    def forward_tokens(self, x):
+        """x: (B, 3, H, W) -> (B, 1+N, width) with pool="cls" or (B, N, width) with pool="mean", after ln_post."""
+        return self._tokens(x)[0]
+
+    def patch_tokens(self, x):
+        """x: (B, 3, H, W) -> patch tokens (B, N, width) after ln_post, and the grid (gh, gw) with N = gh*gw."""
+        t, grid = self._tokens(x)
+        return (t[:, 1:] if self.class_embedding is not None else t), grid
+
+    def forward(self, x):
+        """x: (B, 3, H, W) -> (B, embed_dim) unnormalised (or (B, width) when embed_dim is None)."""
+        t = self.forward_tokens(x)
+        f = t[:, 0] if self.pool == "cls" else t.mean(dim=1)
+        return f @ self.proj if self.proj is not None else f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text tower
+
+class TextTransformer(nn.Module):
+    """CLIP text encoder: token + learnable position embedding, (causal) pre-norm blocks, ln_final, features at
+    the EOT token (= the largest id in the sequence, CLIP §2.4), then text_projection (no bias)."""
+
+    def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8, embed_dim=512,
+                 causal=True, mlp_ratio=4.0, act="gelu", ls_init=None, grad_checkpointing=False):
+        super().__init__()
+        self.vocab_size, self.context_length, self.width, self.causal = vocab_size, context_length, width, causal
+        self.grad_checkpointing = grad_checkpointing
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act, ls_init) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim)) if embed_dim else None
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=width ** -0.5)
+        init_blocks(self.blocks, width)
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    def forward_tokens(self, tokens):
+        """tokens: (B, L) int, L <= context_length -> (B, L, width) after ln_final."""
+        L = tokens.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"text tokens have length {L} > context_length {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        x = run_blocks(self.blocks, x, causal=self.causal, grad_checkpointing=self.grad_checkpointing)
+        return self.ln_final(x)
+
+    def forward(self, tokens):
+        """tokens: (B, L) -> (B, embed_dim) unnormalised, pooled at the argmax id (EOT)."""
+        x = self.forward_tokens(tokens)
+        f = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return f @ self.text_projection if self.text_projection is not None else f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# two towers
+
+class CLIP(nn.Module):
+    """Two-tower model with a learnable temperature: logit_scale = ln(1/0.07) (CLIP §2.5), exp clamped at 100.
+    siglip=True: init_logit_scale defaults to ln(10) and a learnable logit_bias to -10 (SigLIP, arXiv:2303.15343 §3.2);
+    forward then also returns logit_bias."""
+
+    def __init__(self, visual, text, init_logit_scale=None, siglip=False, init_logit_bias=None):
+        super().__init__()
+        self.visual, self.text = visual, text
+        if init_logit_scale is None:
+            init_logit_scale = math.log(10.0) if siglip else math.log(1 / 0.07)
+        if init_logit_bias is None and siglip:
+            init_logit_bias = -10.0
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    def encode_image(self, x, normalize=True):
+        f = self.visual(x)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, t, normalize=True):
+        f = self.text(t)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def forward(self, images, tokens):
+        """-> (img_f (B, E), txt_f (B, E), scale) normalised, scale = exp(logit_scale) <= 100; (+ logit_bias)."""
+        out = (self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().clamp(max=100))
+        return out + (self.logit_bias,) if self.logit_bias is not None else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# presets
+
+def clip_vit_b16(quick_gelu=False, **kw):
+    """open_clip ViT-B-16: 86,192,640 visual + 63,428,096 text params (+1 logit_scale). quick_gelu=True for the
+    OpenAI weights (open_clip's ViT-B-16-quickgelu / 'openai' tag)."""
+    act = "quick_gelu" if quick_gelu else "gelu"
+    visual = VisionTransformer(224, 16, 768, 12, 12, 4.0, 512, act=act)
+    text = TextTransformer(49408, 77, 512, 12, 8, 512, act=act)
+    return CLIP(visual, text, **kw)
+
+
+def vit_tiny(image_size=32, patch_size=4, width=192, layers=6, heads=3, embed_dim=128, **kw):
+    """Synthetic-world ViT: 32 px, 8x8 patches of 4 px (64 tokens + class token)."""
+    return VisionTransformer(image_size, patch_size, width, layers, heads, 4.0, embed_dim, **kw)
+
+
+def text_tiny(vocab_size, context_length=32, width=128, layers=3, heads=4, embed_dim=128, **kw):
+    return TextTransformer(vocab_size, context_length, width, layers, heads, embed_dim, **kw)
+
+
+def clip_tiny(vocab_size, image_size=32, embed_dim=128, **kw):
+    """vit_tiny + text_tiny; kw go to CLIP (e.g. siglip=True)."""
+    return CLIP(vit_tiny(image_size=image_size, embed_dim=embed_dim), text_tiny(vocab_size, embed_dim=embed_dim), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# open_clip / OpenAI checkpoints
+
+_TEXT_TOP = ("token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+_IGNORED = ("input_resolution", "context_length", "vocab_size", "attn_mask")   # OpenAI bookkeeping / mask buffers
+
+
+def openclip_key(k):
+    """open_clip / OpenAI state-dict key -> this model's key (None for bookkeeping keys that carry no weights)."""
+    if k.startswith("module."):
+        k = k[len("module."):]
+    if k.split(".")[-1] in _IGNORED:
+        return None
+    if k.startswith(_TEXT_TOP) or k.startswith("transformer."):
+        k = "text." + k
+    k = k.replace("transformer.resblocks.", "blocks.")
+    return k.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias")
+
+
+def convert_openclip_state_dict(model, sd):
+    """Rename an open_clip / OpenAI state dict to this model's keys; raise a KeyError listing missing and
+    unexpected keys and a ValueError listing shape mismatches."""
+    own = model.state_dict()
+    out, unexpected = {}, []
+    for k, v in sd.items():
+        k2 = openclip_key(k)
+        if k2 is None:
+            continue
+        if k2 not in own:
+            unexpected.append(k)
+            continue
+        if k2 in ("logit_scale", "logit_bias"):
+            v = v.reshape(())                       # open_clip may store shape [1]
+        out[k2] = v
+    missing = sorted(k for k in own if k not in out and not k.endswith("num_batches_tracked"))
+    if missing or unexpected:
+        raise KeyError(f"open_clip state dict does not match the model: missing (model keys with no checkpoint "
+                       f"entry) {missing}; unexpected (checkpoint keys) {sorted(unexpected)}")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
+           if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError("open_clip state dict shape mismatch: " + "; ".join(bad))
+    return out
+
+
+def load_openclip_state_dict(model, sd):
+    """Load an open_clip / OpenAI ViT-B/16-style state dict (keys `visual.conv1.weight`,
+    `visual.transformer.resblocks.{i}.attn.in_proj_weight`, `token_embedding.weight`, `logit_scale`, ...)
+    into a CLIP built here (use clip_vit_b16(quick_gelu=True) for OpenAI weights)."""
+    out = convert_openclip_state_dict(model, sd)
+    with torch.no_grad():
+        model.load_state_dict(out, strict=False)   # strictness already checked, minus BN counters
+
+
+def load_clip_safetensors(model, path):
+    """Read an open_clip checkpoint saved as safetensors (e.g. open_clip_model.safetensors) and load it."""
+    from safetensors.torch import load_file
+    load_openclip_state_dict(model, load_file(str(path)))

@@ -1,0 +1,627 @@
+"""FastFill: efficient compatible model update with policy-based partial backfilling.
+
+Jaeckle, Faghri, Horton, Pouransari, Vemulapalli, Tuzel, "FastFill: Efficient Compatible Model Update",
+ICLR 2023, arXiv:2303.04766. No official code exists; the protocol and metrics follow its predecessor FCT
+(apple/ml-fct, arXiv:2112.02805), with FCT's cosine-distance bug (L1 normalisation) fixed.
+
+A retrieval gallery holds features of an old embedding model phi_old. A better model phi_new ships: queries now
+come from phi_new. Every stored gallery feature is mapped at once into the new space by a light transformation
+h (an MLP), and gallery items are then re-embedded with phi_new ("backfilled") one by one in an order pi. FastFill
+trains h with point-to-point alignment + point-to-cluster cross-entropy through the frozen new classifier, under a
+heteroscedastic (learned log-variance) likelihood, and backfills the most uncertain items first. Quality over the
+whole update is the area under the backfilling curve M(alpha).
+
+What this file reproduces, in miniature on the synthetic world (common/world.py, label_fine = shape x colour):
+  old model: small CNN trained on half of the classes; new model: bigger CNN trained on all classes (FCT protocol);
+  h: MLP with a log-variance head, three losses: l2 (FCT), l2_ce (+point-to-cluster), fastfill (+uncertainty);
+  policies: random, entropy, uncertainty, oracle (|h(old) - new|, not deployable);
+  leave-one-out retrieval on the test split (mAP, CMC top-1/5), backfilling curves over 21 alphas, trapezoid AUC.
+
+Run:
+  python fastfill.py                      # default miniature run (a few minutes on 2 CPU cores), writes runs/fastfill
+  python fastfill.py --smoke              # tiny end-to-end run (< 60 s)
+  python fastfill.py --help               # every config field
+  torchrun --nproc_per_node=2 fastfill.py # data-parallel training (gloo on CPU); rank 0 evaluates and writes
+  python fastfill.py --data=DIR           # real data: tar shards or an image folder with class labels
+Stages (old model, new model, one h per loss) are reused from --out when their fingerprint matches.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+
+from common.config import parse_config, print_table, save_json
+from common.train import Logger, cosine_lr, load_weights, make_optimizer, save_weights, seed_all, setup_distributed
+from common.world import World, load_arrays
+
+LOSSES = ("l2", "l2_ce", "fastfill")
+POLICIES = ("random", "entropy", "uncertainty", "oracle")
+
+
+@dataclass
+class Config:
+    out: str = "runs/fastfill"  # output directory
+    seed: int = 0  # all randomness (world content, init, data order, augmentation, random policy)
+    device: str = ""  # cpu | cuda; empty = cuda if available
+    data: str = ""  # real data (tar shards / class folders) instead of the synthetic world
+    smoke: bool = False  # tiny sizes, end to end in < 60 s
+    retrain: bool = False  # ignore stages already valid in --out
+    task: str = "label_fine"  # world label used as class: label_fine (shape x colour) or label (shape)
+    size: int = 32  # image side in pixels
+    n_train: int = 12000  # training images (old model sees only those of its classes)
+    n_test: int = 2000  # test images: gallery and queries (leave-one-out)
+    old_width: int = 16  # old CNN base width (smaller model)
+    old_dim: int = 32  # old embedding dimension
+    new_width: int = 32  # new CNN base width (bigger model)
+    new_dim: int = 64  # new embedding dimension
+    new_extra: int = 1  # extra conv layers at the lowest resolution in the new model (deeper than the old one)
+    old_epochs: int = 10  # epochs over the old model's (half-class) training images
+    new_epochs: int = 8  # epochs over all training images
+    batch_size: int = 128  # global batch for the encoders (split across ranks)
+    lr: float = 3e-3  # AdamW peak learning rate for the encoders
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1  # as in FCT's configs
+    h_hidden: int = 256  # hidden width of the transformation MLP
+    h_epochs: int = 40  # epochs of h over the training features
+    h_batch: int = 256
+    h_lr: float = 2e-3
+    ce_weight: float = 1.0  # lambda: weight of the point-to-cluster cross-entropy
+    losses: str = "l2,l2_ce,fastfill"  # comma list of h losses to train and evaluate
+    policies: str = "random,entropy,uncertainty,oracle"  # comma list of backfilling orders
+    distance: str = "l2"  # l2 | cosine (L2-normalised; FCT's released configs use l2)
+    n_alpha: int = 21  # points of the backfilling curve in [0, 1]
+    eval_batch: int = 512  # queries per distance block (shrunk automatically for huge galleries)
+
+
+def smoke_overrides(cfg):
+    """Tiny sizes for --smoke: the same pipeline end to end."""
+    cfg.n_train, cfg.n_test, cfg.old_epochs, cfg.new_epochs, cfg.h_epochs = 2000, 400, 4, 4, 15
+    cfg.old_width, cfg.new_width, cfg.new_extra, cfg.n_alpha = 8, 16, 0, 11
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models: old / new embedders (small CNNs with a classifier head) and the transformation h with uncertainty.
+# --------------------------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """CNN embedder phi: image (B, 3, H, W) -> feature (B, dim), plus a linear classifier head fc on the feature.
+
+    conv3x3/2 (w) -> conv (2w) -> pool -> conv (4w) -> pool -> `extra` convs (4w) -> global avg pool -> linear dim.
+    Every conv is conv-BN-ReLU. FCT uses ResNets with a 128-d embedding; here the old model is narrower and
+    shallower than the new one (stride-2 stem: 32 px inputs, kept cheap for 2 CPU cores).
+    """
+
+    def __init__(self, width, dim, num_classes, extra=0):
+        super().__init__()
+        def cbr(a, b, stride=1):
+            return [nn.Conv2d(a, b, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+        w = width
+        layers = cbr(3, w, 2) + cbr(w, 2 * w) + [nn.MaxPool2d(2)] + cbr(2 * w, 4 * w) + [nn.MaxPool2d(2)]
+        for _ in range(extra):
+            layers += cbr(4 * w, 4 * w)
+        self.features = nn.Sequential(*layers)
+        self.embed = nn.Linear(4 * w, dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> (feature (B, dim), logits (B, C))."""
+        f = self.embed(self.features(x).mean((2, 3)))
+        return f, self.fc(f)
+
+
+class Transformation(nn.Module):
+    """h: old feature (B, d_old) -> (new-space feature (B, d_new), log-variance s = log sigma^2 (B,)).
+
+    FCT's h is an MLP with BN+ReLU (1x1 convs, inner dim 2048); FastFill adds an uncertainty output that
+    predicts how badly an item is aligned, used to order backfilling. detach_s=True trains the s head without
+    letting it shape the body (used by the l2 / l2_ce variants, so their h is exactly FCT's / +CE's h).
+    """
+
+    def __init__(self, d_old, d_new, hidden):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_old, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+        self.mu = nn.Linear(hidden, d_new)
+        self.logvar = nn.Linear(hidden, 1)
+
+    def forward(self, f_old, detach_s=False):
+        z = self.body(f_old)
+        return self.mu(z), self.logvar(z.detach() if detach_s else z).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: the world's classification task kept in memory (tiny), or real labelled data via common.data.
+# --------------------------------------------------------------------------------------------------------------
+LABEL_KEYS = {"label_fine": "label_fine", "label": "labels"}  # task -> key in common.world.load_arrays
+
+
+def all_gather_rows(x, dist):
+    """Concatenate per-rank row blocks (possibly of unequal length) in rank order on every rank."""
+    if not dist.distributed:
+        return x
+    n = torch.tensor([x.shape[0]])
+    ns = [torch.zeros_like(n) for _ in range(dist.world_size)]
+    torch_dist.all_gather(ns, n)
+    m = int(max(v.item() for v in ns))
+    pad = torch.zeros((m - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype)
+    parts = [torch.zeros((m,) + tuple(x.shape[1:]), dtype=x.dtype) for _ in range(dist.world_size)]
+    torch_dist.all_gather(parts, torch.cat([x.cpu(), pad]).contiguous())
+    return torch.cat([p[: int(k.item())] for p, k in zip(parts, ns)])
+
+
+def world_split(cfg, split, n, dist):
+    """Render n world images of `split` (each rank renders a contiguous chunk, then all-gather).
+
+    Returns images uint8 (n, H, W, 3), labels int64 (n,). Cached in --out as .npy (rendering is the slow part).
+    """
+    path = os.path.join(cfg.out, f"data_{split}_n{n}_s{cfg.size}_seed{cfg.seed}_{cfg.task}")
+    if os.path.exists(path + "_x.npy") and os.path.exists(path + "_y.npy") and not cfg.retrain:
+        return torch.from_numpy(np.load(path + "_x.npy")), torch.from_numpy(np.load(path + "_y.npy"))
+    world = World(seed=cfg.seed, split=split, size=cfg.size, n=n)
+    per = -(-n // dist.world_size)
+    start = min(n, dist.rank * per)
+    a = load_arrays(world, min(n, start + per) - start, start=start)
+    x = all_gather_rows(torch.from_numpy(np.ascontiguousarray(a["images"])), dist)
+    y = all_gather_rows(torch.from_numpy(np.asarray(a[LABEL_KEYS[cfg.task]], dtype=np.int64)), dist)
+    if dist.is_master:
+        np.save(path + "_x.npy", x.numpy()), np.save(path + "_y.npy", y.numpy())
+    return x, y
+
+
+def real_data(cfg):
+    """Labelled images from --data via common.data.make_dataset, resized to cfg.size.
+
+    A "{split}" in the path reads the train and test splits; otherwise every 6th sample (by stream position) is test.
+    Every rank reads everything (the miniature keeps data in memory); labels come from cfg.task or "label".
+    """
+    from common.data import make_dataset
+
+    def read(split, limit):
+        ds = make_dataset(cfg.data, split=split, seed=cfg.seed, size=cfg.size)
+        if hasattr(ds, "world_size"):  # ShardDataset: do not split shards across ranks here
+            ds.rank, ds.world_size = 0, 1
+        xs, ys = [], []
+        stream = (ds[j] for j in range(len(ds))) if hasattr(ds, "__getitem__") else iter(ds)
+        for i, smp in enumerate(stream):
+            if i >= limit:
+                break
+            key = cfg.task if cfg.task in smp else "label"
+            if key not in smp:
+                raise ValueError(f"--data={cfg.data}: sample {smp.get('__key__', i)} has no {cfg.task!r} or 'label'")
+            img = Image.fromarray(np.asarray(smp["image"], dtype=np.uint8)).convert("RGB")
+            xs.append(np.asarray(img.resize((cfg.size, cfg.size), Image.BILINEAR))), ys.append(int(smp[key]))
+        if len(xs) < 12:
+            raise ValueError(f"--data={cfg.data} ({split}): found {len(xs)} labelled images, expected at least 12")
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
+
+    if "{split}" in cfg.data:
+        return (*read("train", cfg.n_train), *read("test", cfg.n_test))
+    x, y = read("train", cfg.n_train + cfg.n_test)
+    test = torch.arange(len(y)) % 6 == 5
+    return x[~test], y[~test], x[test], y[test]
+
+
+def to_input(x_uint8):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), roughly zero-mean unit-variance."""
+    return (x_uint8.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+
+
+def augment(x, g, pad=3):
+    """Random translation (reflect pad + crop) and horizontal flip per sample; x (B, 3, H, W)."""
+    B, _, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    off = torch.randint(0, 2 * pad + 1, (B, 2), generator=g)
+    flip = torch.rand(B, generator=g) < 0.5
+    out = torch.stack([xp[i, :, off[i, 0]:off[i, 0] + H, off[i, 1]:off[i, 1] + W] for i in range(B)])
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def batch_indices(step, n, batch, seed, dist):
+    """This rank's slice of the global batch at `step`: epoch-wise permutation seeded by (seed, epoch)."""
+    per_epoch = max(1, n // batch)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    idx = perm[i * batch:(i + 1) * batch]
+    return idx[dist.rank::dist.world_size]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses for h (FastFill §3; exact weighting is our reading, see docs/fastfill.md).
+# --------------------------------------------------------------------------------------------------------------
+def alignment_loss(mu, s, f_new, y, W, b, kind, ce_weight):
+    """Per-batch loss of h. mu (B, d_new), s (B,) log-variance, f_new (B, d_new), y (B,), W (C, d_new), b (C,).
+
+    l2:       L_p2p = |h(old) - new|^2 / d_new                          (FCT: MSELoss)
+    l2_ce:    L_p2p + lambda * CE(W h(old) + b, y)                      (point-to-cluster, frozen new classifier)
+    fastfill: exp(-s) * (L_p2p + lambda * L_p2c) + s                    (heteroscedastic: s = log sigma^2)
+    For l2 / l2_ce the s head (fed a detached body, see Transformation) learns the same likelihood on the detached
+    per-item loss, so the uncertainty policy exists for every variant while h itself is untouched by it.
+    """
+    p2p = (mu - f_new).pow(2).mean(-1)
+    per = p2p
+    if kind in ("l2_ce", "fastfill"):
+        per = per + ce_weight * F.cross_entropy(F.linear(mu, W, b), y, reduction="none")
+    if kind == "fastfill":
+        loss = (torch.exp(-s) * per + s).mean()
+    elif kind in ("l2", "l2_ce"):
+        loss = per.mean() + (torch.exp(-s) * per.detach() + s).mean()
+    else:
+        raise ValueError(f"loss kind {kind!r}, expected one of {LOSSES}")
+    return loss, {"p2p": p2p.mean().item(), "s": s.mean().item()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training (DDP-correct: each rank takes its slice of the global batch; gradients are averaged by DDP).
+# --------------------------------------------------------------------------------------------------------------
+def fingerprint(cfg, *keys):
+    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+
+
+def valid_stage(path, fp, cfg):
+    """A stage in --out is reused when its safetensors header carries the same fingerprint."""
+    if cfg.retrain or not os.path.exists(path):
+        return False
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("fingerprint") == fp
+
+
+def run_steps(model, loss_fn, steps, lr, wd, dist, logger, name, log_every=25):
+    """Plain AdamW + cosine loop; loss_fn(module, step) -> (loss, metrics). Returns the final loss."""
+    module = model
+    if dist.distributed:
+        cuda = torch.device(dist.device).type == "cuda"
+        module = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if cuda else None)
+    opt = make_optimizer(model, lr, wd)
+    model.train()
+    t0, loss = time.time(), torch.zeros(())
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup_steps=min(50, steps // 10))
+        loss, metrics = loss_fn(module, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            logger.log(step, stage=name, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                       sec=round(time.time() - t0, 2), **metrics)
+    model.eval()
+    return loss.item()
+
+
+def train_encoder(model, x, y, epochs, cfg, dist, logger, name):
+    """Cross-entropy (label smoothing 0.1) on (x uint8 (N,H,W,3), y) with translation+flip augmentation."""
+    steps = epochs * max(1, len(y) // cfg.batch_size)
+    dev = torch.device(dist.device)
+
+    def loss_fn(module, step):
+        idx = batch_indices(step, len(y), cfg.batch_size, cfg.seed, dist)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + dist.rank)
+        xb = augment(to_input(x[idx]), g).to(dev)
+        _, logits = module(xb)
+        yb = y[idx].to(dev)
+        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+        return loss, {"acc": (logits.argmax(-1) == yb).float().mean().item()}
+
+    return run_steps(model, loss_fn, steps, cfg.lr, cfg.weight_decay, dist, logger, name)
+
+
+def train_h(h, f_old, f_new, y, new_fc, kind, cfg, dist, logger):
+    """Fit h on frozen training features (f_old (N, d_old), f_new (N, d_new)), FCT-style (features precomputed)."""
+    W, b = new_fc.weight.detach(), new_fc.bias.detach()  # frozen new classifier: point-to-cluster targets
+    steps = cfg.h_epochs * max(1, len(y) // cfg.h_batch)
+    dev = torch.device(dist.device)
+
+    def loss_fn(module, step):
+        idx = batch_indices(step, len(y), cfg.h_batch, cfg.seed + 1, dist)
+        mu, s = module(f_old[idx].to(dev), detach_s=(kind != "fastfill"))
+        return alignment_loss(mu, s, f_new[idx].to(dev), y[idx].to(dev), W, b, kind, cfg.ce_weight)
+
+    return run_steps(h, loss_fn, steps, cfg.h_lr, 3e-5, dist, logger, f"h_{kind}")
+
+
+@torch.no_grad()
+def extract(model, x, dist, batch=512):
+    """Features and logits of images x (N, H, W, 3) uint8; each rank does a chunk, all ranks get everything."""
+    model.eval()
+    per = -(-len(x) // dist.world_size)
+    mine = x[dist.rank * per:(dist.rank + 1) * per]
+    fs, ls = [], []
+    for i in range(0, len(mine), batch):
+        f, logit = model(to_input(mine[i:i + batch]).to(torch.device(dist.device)))
+        fs.append(f.float().cpu()), ls.append(logit.float().cpu())
+    f = torch.cat(fs) if fs else torch.zeros(0, model.embed.out_features)
+    logit = torch.cat(ls) if ls else torch.zeros(0, model.fc.out_features)
+    return all_gather_rows(f, dist), all_gather_rows(logit, dist)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation: distances, leave-one-out mAP / CMC, backfilling policies, curve and its area.
+# --------------------------------------------------------------------------------------------------------------
+def distance_matrix(q, g, kind="l2"):
+    """q (Q, D), g (G, D) -> (Q, G). cosine = 1 - <q/|q|_2, g/|g|_2> (FCT's code normalises with p=1: a bug)."""
+    if kind == "l2":
+        return torch.cdist(q, g)
+    if kind == "cosine":
+        return 1.0 - F.normalize(q, p=2, dim=-1) @ F.normalize(g, p=2, dim=-1).T
+    raise ValueError(f"distance {kind!r}, expected 'l2' or 'cosine'")
+
+
+@torch.no_grad()
+def retrieval_metrics(q, g, q_y, g_y, distance="l2", exclude_self=True, topk=(1, 5), batch=512, max_elems=1 << 24):
+    """Leave-one-out retrieval: mAP and CMC top-k of queries q (Q, D) against gallery g (G, D).
+
+    exclude_self: q[i] and g[i] are the same item (Q == G) and g[i] is removed from query i's ranking.
+    AP of a query = mean over its relevant items of precision at their rank (sklearn's average_precision_score
+    without ties); queries with no relevant gallery item are skipped for all metrics (their count is returned).
+    Blocks of queries keep memory at ~max_elems distances, so a 100k gallery fits.
+    """
+    Q, G = q.shape[0], g.shape[0]
+    if exclude_self and Q != G:
+        raise ValueError(f"exclude_self needs queries == gallery items, got Q={Q}, G={G}")
+    batch = max(1, min(batch, max_elems // max(G, 1)))
+    aps, hits = [], {k: 0 for k in topk}
+    for s in range(0, Q, batch):
+        e = min(Q, s + batch)
+        d = distance_matrix(q[s:e], g, distance)
+        rows = torch.arange(e - s)
+        if exclude_self:
+            d[rows, s + rows] = float("inf")
+        order = d.argsort(dim=1, stable=True)
+        match = g_y[order] == q_y[s:e, None]
+        if exclude_self:  # the self item sorts last (inf); make sure it never counts as relevant
+            match &= order != (s + rows)[:, None]
+        npos = match.sum(1)
+        ok = npos > 0
+        ranks = torch.arange(1, G + 1, dtype=torch.float64)
+        prec = match.cumsum(1).double() / ranks
+        ap = (prec * match).sum(1) / npos.clamp(min=1)
+        aps.append(ap[ok])
+        for k in topk:
+            hits[k] += match[ok, :k].any(1).sum().item()
+    aps = torch.cat(aps) if aps else torch.zeros(0, dtype=torch.float64)
+    valid = len(aps)  # one sum at the end: the result does not depend on the block size
+    out = {"map": aps.sum().item() / max(valid, 1)}
+    out.update({f"top{k}": hits[k] / max(valid, 1) for k in topk})
+    out["n_queries"], out["n_skipped"] = valid, Q - valid
+    return out
+
+
+def backfill_order(policy, s=None, logits=None, h_feat=None, new_feat=None, seed=0, n=None):
+    """Order pi (indices, first = backfilled first) of the gallery under a policy.
+
+    random: uniform permutation; entropy: descending entropy of softmax(W_new h(old)) (new classifier);
+    uncertainty: descending predicted log sigma^2 (FastFill); oracle: descending |h(old) - new| (needs phi_new
+    on every item, so not deployable: an upper-bound reference).
+    """
+    if policy == "random":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if policy == "entropy":
+        p = logits.float().log_softmax(-1)
+        key = -(p.exp() * p).sum(-1)
+    elif policy == "uncertainty":
+        key = s.float()
+    elif policy == "oracle":
+        key = (h_feat - new_feat).norm(dim=-1)
+    else:
+        raise ValueError(f"policy {policy!r}, expected one of {POLICIES}")
+    return key.argsort(descending=True, stable=True)
+
+
+def backfilled_gallery(g_h, g_new, order, k):
+    """Gallery after backfilling the first k items of order: phi_new there, h(phi_old) elsewhere."""
+    g = g_h.clone()
+    idx = order[:k]
+    g[idx] = g_new[idx]
+    return g
+
+
+def backfill_curve(q, g_new, g_h, y, order, alphas, distance="l2", batch=512):
+    """M(alpha) for each alpha: queries phi_new, gallery with round(alpha*N) items backfilled in `order`."""
+    N = g_new.shape[0]
+    return [retrieval_metrics(q, backfilled_gallery(g_h, g_new, order, int(round(a * N))), y, y, distance,
+                              batch=batch) for a in alphas]
+
+
+def trapezoid_auc(alphas, values):
+    """Area under M(alpha) by the trapezoid rule; alphas span [0, 1], so the area is a mean metric."""
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    return float(((v[1:] + v[:-1]) / 2 * np.diff(a)).sum())
+
+
+def spearman(a, b):
+    """Spearman rank correlation of two 1-D tensors (ties broken by position; features are continuous)."""
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plot (PIL only): backfilling curves, one panel per loss variant, mAP (top row) and top-1 (bottom row).
+# --------------------------------------------------------------------------------------------------------------
+COLORS_RGB = {"random": (120, 120, 120), "entropy": (230, 140, 20), "uncertainty": (30, 110, 220),
+              "oracle": (200, 40, 40)}
+
+
+def plot_curves(path, alphas, curves, refs, losses, policies):
+    """curves[loss][policy][metric] = list over alphas; refs[metric] = (old/old, new/new) dashed lines."""
+    pw, ph, ml, mt, mb = 330, 240, 52, 30, 38
+    font = ImageFont.load_default()
+    rows = ("map", "top1")
+    img = Image.new("RGB", (len(losses) * (pw + ml) + 20, len(rows) * (ph + mt + mb) + 40), "white")
+    dr = ImageDraw.Draw(img)
+    for r, metric in enumerate(rows):
+        vals = [v for L in losses for p in policies for v in curves[L][p][metric]] + list(refs[metric])
+        lo, hi = min(vals), max(vals)
+        lo, hi = max(0.0, lo - 0.05 * (hi - lo + 1e-9)), min(1.0, hi + 0.05 * (hi - lo + 1e-9))
+        for c, L in enumerate(losses):
+            x0, y0 = ml + c * (pw + ml), 20 + mt + r * (ph + mt + mb)
+            X = lambda a: x0 + a * pw
+            Y = lambda v: y0 + ph - (v - lo) / (hi - lo + 1e-12) * ph
+            dr.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
+            dr.text((x0, y0 - 16), f"h loss: {L}   ({metric} vs backfilled fraction)", fill="black", font=font)
+            for t in range(6):
+                a = t / 5
+                dr.line([X(a), y0 + ph, X(a), y0 + ph + 4], fill="black")
+                dr.text((X(a) - 8, y0 + ph + 6), f"{a:.1f}", fill="black", font=font)
+                v = lo + (hi - lo) * t / 5
+                dr.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
+                dr.text((x0 - 40, Y(v) - 6), f"{v:.3f}", fill="black", font=font)
+            for v, name in zip(refs[metric], ("old/old", "new/new")):
+                for xa in range(0, pw, 8):  # dashed reference line
+                    dr.line([x0 + xa, Y(v), x0 + min(xa + 4, pw), Y(v)], fill=(160, 160, 160))
+                dr.text((x0 + pw - 48, Y(v) - 12), name, fill=(110, 110, 110), font=font)
+            for k, p in enumerate(policies):
+                pts = [(X(a), Y(v)) for a, v in zip(alphas, curves[L][p][metric])]
+                dr.line(pts, fill=COLORS_RGB.get(p, (0, 0, 0)), width=2)
+                dr.rectangle([x0 + 8, y0 + 8 + 13 * k, x0 + 20, y0 + 16 + 13 * k], fill=COLORS_RGB.get(p, (0, 0, 0)))
+                dr.text((x0 + 24, y0 + 6 + 13 * k), p, fill="black", font=font)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# main: data -> old model -> new model -> h per loss -> curves per (loss, policy) -> results.json + plot.
+# --------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    if cfg.smoke:
+        cfg = smoke_overrides(cfg)
+    t_start = time.time()
+    dist = setup_distributed(cfg.device or None)
+    seed_all(cfg.seed, dist.rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    losses = [s for s in cfg.losses.split(",") if s]
+    policies = [s for s in cfg.policies.split(",") if s]
+    for v, ok, key in [(losses, LOSSES, "losses"), (policies, POLICIES, "policies")]:
+        bad = [s for s in v if s not in ok]
+        if bad:
+            raise SystemExit(f"--{key}: unknown {bad}, expected a comma list of {list(ok)}")
+    if dist.is_master:
+        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    logger = Logger(cfg.out, dist.is_master)
+    dev, timing = torch.device(dist.device), {}
+
+    # 1. data: the world's labelled images (train: fit models and h; test: gallery = queries, leave-one-out)
+    t = time.time()
+    if cfg.data:
+        x_tr, y_tr, x_te, y_te = real_data(cfg)
+        C = int(max(y_tr.max(), y_te.max())) + 1
+    else:
+        x_tr, y_tr = world_split(cfg, "train", cfg.n_train, dist)
+        x_te, y_te = world_split(cfg, "test", cfg.n_test, dist)
+        C = len(World(seed=cfg.seed, split="train", size=cfg.size, n=1).class_names(
+            "shape_color" if cfg.task == "label_fine" else "shape"))
+    C_old = C // 2  # FCT: the old model sees the first half of the classes (here: the first half of the shapes)
+    timing["data"] = time.time() - t
+
+    # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid
+    data_keys = ("data", "task", "size", "n_train", "seed", "batch_size", "lr", "weight_decay", "label_smoothing")
+    old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev)
+    new = Encoder(cfg.new_width, cfg.new_dim, C, extra=cfg.new_extra).to(dev)
+    for name, model, epochs, keys in [("old", old, cfg.old_epochs, ("old_width", "old_dim", "old_epochs")),
+                                      ("new", new, cfg.new_epochs, ("new_width", "new_dim", "new_extra", "new_epochs"))]:
+        t, path, fp = time.time(), os.path.join(cfg.out, f"{name}.safetensors"), fingerprint(cfg, *data_keys, *keys)
+        if valid_stage(path, fp, cfg):
+            load_weights(path, model)
+        else:
+            sel = y_tr < C_old if name == "old" else torch.ones_like(y_tr, dtype=torch.bool)
+            seed_all(cfg.seed + (1 if name == "new" else 0), dist.rank)
+            train_encoder(model, x_tr[sel], y_tr[sel], epochs, cfg, dist, logger, name)
+            if dist.is_master:
+                save_weights(path, model, metadata={"fingerprint": fp})
+            if dist.distributed:
+                torch_dist.barrier()
+        timing[name] = time.time() - t
+
+    # 3. frozen features of both models on train (to fit h) and test (gallery/queries)
+    t = time.time()
+    fo_tr, _ = extract(old, x_tr, dist)
+    fn_tr, _ = extract(new, x_tr, dist)
+    fo_te, lo_te = extract(old, x_te, dist)
+    fn_te, _ = extract(new, x_te, dist)
+    timing["features"] = time.time() - t
+
+    # 4. one transformation h per loss variant
+    hs = {}
+    for kind in losses:
+        t, path = time.time(), os.path.join(cfg.out, f"h_{kind}.safetensors")
+        fp = fingerprint(cfg, *data_keys, "old_width", "old_dim", "old_epochs", "new_width", "new_dim", "new_extra", "new_epochs",
+                         "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight") + kind
+        h = Transformation(cfg.old_dim, cfg.new_dim, cfg.h_hidden).to(dev)
+        if valid_stage(path, fp, cfg):
+            load_weights(path, h)
+        else:
+            seed_all(cfg.seed + 2, dist.rank)
+            train_h(h, fo_tr, fn_tr, y_tr, new.fc, kind, cfg, dist, logger)
+            if dist.is_master:
+                save_weights(path, h, metadata={"fingerprint": fp})
+            if dist.distributed:
+                torch_dist.barrier()
+        hs[kind] = h.eval()
+        timing[f"h_{kind}"] = time.time() - t
+
+    # 5. evaluation (rank 0): old/old, new/new, new/h(old), backfilling curves per loss x policy
+    if not dist.is_master:
+        torch_dist.barrier()
+        return None
+    t = time.time()
+    ev = dict(distance=cfg.distance, batch=cfg.eval_batch)
+    oo = retrieval_metrics(fo_te, fo_te, y_te, y_te, **ev)
+    nn_ = retrieval_metrics(fn_te, fn_te, y_te, y_te, **ev)
+    alphas = [i / (cfg.n_alpha - 1) for i in range(cfg.n_alpha)]
+    freq = torch.bincount(y_te, minlength=C).double()
+    chance = float(((freq[y_te] - 1) / (len(y_te) - 1)).mean())  # expected AP of a random ranking ~ positive rate
+    res = {"old_old_map": oo["map"], "new_new_map": nn_["map"], "new_hold_map": {}, "auc_map": {}, "auc_top1": {},
+           "uncertainty_error_spearman": {}, "old_old_top1": oo["top1"], "old_old_top5": oo["top5"],
+           "new_new_top1": nn_["top1"], "new_new_top5": nn_["top5"], "new_hold_top1": {}, "new_hold_top5": {},
+           "chance_map": chance, "old_test_acc_seen_classes": None, "num_classes": C, "num_old_classes": C_old,
+           "n_gallery": len(y_te)}
+    seen = y_te < C_old
+    res["old_test_acc_seen_classes"] = float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean())
+    curves = {}
+    with torch.no_grad():
+        for kind in losses:
+            mu, s = hs[kind](fo_te.to(dev))
+            mu, s = mu.float().cpu(), s.float().cpu()
+            logits = new.fc(mu.to(dev)).float().cpu()
+            nh = retrieval_metrics(fn_te, mu, y_te, y_te, **ev)
+            res["new_hold_map"][kind], res["new_hold_top1"][kind], res["new_hold_top5"][kind] = nh["map"], nh["top1"], nh["top5"]
+            res["uncertainty_error_spearman"][kind] = spearman(s, (mu - fn_te).pow(2).sum(-1))
+            curves[kind] = {}
+            res["auc_map"][kind], res["auc_top1"][kind] = {}, {}
+            for p in policies:
+                order = backfill_order(p, s=s, logits=logits, h_feat=mu, new_feat=fn_te, seed=cfg.seed, n=len(y_te))
+                c = backfill_curve(fn_te, fn_te, mu, y_te, order, alphas, cfg.distance, cfg.eval_batch)
+                curves[kind][p] = {m: [r[m] for r in c] for m in ("map", "top1", "top5")}
+                res["auc_map"][kind][p] = trapezoid_auc(alphas, curves[kind][p]["map"])
+                res["auc_top1"][kind][p] = trapezoid_auc(alphas, curves[kind][p]["top1"])
+                # the curve's ends are the cross-model and the new/new retrieval (same code path, so exact)
+                assert curves[kind][p]["map"][-1] == nn_["map"], "M(1) must equal new/new"
+    timing["eval"] = time.time() - t
+    plot_curves(os.path.join(cfg.out, "curves.png"), alphas, curves,
+                {"map": (oo["map"], nn_["map"]), "top1": (oo["top1"], nn_["top1"])}, losses, policies)
+    res["curves"] = {"alphas": alphas, **curves}
+    res["stage_seconds"] = {k: round(v, 2) for k, v in timing.items()}
+    res["seconds"] = round(time.time() - t_start, 2)
+    res["device"] = str(dev)
+    save_json(os.path.join(cfg.out, "results.json"), res)
+    print_table({k: v for k, v in res.items() if k != "curves"}, title="FastFill (miniature)")
+    if dist.distributed:
+        torch_dist.barrier()
+    return res
+
+
+if __name__ == "__main__":
+    main()

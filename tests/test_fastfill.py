@@ -1,0 +1,219 @@
+"""Tests for fastfill.py: metrics against hand computations, policies, backfilling, and a 2-process smoke run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastfill as ff
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- distances
+def test_l2_distance_matches_hand():
+    q = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    g = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    d = ff.distance_matrix(q, g, "l2")
+    assert torch.allclose(d, torch.tensor([[5.0, 2 ** 0.5], [13 ** 0.5, 0.0]]), atol=1e-5)
+
+
+def test_cosine_distance_is_l2_normalised():
+    q = torch.tensor([[3.0, 4.0]])
+    g = torch.tensor([[6.0, 8.0], [-4.0, 3.0], [0.0, 2.0], [-3.0, -4.0]])
+    d = ff.distance_matrix(q, g, "cosine")
+    # hand: parallel -> 0, orthogonal -> 1, cos = 4/5 -> 0.2, opposite -> 2
+    assert torch.allclose(d, torch.tensor([[0.0, 1.0, 0.2, 2.0]]), atol=1e-6)
+    # FCT's bug (L1 normalisation) would give 1 - 25/49 for the parallel pair: make sure we are not that
+    l1 = 1 - (torch.nn.functional.normalize(q, p=1) @ torch.nn.functional.normalize(g, p=1).T)
+    assert not torch.allclose(d, l1, atol=1e-3)
+    # scale invariance
+    assert torch.allclose(ff.distance_matrix(7 * q, 0.1 * g, "cosine"), d, atol=1e-6)
+    with pytest.raises(ValueError, match="distance"):
+        ff.distance_matrix(q, g, "l1")
+
+
+# ---------------------------------------------------------------- mAP / CMC
+def test_map_cmc_hand_case_without_self():
+    # 1-D features: query at 0; gallery at 1 (rel), 2 (irr), 3 (rel), 4 (irr), 5 (rel)
+    q = torch.tensor([[0.0]])
+    g = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    gy = torch.tensor([7, 0, 7, 0, 7])
+    r = ff.retrieval_metrics(q, g, torch.tensor([7]), gy, exclude_self=False)
+    assert r["map"] == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 3)
+    assert r["top1"] == 1.0 and r["top5"] == 1.0
+    # first relevant at rank 2: top1 miss, top5 hit; AP = (1/2 + 2/4) / 2
+    r = ff.retrieval_metrics(q, g, torch.tensor([0]), gy, exclude_self=False)
+    assert r["map"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert r["top1"] == 0.0 and r["top5"] == 1.0
+
+
+def test_leave_one_out_excludes_self_and_averages_queries():
+    # four items on a line, labels a a b b; with self excluded each query ranks the other three
+    x = torch.tensor([[0.0], [1.0], [1.4], [2.1]])
+    y = torch.tensor([0, 0, 1, 1])
+    r = ff.retrieval_metrics(x, x, y, y, exclude_self=True)
+    # q0: ranks 1 (rel), 1.4, 2.1 -> AP 1, top1 hit
+    # q1: neighbours 1.4 (d .4, irr), 0 (d 1, rel), 2.1 (d 1.1) -> AP 1/2, top1 miss
+    # q2: 1 (d .4, irr), 2.1 (d .7, rel), 0 (d 1.4) -> AP 1/2, top1 miss
+    # q3: 1.4 (d .7, rel) -> AP 1, top1 hit
+    assert r["map"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    assert r["top1"] == pytest.approx(0.5)
+    assert r["n_queries"] == 4 and r["n_skipped"] == 0
+    # without exclusion every query finds itself at distance 0: mAP and top1 would be inflated
+    r_self = ff.retrieval_metrics(x, x, y, y, exclude_self=False)
+    assert r_self["top1"] == 1.0 and r_self["map"] > r["map"]
+
+
+def test_queries_without_relevant_items_are_skipped():
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    y = torch.tensor([0, 0, 1])  # item 2 is alone in its class once self is excluded
+    r = ff.retrieval_metrics(x, x, y, y)
+    assert r["n_skipped"] == 1 and r["map"] == 1.0 and r["top1"] == 1.0
+
+
+def test_batched_equals_unbatched_and_matches_bruteforce_ap():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    y = torch.randint(0, 4, (60,), generator=g)
+    full = ff.retrieval_metrics(x, x, y, y, batch=1000)
+    tiny = ff.retrieval_metrics(x, x, y, y, batch=7)
+    elems = ff.retrieval_metrics(x, x, y, y, max_elems=130)  # forces 2 queries per block
+    assert full == tiny == elems
+    # brute force AP, written independently (sort by distance, walk the ranking)
+    aps, top1 = [], 0
+    for i in range(60):
+        d = [((x[i] - x[j]).norm().item(), j) for j in range(60) if j != i]
+        d.sort()
+        rel = [int(y[j] == y[i]) for _, j in d]
+        if sum(rel) == 0:
+            continue
+        hits, ap = 0, 0.0
+        for rank, r_ in enumerate(rel, 1):
+            if r_:
+                hits += 1
+                ap += hits / rank
+        aps.append(ap / sum(rel))
+        top1 += rel[0]
+    assert full["map"] == pytest.approx(sum(aps) / len(aps), abs=1e-9)
+    assert full["top1"] == pytest.approx(top1 / len(aps))
+
+
+# ---------------------------------------------------------------- AUC and Spearman
+def test_trapezoid_auc():
+    a = [i / 20 for i in range(21)]
+    assert ff.trapezoid_auc(a, [0.3] * 21) == pytest.approx(0.3)
+    assert ff.trapezoid_auc(a, a) == pytest.approx(0.5)  # linear from 0 to 1
+    assert ff.trapezoid_auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.25 + 0.5)
+
+
+def test_spearman():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert ff.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert ff.spearman(a, -a) == pytest.approx(-1.0)
+    assert ff.spearman(a, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])) == pytest.approx(1 - 6 * 4 / (5 * 24))
+
+
+# ---------------------------------------------------------------- policies and backfilling
+def test_policy_orderings():
+    s = torch.tensor([0.1, 2.0, -1.0, 0.5])
+    assert ff.backfill_order("uncertainty", s=s).tolist() == [1, 3, 0, 2]
+    logits = torch.tensor([[10.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # entropy: 1 highest, then 3, 2, 0
+    assert ff.backfill_order("entropy", logits=logits).tolist() == [1, 3, 2, 0]
+    h = torch.zeros(4, 2)
+    new = torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.0, 0.0], [2.0, 0.0]])
+    assert ff.backfill_order("oracle", h_feat=h, new_feat=new).tolist() == [1, 3, 0, 2]
+    r1 = ff.backfill_order("random", n=50, seed=3)
+    assert sorted(r1.tolist()) == list(range(50))
+    assert torch.equal(r1, ff.backfill_order("random", n=50, seed=3))
+    assert not torch.equal(r1, ff.backfill_order("random", n=50, seed=4))
+    with pytest.raises(ValueError, match="policy"):
+        ff.backfill_order("fifo", n=3)
+
+
+def test_backfilled_gallery_assembly():
+    g_h = torch.zeros(5, 2)
+    g_new = torch.arange(10.0).view(5, 2) + 1
+    order = torch.tensor([3, 0, 4, 1, 2])
+    g = ff.backfilled_gallery(g_h, g_new, order, 2)
+    assert torch.equal(g[[3, 0]], g_new[[3, 0]]) and torch.equal(g[[1, 2, 4]], g_h[[1, 2, 4]])
+    assert torch.equal(g_h, torch.zeros(5, 2))  # inputs untouched
+    assert torch.equal(ff.backfilled_gallery(g_h, g_new, order, 0), g_h)
+    assert torch.equal(ff.backfilled_gallery(g_h, g_new, order, 5), g_new)
+
+
+def test_curve_endpoints_and_oracle_helps():
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(40) % 4
+    centers = torch.randn(4, 8, generator=gen) * 3
+    new = centers[y] + 0.3 * torch.randn(40, 8, generator=gen)
+    h = new + torch.randn(40, 8, generator=gen) * torch.linspace(0, 4, 40)[:, None]  # error grows with index
+    alphas = [i / 10 for i in range(11)]
+    for p in ("random", "oracle"):
+        order = ff.backfill_order(p, h_feat=h, new_feat=new, n=40, seed=0)
+        c = ff.backfill_curve(new, new, h, y, order, alphas)
+        assert c[0] == ff.retrieval_metrics(new, h, y, y)  # M(0) = new/h(old)
+        assert c[-1]["map"] == ff.retrieval_metrics(new, new, y, y)["map"]  # M(1) = new/new, exactly
+    orc = [r["map"] for r in ff.backfill_curve(new, new, h, y, ff.backfill_order("oracle", h_feat=h, new_feat=new), alphas)]
+    rnd = [r["map"] for r in ff.backfill_curve(new, new, h, y, ff.backfill_order("random", n=40), alphas)]
+    assert ff.trapezoid_auc(alphas, orc) > ff.trapezoid_auc(alphas, rnd)
+
+
+# ---------------------------------------------------------------- losses and h
+def test_alignment_losses():
+    torch.manual_seed(0)
+    mu, f_new = torch.randn(6, 4), torch.randn(6, 4)
+    y, W, b = torch.randint(0, 3, (6,)), torch.randn(3, 4), torch.zeros(3)
+    s = torch.zeros(6)
+    p2p = (mu - f_new).pow(2).mean(-1)
+    ce = torch.nn.functional.cross_entropy(mu @ W.T, y, reduction="none")
+    l2, _ = ff.alignment_loss(mu, s, f_new, y, W, b, "l2", 0.5)
+    lce, _ = ff.alignment_loss(mu, s, f_new, y, W, b, "l2_ce", 0.5)
+    lff, _ = ff.alignment_loss(mu, s + 1.0, f_new, y, W, b, "fastfill", 0.5)
+    # at s = 0 the detached likelihood term adds exactly mean(per) (exp(0) * per + 0)
+    assert l2.item() == pytest.approx(2 * p2p.mean().item(), rel=1e-5)
+    assert lce.item() == pytest.approx(2 * (p2p + 0.5 * ce).mean().item(), rel=1e-5)
+    assert lff.item() == pytest.approx((torch.exp(torch.tensor(-1.0)) * (p2p + 0.5 * ce) + 1).mean().item(), rel=1e-5)
+
+
+def test_uncertainty_head_does_not_shape_h_for_l2():
+    torch.manual_seed(0)
+    h = ff.Transformation(3, 4, 8)
+    f_old, f_new = torch.randn(16, 3), torch.randn(16, 4)
+    W, b, y = torch.randn(2, 4), torch.zeros(2), torch.randint(0, 2, (16,))
+    mu, s = h(f_old, detach_s=True)
+    (s.sum()).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in h.body.parameters())
+    h.zero_grad()
+    mu, s = h(f_old, detach_s=False)
+    loss, _ = ff.alignment_loss(mu, s, f_new, y, W, b, "fastfill", 1.0)
+    loss.backward()
+    assert h.logvar.weight.grad.abs().sum() > 0 and h.body[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- end to end (2 processes, gloo)
+def test_torchrun_smoke_learns(tmp_path):
+    out = tmp_path / "ff"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+           "fastfill.py", "--smoke", f"--out={out}", "--device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    for k in ("old_old_map", "new_new_map", "new_hold_map", "auc_map", "auc_top1", "uncertainty_error_spearman",
+              "seconds", "device"):
+        assert k in r
+    # learns: both models retrieve well above a random ranking; the bigger all-class new model beats the old one
+    assert r["old_old_map"] > 2 * r["chance_map"] and r["new_new_map"] > 2 * r["chance_map"]
+    assert r["new_new_map"] > r["old_old_map"]
+    for L in ("l2", "l2_ce", "fastfill"):
+        assert r["new_hold_map"][L] > 2 * r["chance_map"]
+        for p_ in ("random", "entropy", "uncertainty", "oracle"):
+            c = r["curves"][L][p_]["map"]
+            assert c[0] == pytest.approx(r["new_hold_map"][L], abs=1e-12) and c[-1] == r["new_new_map"]
+        assert r["auc_map"][L]["oracle"] > r["auc_map"][L]["random"]
+    for f in ("config.json", "log.jsonl", "old.safetensors", "new.safetensors", "h_fastfill.safetensors", "curves.png"):
+        assert (out / f).exists(), f
