@@ -58,7 +58,7 @@ class Config:
     task: str = "label_fine"  # world label used as class: label_fine (shape x colour) or label (shape)
     size: int = 32  # image side in pixels
     n_train: int = 12000  # training images (old model sees only those of its classes)
-    n_test: int = 2000  # test images: gallery and queries (leave-one-out)
+    n_test: int = 1000  # test images: gallery and queries (leave-one-out)
     old_width: int = 16  # old CNN base width (smaller model)
     old_dim: int = 32  # old embedding dimension
     new_width: int = 32  # new CNN base width (bigger model)
@@ -550,7 +550,7 @@ def main(argv=None):
     fo_tr, _ = extract(old, x_tr, dist)
     fn_tr, _ = extract(new, x_tr, dist)
     fo_te, lo_te = extract(old, x_te, dist)
-    fn_te, _ = extract(new, x_te, dist)
+    fn_te, ln_te = extract(new, x_te, dist)
     timing["features"] = time.time() - t
 
     # 4. one transformation h per loss variant
@@ -572,43 +572,55 @@ def main(argv=None):
         hs[kind] = h.eval()
         timing[f"h_{kind}"] = time.time() - t
 
-    # 5. evaluation (rank 0): old/old, new/new, new/h(old), backfilling curves per loss x policy
-    if not dist.is_master:
-        torch_dist.barrier()
-        return None
+    # 5. evaluation: per loss, h(old) features, uncertainty and new-classifier logits of the test gallery; then the
+    #    backfilling curves of every (loss, policy) pair, split across ranks and summed back (rank 0 writes)
     t = time.time()
     ev = dict(distance=cfg.distance, batch=cfg.eval_batch)
-    oo = retrieval_metrics(fo_te, fo_te, y_te, y_te, **ev)
-    nn_ = retrieval_metrics(fn_te, fn_te, y_te, y_te, **ev)
     alphas = [i / (cfg.n_alpha - 1) for i in range(cfg.n_alpha)]
-    freq = torch.bincount(y_te, minlength=C).double()
-    chance = float(((freq[y_te] - 1) / (len(y_te) - 1)).mean())  # expected AP of a random ranking ~ positive rate
-    res = {"old_old_map": oo["map"], "new_new_map": nn_["map"], "new_hold_map": {}, "auc_map": {}, "auc_top1": {},
-           "uncertainty_error_spearman": {}, "old_old_top1": oo["top1"], "old_old_top5": oo["top5"],
-           "new_new_top1": nn_["top1"], "new_new_top5": nn_["top5"], "new_hold_top1": {}, "new_hold_top5": {},
-           "chance_map": chance, "old_test_acc_seen_classes": None, "num_classes": C, "num_old_classes": C_old,
-           "n_gallery": len(y_te)}
-    seen = y_te < C_old
-    res["old_test_acc_seen_classes"] = float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean())
-    curves = {}
+    feats = {}
     with torch.no_grad():
         for kind in losses:
             mu, s = hs[kind](fo_te.to(dev))
-            mu, s = mu.float().cpu(), s.float().cpu()
-            logits = new.fc(mu.to(dev)).float().cpu()
-            nh = retrieval_metrics(fn_te, mu, y_te, y_te, **ev)
-            res["new_hold_map"][kind], res["new_hold_top1"][kind], res["new_hold_top5"][kind] = nh["map"], nh["top1"], nh["top5"]
-            res["uncertainty_error_spearman"][kind] = spearman(s, (mu - fn_te).pow(2).sum(-1))
-            curves[kind] = {}
-            res["auc_map"][kind], res["auc_top1"][kind] = {}, {}
-            for p in policies:
-                order = backfill_order(p, s=s, logits=logits, h_feat=mu, new_feat=fn_te, seed=cfg.seed, n=len(y_te))
-                c = backfill_curve(fn_te, fn_te, mu, y_te, order, alphas, cfg.distance, cfg.eval_batch)
-                curves[kind][p] = {m: [r[m] for r in c] for m in ("map", "top1", "top5")}
-                res["auc_map"][kind][p] = trapezoid_auc(alphas, curves[kind][p]["map"])
-                res["auc_top1"][kind][p] = trapezoid_auc(alphas, curves[kind][p]["top1"])
-                # the curve's ends are the cross-model and the new/new retrieval (same code path, so exact)
-                assert curves[kind][p]["map"][-1] == nn_["map"], "M(1) must equal new/new"
+            feats[kind] = (mu.float().cpu(), s.float().cpu(), new.fc(mu).float().cpu())
+    tasks = [(kind, p) for kind in losses for p in policies]
+    buf = torch.zeros(len(tasks), cfg.n_alpha, 3, dtype=torch.float64)  # (map, top1, top5) per alpha
+    for i, (kind, p) in enumerate(tasks):
+        if i % dist.world_size != dist.rank:
+            continue
+        mu, s, logits = feats[kind]
+        order = backfill_order(p, s=s, logits=logits, h_feat=mu, new_feat=fn_te, seed=cfg.seed, n=len(y_te))
+        c = backfill_curve(fn_te, fn_te, mu, y_te, order, alphas, cfg.distance, cfg.eval_batch)
+        buf[i] = torch.tensor([[r["map"], r["top1"], r["top5"]] for r in c], dtype=torch.float64)
+    if dist.distributed:
+        torch_dist.all_reduce(buf)  # each task was filled by exactly one rank, zeros elsewhere
+    if not dist.is_master:
+        torch_dist.barrier()
+        dist.cleanup()
+        return None
+    oo = retrieval_metrics(fo_te, fo_te, y_te, y_te, **ev)
+    nn_ = retrieval_metrics(fn_te, fn_te, y_te, y_te, **ev)
+    freq = torch.bincount(y_te, minlength=C).double()
+    chance = float(((freq[y_te] - 1) / (len(y_te) - 1)).mean())  # expected AP of a random ranking ~ positive rate
+    seen = y_te < C_old
+    res = {"old_old_map": oo["map"], "new_new_map": nn_["map"], "new_hold_map": {}, "auc_map": {}, "auc_top1": {},
+           "uncertainty_error_spearman": {}, "old_old_top1": oo["top1"], "old_old_top5": oo["top5"],
+           "new_new_top1": nn_["top1"], "new_new_top5": nn_["top5"], "new_hold_top1": {}, "new_hold_top5": {},
+           "chance_map": chance, "num_classes": C, "num_old_classes": C_old, "n_gallery": len(y_te),
+           "old_acc_on_old_classes": float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean()),
+           "new_acc": float((ln_te.argmax(-1) == y_te).float().mean())}
+    curves, ends_exact = {kind: {} for kind in losses}, True
+    for i, (kind, p) in enumerate(tasks):
+        curves[kind][p] = {m: buf[i, :, j].tolist() for j, m in enumerate(("map", "top1", "top5"))}
+        res["auc_map"].setdefault(kind, {})[p] = trapezoid_auc(alphas, curves[kind][p]["map"])
+        res["auc_top1"].setdefault(kind, {})[p] = trapezoid_auc(alphas, curves[kind][p]["top1"])
+        # M(1) is the new/new retrieval through the same code path: equal to the last bit
+        ends_exact &= curves[kind][p]["map"][-1] == nn_["map"] and curves[kind][p]["top1"][-1] == nn_["top1"]
+    for kind in losses:
+        mu, s, _ = feats[kind]
+        nh = retrieval_metrics(fn_te, mu, y_te, y_te, **ev)  # = M(0) of every policy
+        res["new_hold_map"][kind], res["new_hold_top1"][kind], res["new_hold_top5"][kind] = nh["map"], nh["top1"], nh["top5"]
+        res["uncertainty_error_spearman"][kind] = spearman(s, (mu - fn_te).pow(2).sum(-1))
+    res["curve_end_equals_new_new"] = bool(ends_exact)
     timing["eval"] = time.time() - t
     plot_curves(os.path.join(cfg.out, "curves.png"), alphas, curves,
                 {"map": (oo["map"], nn_["map"]), "top1": (oo["top1"], nn_["top1"])}, losses, policies)
@@ -620,8 +632,8 @@ def main(argv=None):
     print_table({k: v for k, v in res.items() if k != "curves"}, title="FastFill (miniature)")
     if dist.distributed:
         torch_dist.barrier()
+        dist.cleanup()
     return res
-
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,7 @@ How this differs from the Triton tutorial (python/tutorials/06-fused-attention.p
     int32 overflow for large B*H*N*D;
   - autotune only on CUDA (the autotuner needs a GPU driver); the interpreter gets fixed meta-parameters.
 """
-import math
-import os
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -307,26 +306,26 @@ def _tuned(name):
         else:  # dq: (BLOCK_M queries owned, BLOCK_N keys per step)
             cfg = [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 16, 4, 3)]
             fn = _attn_bwd_dq
-        _TUNED[name] = triton.autotune(_configs(cfg), key=["N", "D", "CAUSAL", "IEEE"])(fn)
+        # cache_results: the timings go to Triton's disk cache, so later processes (every torchrun rank, every run)
+        # skip the ~16 compile+time rounds per (N, D, causal, dtype)
+        _TUNED[name] = triton.autotune(_configs(cfg), key=["N", "D", "CAUSAL", "IEEE"], cache_results=True)(fn)
     return _TUNED[name]
 
 
 def _launch(name, fn, n_rows, N, *args, **const):
     """Launch `fn` on a 1-D grid of cdiv(N, BLOCK_rows) * B*H programs (BLOCK_rows = the block each program owns)."""
     own = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
-    if args[0].is_cuda:  # Triton launches on the current device: make it the tensors' one (multi-GPU, one process)
-        with torch.cuda.device(args[0].device):
-            return _launch_here(name, fn, own, n_rows, N, *args, **const)
-    return _launch_here(name, fn, own, n_rows, N, *args, **const)
-
-
-def _launch_here(name, fn, own, n_rows, N, *args, **const):
     if _INTERPRET or name == "delta":
         if name != "delta":
             const["BLOCK_M"], const["BLOCK_N"] = INTERPRET_BLOCKS[name]
         fn[(triton.cdiv(N, const[own]) * n_rows,)](*args, **const)
     else:
         _tuned(name)[lambda meta: (triton.cdiv(N, meta[own]) * n_rows,)](*args, **const)
+
+
+def _device(t):
+    """Triton launches on the current CUDA device: make it the tensors' one (several GPUs in one process)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class _Attention(torch.autograd.Function):
@@ -339,7 +338,8 @@ class _Attention(torch.autograd.Function):
         lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
         ieee = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
         qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
-        _launch("fwd", _attn_fwd, B * H, N, q, k, v, o, lse, N, qk_scale, D=D, CAUSAL=causal, IEEE=ieee)
+        with _device(q):
+            _launch("fwd", _attn_fwd, B * H, N, q, k, v, o, lse, N, qk_scale, D=D, CAUSAL=causal, IEEE=ieee)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.ieee = causal, scale, ieee
         return o
@@ -350,12 +350,14 @@ class _Attention(torch.autograd.Function):
         do = do.contiguous()
         B, H, N, D = q.shape
         delta = torch.empty_like(lse)
-        _launch("delta", _bwd_delta, B * H, N, o, do, delta, N, D=D, BLOCK_M=64)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qk_scale = ctx.scale * 1.4426950408889634
         const = dict(D=D, CAUSAL=ctx.causal, IEEE=ctx.ieee)
-        _launch("dkdv", _attn_bwd_dkdv, B * H, N, q, k, v, do, lse, delta, dk, dv, N, qk_scale, ctx.scale, **const)
-        _launch("dq", _attn_bwd_dq, B * H, N, q, k, v, do, lse, delta, dq, N, qk_scale, ctx.scale, **const)
+        with _device(q):
+            _launch("delta", _bwd_delta, B * H, N, o, do, delta, N, D=D, BLOCK_M=64)
+            _launch("dkdv", _attn_bwd_dkdv, B * H, N, q, k, v, do, lse, delta, dk, dv, N, qk_scale, ctx.scale,
+                    **const)
+            _launch("dq", _attn_bwd_dq, B * H, N, q, k, v, do, lse, delta, dq, N, qk_scale, ctx.scale, **const)
         return dq, dk, dv, None, None
 
 

@@ -31,8 +31,9 @@ Cost model (B=1024, D=768, V=24320 per GPU in CatLIP)
   read by the two cuBLAS GEMMs (2 + 4 B), sparse targets are B x K ints: ~6 B/element = 0.15 GB.
 
 Paths (switch: kernels.bce.IMPL = "auto" | "triton" | "torch")
-- "torch": chunked PyTorch (CPU, and CUDA without Triton). Per chunk: addmm -> softplus sum - <z, t> -> sigmoid_ in place
-  -> subtract targets -> dX += s dZ W, dW[chunk] = s dZ^T x (s as GEMM alpha), db[chunk] = s sum_rows dZ.
+- "torch": chunked PyTorch (CPU, and CUDA without Triton). Per chunk, all in the logits buffer: addmm -> <z, t> (a gather
+  for sparse targets) -> softplus in place, summed -> t - sigmoid(z) = expm1(-softplus) + t in place -> dX += s' G W,
+  dW[chunk] = s' G^T x, db[chunk] = s' sum_rows G with s' = -1/B as the GEMMs' alpha (no extra pass for the scale).
 - "triton": per chunk one Triton kernel computes the logits tile (tl.dot over D) and its epilogue in registers: BCE value
   partial sums (one per program, no atomics, deterministic), dZ tile (targets from a dense tile load or from a loop over the
   row's K sparse indices). dX and dW are then cuBLAS GEMMs of the dZ chunk. TRITON_GEMM = False instead runs a cuBLAS
@@ -60,7 +61,7 @@ except ImportError:  # pragma: no cover - depends on the install
 IMPL = "auto"            # "auto" | "triton" | "torch": tests force either path
 TRITON_GEMM = True       # True: GEMM tile + epilogue in one kernel; False: cuBLAS logits chunk + Triton epilogue kernel
 CHUNK_MB = 64            # CUDA: MiB of fp32 logits per chunk (the dZ chunk buffer is this / 2 in bf16)
-CPU_CHUNK_MB = 4         # CPU: small chunks stay in cache and keep peak memory ~ the gradients themselves
+CPU_CHUNK_MB = 16        # CPU: few enough chunks that per-op overhead (OpenMP barriers on a busy box) stays small
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64   # Triton tile (GPU); tests shrink these to exercise masks cheaply
 NUM_WARPS, NUM_STAGES = 8, 3
 
@@ -205,32 +206,38 @@ def _tile_triton(xc, Wc, bc, tc, idxc, v0, scale, need_grad):
         idxc.stride(0) if sparse else 0, dz.stride(0) if dz is not None else 0, scale,
         HAS_BIAS=bool(gemm and bc is not None), GEMM=gemm, SPARSE=sparse, WRITE_DZ=need_grad,
         DOT_F32=bool(interp or dt == torch.float32), PREC="ieee" if (dt == torch.float32 or interp) else "tf32",
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K if (dt != torch.float32 or interp) else min(BLOCK_K, 32),  # fp32: smem
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return part.sum(), dz
 
 
 # ----------------------------------------------------------------------------- torch chunk
 
 def _tile_torch(xc, Wc, bc, tc, pos, need_grad):
-    """Like _tile_triton but dZ = sigmoid(z) - t comes back unscaled in fp32. pos: flat positions r * Vc + c of positives."""
+    """Like _tile_triton, but returns -dZ/s = t - sigmoid(z) in fp32 (the sign and the scale s are folded into the GEMMs'
+    alpha and db by the caller). pos: flat positions r * Vc + c of the chunk's positives (sparse targets).
+    Sparse targets: everything happens in the one logits buffer (peak = one chunk); dense: one more chunk for z * t."""
     z = torch.addmm(bc, xc, Wc.t()) if bc is not None else xc @ Wc.t()   # input dtype, as the naive path
     z = z.float()   # no copy for fp32
-    # softplus(z) = max(z,0) + log1p(exp(-|z|)) (stable; returns z past 20 where the log1p term is < 2e-9)
-    loss = F.softplus(z).sum()
     if tc is not None:
-        tcf = tc.to(z.dtype)
-        loss = loss - (z * tcf).sum()
+        tcf = tc if tc.dtype == z.dtype else tc.to(z.dtype)
+        zt = (z * tcf).sum()
     else:
         tcf = None
-        loss = loss - z.view(-1)[pos].sum()   # -z.t is a gather at the positives
+        zt = z.view(-1)[pos].sum()   # -z.t is a gather at the positives
+    # softplus(z) = max(z,0) + log1p(exp(-|z|)) (stable; torch returns z past 20, where the log1p term is < 2.1e-9),
+    # written over z: F.softplus has no in-place form, its out= variant does it
+    sp = torch._C._nn.softplus(z, 1, 20, out=z)
+    loss = sp.sum() - zt
     if not need_grad:
         return loss, None
-    z.sigmoid_()
+    # -sigmoid(z) = expm1(-softplus(z)), accurate to ~1 ulp at both tails (checked against fp64 on [-80, 80])
+    nd = sp.neg_().expm1_()
     if tcf is not None:
-        z.sub_(tcf)
+        nd.add_(tcf)
     else:
-        z.view(-1).index_put_((pos,), torch.tensor(-1.0, device=z.device), accumulate=True)   # unique after dedupe
-    return loss, z
+        nd.view(-1).index_put_((pos,), torch.tensor(1.0, device=nd.device), accumulate=True)   # unique after dedupe
+    return loss, nd
 
 
 # ----------------------------------------------------------------------------- driver + autograd
@@ -259,14 +266,16 @@ def _forward(x, W, b, targets, reduction, need, chunk_bytes=None, impl=None):
         chunk_bytes = (CHUNK_MB if x.is_cuda else CPU_CHUNK_MB) << 20
     R, Vc = chunk_shape(B, V, chunk_bytes)
     scale = {"batch_mean": 1.0 / B, "sum": 1.0, "mean": 1.0 / (B * V)}[reduction]
-    # Triton scales dZ for free in its epilogue; the torch path folds the scale into the GEMMs' alpha and the small db
+    # Triton scales dZ for free in its epilogue; the torch path folds -scale into the GEMMs' alpha and the small db
     # instead of spending one more pass over every B x V chunk
-    post = 1.0 if use_triton else scale
+    post = 1.0 if use_triton else -scale
     x, W = x.contiguous(), W.contiguous()
     b = b.contiguous() if b is not None else None
     sparse = _is_sparse(targets)
-    if sparse:
+    if sparse:   # the kernel's membership test is idempotent; the torch path's gather/index_put needs unique indices
         idx = dedupe(targets) if not use_triton else targets.contiguous()
+    else:
+        targets = targets.contiguous()   # chunks are read with row stride only
     need_dx, need_dw, need_db = need
     need_grad = any(need)
     f32 = torch.float32
@@ -431,7 +440,12 @@ def _bench_worker(B, D, V, variant, repeats, dtype="float32"):
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return {"seconds": ts[len(ts) // 2], "all_seconds": ts, "peak_extra_mb": (_hwm() - base) / 2**20,
-            "hwm_reset": reset, "loss": float(loss), "threads": torch.get_num_threads()}
+            "grads_mb": _grads_mb(x, W, b), "hwm_reset": reset, "loss": float(loss), "threads": torch.get_num_threads()}
+
+
+def _grads_mb(*ps):
+    """Size of the gradient outputs: part of every path's peak (dW alone is 71 MiB at CatLIP shapes in fp32)."""
+    return sum(p.numel() * p.element_size() for p in ps) / 2**20
 
 
 def _bench_cuda(B, D, V, variant, repeats, dtype=torch.bfloat16):
@@ -457,7 +471,9 @@ def _bench_cuda(B, D, V, variant, repeats, dtype=torch.bfloat16):
     s = ts[len(ts) // 2]
     tflops = 6 * B * D * V / s / 1e12
     return {"seconds": s, "all_seconds": ts, "peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
-            "tflops": tflops, "frac_of_989": tflops / 989}
+            "grads_mb": _grads_mb(x, W, b), "tflops": tflops, "frac_of_989": tflops / 989,
+            "impl": "torch" if variant == "naive" else ("triton" if _use_triton(x, IMPL) else "torch"),
+            "triton_gemm": TRITON_GEMM}
 
 
 def bench(device=None, shapes=BENCH_SHAPES, repeats=None, variants=VARIANTS):
@@ -486,13 +502,16 @@ def bench(device=None, shapes=BENCH_SHAPES, repeats=None, variants=VARIANTS):
             r.update(B=B, D=D, V=V, variant=var, device="cuda" if cuda else "cpu")
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\nfused linear + BCE, forward+backward ({'cuda bf16' if cuda else 'cpu fp32'}), median; ratios vs naive")
-    print(f"{'B':>6} {'variant':>13} {'seconds':>9} {'x naive':>8} {'peak MiB':>9} {'x naive':>8}"
-          + (f" {'TFLOP/s':>8} {'/989':>6}" if cuda else ""))
+    print(f"\nfused linear + BCE, forward+backward ({'cuda bf16' if cuda else 'cpu fp32'}), median; ratios vs naive;"
+          " work = peak extra minus the gradient outputs")
+    print(f"{'B':>6} {'variant':>13} {'seconds':>9} {'x naive':>8} {'peak MiB':>9} {'x naive':>8} {'work MiB':>9}"
+          f" {'x naive':>8}" + (f" {'TFLOP/s':>8} {'/989':>6}" if cuda else ""))
     for r in rows:
-        n = next(q for q in rows if q["B"] == r["B"] and q["variant"] == "naive") if "naive" in variants else r
+        n = next((q for q in rows if q["B"] == r["B"] and q["variant"] == "naive"), r)
+        w, nw = r["peak_extra_mb"] - r["grads_mb"], n["peak_extra_mb"] - n["grads_mb"]
         line = (f"{r['B']:>6} {r['variant']:>13} {r['seconds']:>9.3f} {r['seconds'] / n['seconds']:>8.2f} "
-                f"{r['peak_extra_mb']:>9.1f} {r['peak_extra_mb'] / max(n['peak_extra_mb'], 1e-9):>8.2f}")
+                f"{r['peak_extra_mb']:>9.1f} {r['peak_extra_mb'] / max(n['peak_extra_mb'], 1e-9):>8.2f} "
+                f"{w:>9.1f} {w / max(nw, 1e-9):>8.2f}")
         if cuda:
             line += f" {r['tflops']:>8.1f} {r['frac_of_989']:>6.3f}"
         print(line)

@@ -141,10 +141,10 @@ def test_depth_vs_occlusion_and_ground(samples):
         z = [o["depth"] for o in objs]
         assert z == sorted(z, reverse=True)
         # sloped ground: background depth grows toward the top (horizon) of the image
-        bg = np.where(inst == 0, d, np.nan)
-        rows = np.nanmean(bg, axis=1)
-        ok = ~np.isnan(rows)
-        assert np.all(np.diff(rows[ok]) < 0)
+        bgm = inst == 0
+        ok = bgm.any(1)                               # rows with some background
+        rows = (d * bgm).sum(1)[ok] / bgm.sum(1)[ok]
+        assert np.all(np.diff(rows) < 0)
     assert checked > 20
 
 
@@ -310,3 +310,22 @@ def test_speed():
             w.sample(1 + r * 300 + i)
         best = max(best, 300 / max(1e-9, time.process_time() - t0))
     assert best >= 300, f"world renders {best:.0f} images/s at 64 px, expected >= 300"
+
+
+def test_shapes_fit_box_and_differ():
+    """Each implicit shape lies inside its radius box (so painting inside the bounding box never clips it) and the
+    shapes are pairwise distinct (IoU of the unit masks < 0.85)."""
+    c = np.linspace(-1.3, 1.3, 131, dtype=np.float32)
+    u, v = c[None], c[:, None]
+    rr = u * u + v * v
+    out = np.maximum(np.abs(u), np.abs(v)) > 1.03
+    masks = []
+    for name, f in zip(SHAPES, W.SHAPE_FNS):
+        m = f(u, v, rr) < 0
+        assert not (m & out).any(), name
+        assert m.mean() > 0.12, name
+        masks.append(m)
+    for i in range(len(masks)):
+        for j in range(i):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.85, (SHAPES[i], SHAPES[j], iou)

@@ -1,0 +1,825 @@
+"""CatLIP: CLIP-level visual recognition accuracy with 2.7x faster pre-training on web-scale image-text data.
+
+Mehta, Horton, Faghri, Sekhavat, Najibi, Farajtabar, Tuzel, Rastegari, arXiv:2404.15653 (apple/corenet,
+projects/catlip). Image-text pre-training recast as classification: the nouns of each caption are mapped to WordNet
+synsets, the vocabulary keeps the frequent synsets, and the image encoder alone is trained with multi-label binary
+cross-entropy over them. No text tower, no pairwise similarities, no all-gather.
+
+What this file reproduces, in miniature on the synthetic world's noisy alt-texts (common/world.py):
+  1. caption -> synset labels with the standard library only: a WordNet 3.x noun reader (index.noun, data.noun,
+     noun.exc), NLTK's noun lemmatiser (exception list + detachment rules) and corenet's rule (lemma -> lemma.n.01,
+     kept only if that synset's head lemma is the word; keys "n{offset}" unpadded). Without --wordnet the world's own
+     noun lexicon (common.world.NOUN_FORMS) stands in for WordNet;
+  2. vocabulary: synset counts over the training captions (ranks x DataLoader workers on shards), count >= min_count
+     and/or top-k, saved to vocab.json and reused;
+  3. pretraining: ViT (common.models) + a linear head over the vocabulary, loss kernels.linear_bce (sparse targets,
+     batch_mean = sum over synsets / B, corenet's BCE), AdamW + cosine, bf16 on CUDA, optional EMA, DDP, resumable;
+  4. the same ViT trained as CLIP (text tower + common.losses.clip_loss) on the same samples: linear probe and k-NN
+     on the world's shape task for both, and the measured forward+backward step time of both at the same batch;
+  5. Transfer Init (paper §4; not in the released corenet configs): a downstream shape classifier whose head starts
+     from the CatLIP rows of the matching synsets vs a random head, at 1, 2, 5, 10 labelled images per class;
+  6. loss-cost scaling: head+loss time of BCE over V vs contrastive loss with all-gather on 2 gloo processes as the
+     global batch grows (`python catlip.py bench`).
+
+Run:
+  python catlip.py                          # default run (writes runs/catlip: results.json, *.png, *.safetensors)
+  python catlip.py --smoke                  # tiny end-to-end run (< 60 s)
+  python catlip.py --wordnet=.cache/ref/wordnet-3.0   # mine real WordNet synsets instead of the world lexicon
+  python catlip.py vocab                    # only build vocab.json;  python catlip.py bench   # only the scaling bench
+  torchrun --nproc_per_node=2 catlip.py     # data parallel (gloo on CPU); rank 0 evaluates and writes
+  python catlip.py --data='shards/shard-{000000..000009}.tar'   # real shards (e.g. `python -m common.world export`)
+"""
+import copy
+import html
+import json
+import math
+import os
+import re
+import socket
+import statistics
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+
+from common.config import config_to_dict, parse_config, print_table, save_json
+from common.data import make_dataset
+from common.eval import knn_accuracy, linear_probe
+from common.losses import clip_loss
+from common.models import CLIP, text_tiny, vit_tiny
+from common.train import autocast, fit, load_weights, save_weights, seed_all, setup_distributed, unwrap
+from common.transforms import CLIP_MEAN, CLIP_STD
+from common.world import NOUN_FORMS, SHAPES, World, load_arrays
+from kernels import linear_bce
+
+COMMANDS = ["run", "vocab", "bench"]
+
+
+@dataclass
+class Config:
+    out: str = "runs/catlip"  # output directory
+    seed: int = 0  # all randomness (world content, init, data order, few-shot draws)
+    device: str = ""  # cpu | cuda; empty = cuda if available
+    data: str = ""  # tar shards instead of the synthetic world ("{split}" in the pattern picks train/val/test)
+    smoke: bool = False  # tiny sizes, end to end in < 60 s
+    retrain: bool = False  # ignore vocab/checkpoints already valid in --out
+    wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
+    text: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
+    size: int = 32  # image side in pixels
+    n_train: int = 16000  # pretraining images (same for CatLIP and CLIP)
+    n_val: int = 1000  # pool for the few-shot Transfer Init task
+    n_test: int = 2000  # test images for probes and few-shot accuracy
+    min_count: int = 20  # keep synsets seen >= min_count times (paper: pruned by frequency on DataComp)
+    top_k: int = 0  # then keep at most top_k synsets (corenet: 24320); 0 = no cap
+    width: int = 128  # ViT width (common.models.vit_tiny)
+    layers: int = 4  # ViT depth
+    heads: int = 4  # ViT heads
+    patch: int = 4  # ViT patch size
+    embed_dim: int = 128  # CLIP projection dim (CLIP only)
+    context_length: int = 32  # CLIP text tokens
+    steps: int = 400  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
+    batch_size: int = 128  # global batch (split across ranks)
+    lr: float = 1e-3  # AdamW peak lr (both methods; CatLIP B/16 uses 1e-3)
+    weight_decay: float = 0.2  # AdamW weight decay (CatLIP configs: 0.2)
+    warmup: int = 40  # linear warm-up steps
+    ema: float = 0.0  # EMA momentum (CatLIP: 5e-4 over 200k steps); 0 = off
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    ckpt_every: int = 100  # checkpoint every N steps (resumable)
+    log_every: int = 20  # log every N steps
+    num_workers: int = 0  # DataLoader workers for mining labels over shards
+    probe_n: int = 4000  # training images (first of the pretraining set) for linear probe / k-NN
+    knn_k: int = 10  # neighbours for k-NN
+    shots: str = "1,2,5,10"  # labelled images per class for Transfer Init
+    fewshot_draws: int = 5  # random few-shot draws averaged per shot count
+    fewshot_steps: int = 100  # full-batch AdamW steps on the downstream head
+    fewshot_lr: float = 1e-2  # lr of the downstream head
+    step_repeats: int = 7  # timed forward+backward repeats per method (median)
+    bench: bool = True  # run the loss-cost scaling bench at the end of the default run
+    bench_batches: str = "256,512,1024,2048,4096"  # global batches for the bench
+    bench_vocab: int = 1536  # V for the bench: V/B_max ~ CatLIP's 24320 / 65536
+    bench_dim: int = 128  # feature dim D (BCE) and E (contrastive) in the bench
+    bench_repeats: int = 3  # timed repeats per point (median)
+
+
+def smoke_overrides(cfg):
+    cfg.n_train, cfg.n_val, cfg.n_test, cfg.probe_n = 1200, 200, 300, 600
+    cfg.steps, cfg.batch_size, cfg.warmup, cfg.ckpt_every, cfg.log_every = 30, 32, 3, 15, 10
+    cfg.width, cfg.layers, cfg.heads, cfg.min_count = 64, 2, 2, 3
+    cfg.fewshot_draws, cfg.fewshot_steps, cfg.step_repeats = 2, 30, 2
+    cfg.bench_batches, cfg.bench_vocab, cfg.bench_repeats = "64,256", 128, 1
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Caption -> synset labels (clip-family.md §2.2: corenet wordnet_tagged_classification.py, without nltk)
+
+NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+              ("men", "man"), ("ies", "y")]   # NLTK's noun detachment rules (WordNet morph.c + "ves" -> "f")
+TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def clean_caption(s):
+    """corenet caption_preprocessing: URL-unquote ('+' -> space), strip HTML tags, newlines, collapse spaces, lower.
+    ftfy.fix_text is replaced by html.unescape (its most common repair on alt-texts: &amp; &quot; ...)."""
+    s = html.unescape(urllib.parse.unquote_plus(s or ""))
+    s = re.sub(r"<.*?>", " ", s)   # " " not "": "a<br>dog" must stay two words
+    return re.sub(r"\s+", " ", s).strip().lower()
+
+
+class WordNet:
+    """WordNet 3.x noun database (https://wordnet.princeton.edu/documentation/wndb5wn): standard library only.
+
+    index.noun: `lemma pos synset_cnt p_cnt [ptr...] sense_cnt tagsense_cnt offset_1 ... offset_n` (sense order);
+    data.noun: `offset lex_filenum ss_type w_cnt word_1 lex_id ...` (word_1 = the synset's head lemma);
+    noun.exc: `inflected base [base ...]` (irregular plurals)."""
+
+    def __init__(self, root):
+        self.name = f"wordnet ({root})"
+        path = lambda f: os.path.join(root, f)   # noqa: E731
+        for f in ("index.noun", "data.noun", "noun.exc"):
+            if not os.path.isfile(path(f)):
+                raise FileNotFoundError(f"--wordnet={root!r}: {f} not found; expected a WordNet 3.x dict directory "
+                                        "with index.noun, data.noun and noun.exc")
+        self.first, self.head, self.exc = {}, {}, {}
+        for line in open(path("index.noun"), encoding="utf-8"):
+            if line.startswith(" "):   # license header lines start with two spaces
+                continue
+            f = line.split()
+            self.first[f[0]] = int(f[-int(f[2])])           # the first listed offset is sense 1
+        for line in open(path("data.noun"), encoding="utf-8"):
+            if not line.startswith(" "):
+                f = line.split(" ", 5)
+                self.head[int(f[0])] = f[4].lower()
+        for line in open(path("noun.exc"), encoding="utf-8"):
+            f = line.split()
+            if len(f) >= 2:
+                self.exc[f[0]] = f[1:]
+
+    def morphy(self, form):
+        """NLTK WordNetCorpusReader._morphy(form, 'n'): exception list, else the detachment rules once (the form
+        itself included), else the rules repeatedly; only forms that are noun lemmas survive."""
+        known = lambda forms: list(dict.fromkeys(f for f in forms if f in self.first))   # noqa: E731
+        if form in self.exc:
+            return known([form] + self.exc[form])
+        rules = lambda forms: [f[:-len(o)] + n for f in forms for o, n in NOUN_RULES if f.endswith(o)]   # noqa: E731
+        forms = rules([form])
+        out = known([form] + forms)
+        while not out and forms:
+            forms = rules(forms)
+            out = known(forms)
+        return out
+
+    def lemmatize(self, word):
+        """WordNetLemmatizer().lemmatize(word) (pos='n'): the shortest candidate, or the word itself."""
+        c = self.morphy(word)
+        return min(c, key=len) if c else word
+
+    def key(self, word):
+        """corenet's rule: lemma w -> synset w.n.01, kept only if its head lemma is w; key "n{offset}" unpadded."""
+        w = self.lemmatize(word)
+        off = self.first.get(w)
+        return f"n{off}" if off is not None and self.head.get(off) == w else None
+
+    def lemma(self, key):
+        return self.head[int(key[1:])]
+
+
+class WorldLexicon:
+    """The synthetic world's nouns (common.world.NOUN_FORMS: surface form -> singular noun) in WordNet's role."""
+    name = "world noun lexicon (common.world.NOUNS)"
+
+    def key(self, word):
+        return NOUN_FORMS.get(word)
+
+    def lemma(self, key):
+        return key
+
+
+def load_lexicon(cfg):
+    return WordNet(cfg.wordnet) if cfg.wordnet else WorldLexicon()
+
+
+def caption_labels(caption, lex):
+    """caption -> unique synset keys in order of appearance (duplicates collapse; non-nouns and words whose first
+    noun sense has another head lemma are dropped; an empty caption gives [])."""
+    keys = (lex.key(w) for w in TOKEN.findall(clean_caption(caption)))
+    return list(dict.fromkeys(k for k in keys if k is not None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Vocabulary
+
+def select_vocab(counts, min_count=1, top_k=0):
+    """Counter {key: count} -> keys with count >= min_count, by count (desc, ties by key), at most top_k (0: all)."""
+    keys = sorted((k for k, c in counts.items() if c >= min_count), key=lambda k: (-counts[k], k))
+    return keys[:top_k] if top_k > 0 else keys
+
+
+def all_gather_json(obj, dist):
+    """Every rank's JSON-able obj, on every rank (uint8 tensors over the process group; no pickle)."""
+    if not dist.distributed:
+        return [obj]
+    dev = dist.device if dist.device.startswith("cuda") else "cpu"
+    b = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=dev)
+    n = torch.tensor([b.numel()], device=dev)
+    ns = [torch.zeros_like(n) for _ in range(dist.world_size)]
+    tdist.all_gather(ns, n)
+    buf = torch.zeros(int(max(x.item() for x in ns)), dtype=torch.uint8, device=dev)
+    buf[:b.numel()] = b
+    bufs = [torch.zeros_like(buf) for _ in range(dist.world_size)]
+    tdist.all_gather(bufs, buf)
+    return [json.loads(bytes(x[:int(k.item())].cpu().tolist()).decode()) for x, k in zip(bufs, ns)]
+
+
+def _mine_batch(samples, lex, field):
+    """DataLoader collate (runs in the workers): samples -> list of key lists."""
+    return [caption_labels(s.get(field) or s.get("caption", ""), lex) for s in samples]
+
+
+def count_synsets(cfg, lex, texts, dist):
+    """Counter of synset keys over the training captions. Shards: streamed once, split over ranks x workers (the
+    mining runs in the workers); world: the in-memory texts, split over ranks. Counts are summed over ranks."""
+    c = Counter()
+    if cfg.data:
+        ds = make_dataset(cfg.data, split="train", seed=cfg.seed, require=())
+        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=cfg.num_workers,
+                                         collate_fn=partial(_mine_batch, lex=lex, field=cfg.text))
+        for keys in dl:
+            for k in keys:
+                c.update(k)
+    else:
+        for t in texts[dist.rank::dist.world_size]:
+            c.update(caption_labels(t, lex))
+    total = Counter()
+    for d in all_gather_json(dict(c), dist):
+        total.update(d)
+    return total
+
+
+def build_vocab(cfg, lex, texts, dist):
+    """vocab.json {fingerprint, lexicon, entries: [{key, lemma, count}]}, reused when the fingerprint matches."""
+    path = os.path.join(cfg.out, "vocab.json")
+    fp = {"lexicon": lex.name, "text": cfg.text, "data": cfg.data, "n_train": cfg.n_train, "seed": cfg.seed,
+          "min_count": cfg.min_count, "top_k": cfg.top_k}
+    if not cfg.retrain and os.path.isfile(path):
+        v = json.load(open(path))
+        if v.get("fingerprint") == fp:
+            dist.print(f"vocab: reusing {path} ({len(v['entries'])} synsets)")
+            return v
+    counts = count_synsets(cfg, lex, texts, dist)
+    keys = select_vocab(counts, cfg.min_count, cfg.top_k)
+    if not keys:
+        raise SystemExit(f"vocab: no synset reaches min_count={cfg.min_count} in the {cfg.text} captions "
+                         f"(lexicon {lex.name}); lower --min_count")
+    v = {"fingerprint": fp, "lexicon": lex.name, "n_synsets_seen": len(counts),
+         "entries": [{"key": k, "lemma": lex.lemma(k), "count": counts[k]} for k in keys]}
+    if dist.is_master:
+        save_json(path, v)
+    dist.print(f"vocab: {len(keys)} of {len(counts)} synsets kept (count >= {cfg.min_count}"
+               f"{f', top {cfg.top_k}' if cfg.top_k else ''}) -> {path}")
+    return v
+
+
+def sparse_targets(texts, lex, keys):
+    """Captions -> (N, K) int64 vocabulary indices padded with -1 (K = most labels in one caption, >= 1)."""
+    index = {k: i for i, k in enumerate(keys)}
+    rows = [[index[k] for k in caption_labels(t, lex) if k in index] for t in texts]
+    K = max([len(r) for r in rows] + [1])
+    return torch.tensor([r + [-1] * (K - len(r)) for r in rows], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Model: ViT + linear synset head, trained with fused linear + BCE (kernels/bce.py)
+
+class CatLIP(nn.Module):
+    """Image encoder + linear classifier over V synsets. forward(x, t) -> BCE loss, summed over synsets and averaged
+    over the batch (corenet binary_cross_entropy.py "batch_mean"); the B x V logits never exist at once."""
+
+    def __init__(self, visual, V):
+        super().__init__()
+        self.visual = visual                                   # (B, 3, H, W) -> (B, width), no projection
+        self.head = nn.Linear(visual.width, V)
+
+    def forward(self, x, t):
+        """x (B, 3, H, W), t (B, K) synset indices padded with -1 -> scalar loss."""
+        return linear_bce(self.visual(x), self.head.weight, self.head.bias, t, reduction="batch_mean")
+
+
+def make_vit(cfg, embed_dim=None):
+    return vit_tiny(image_size=cfg.size, patch_size=cfg.patch, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
+                    embed_dim=embed_dim)
+
+
+def pooled(vit, x):
+    """Class-token features after ln_post, before any projection: (B, width). The layer probed for both methods."""
+    return vit.forward_tokens(x)[:, 0]
+
+
+class EMA:
+    """Exponential moving average of the weights: e <- (1 - m) e + m p after every step (corenet, momentum 5e-4)."""
+
+    def __init__(self, model, m):
+        self.m, self.model = m, copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for e, p in zip(self.model.state_dict().values(), unwrap(model).state_dict().values()):
+            e.lerp_(p, self.m) if e.is_floating_point() else e.copy_(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: in-memory miniature splits (the world, or the first samples of --data shards)
+
+def to_input(u8, device):
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on device (CLIP mean/std)."""
+    x = torch.as_tensor(u8).to(device).permute(0, 3, 1, 2).float().div_(255)
+    m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x - m) / s
+
+
+def load_split(cfg, split, n, start=0):
+    """{"images" (n, S, S, 3) uint8, "labels" (n,) int64 (-1 if absent), "texts" list[str]} for one split."""
+    if not cfg.data:
+        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.size, n=start + n), n, start)
+        return {"images": a["images"], "labels": a["labels"], "texts": a["alt_texts" if cfg.text == "alt_text"
+                                                                          else "captions"]}
+    # every rank reads the same samples (rank=0, world_size=1): the miniature fits in memory, and an identical
+    # copy per rank lets get_batch slice one global batch exactly like the world path
+    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, require=("image",), rank=0, world_size=1)
+    imgs, labels, texts = [], [], []
+    for i, s in enumerate(ds):
+        if i < start:
+            continue
+        if i >= start + n:
+            break
+        im = s["image"]
+        if im.shape[:2] != (cfg.size, cfg.size):
+            im = np.asarray(Image.fromarray(im).resize((cfg.size, cfg.size), Image.BICUBIC))
+        imgs.append(im)
+        labels.append(int(s.get("label", -1)))
+        texts.append(s.get(cfg.text) or s.get("caption", ""))
+    if len(imgs) < n:
+        raise SystemExit(f"--data {cfg.data!r} ({split}): {len(imgs)} samples after skipping {start}, need {n} "
+                         f"(lower --n_train/--n_val/--n_test)")
+    return {"images": np.stack(imgs), "labels": np.array(labels, np.int64), "texts": texts}
+
+
+def load_data(cfg):
+    """train / val (few-shot pool) / test. Shards without "{split}": consecutive slices of one stream."""
+    if cfg.data and "{split}" not in cfg.data:
+        return (load_split(cfg, "train", cfg.n_train), load_split(cfg, "train", cfg.n_val, cfg.n_train),
+                load_split(cfg, "train", cfg.n_test, cfg.n_train + cfg.n_val))
+    return (load_split(cfg, "train", cfg.n_train), load_split(cfg, "val", cfg.n_val),
+            load_split(cfg, "test", cfg.n_test))
+
+
+def batch_indices(step, N, B, seed, dist):
+    """This rank's slice of global batch `step`: epoch-wise permutations seeded by (seed, epoch), so the batch is a
+    pure function of the step (resume-exact) and CatLIP and CLIP see exactly the same samples in the same order."""
+    nb = N // B
+    e, j = divmod(step, nb)
+    perm = np.random.default_rng((seed, e)).permutation(N)[j * B:(j + 1) * B]
+    b = B // dist.world_size
+    return perm[dist.rank * b:(dist.rank + 1) * b]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training stages (common.train.fit: DDP, autocast, cosine, clipping, atomic safetensors, resume)
+
+def stage_valid(path, fp):
+    """A checkpoint in --out is reused (or resumed) only if it was written with the same stage fingerprint."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("config", "null")) == fp
+    except Exception:   # noqa: BLE001 - unreadable -> retrain
+        return False
+
+
+def run_stage(cfg, dist, name, model, loss_fn, get_batch, fp, ema=None):
+    path = os.path.join(cfg.out, f"{name}.safetensors")
+    if dist.is_master and os.path.isfile(path) and (cfg.retrain or not stage_valid(path, fp)):
+        os.remove(path)   # a different config: start this stage over
+    dist.barrier()
+    on_step, ema_path = None, os.path.join(cfg.out, f"{name}_ema.safetensors")
+    if ema is not None:
+        def on_step(step, raw, metrics):
+            ema.update(raw)
+            if dist.is_master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+                save_weights(ema_path, ema.model, {"step": step})
+        if os.path.isfile(path) and os.path.isfile(ema_path):   # resume the EMA with the checkpoint it belongs to
+            load_weights(ema_path, ema.model)
+    t0 = time.time()
+    hist = fit(model, loss_fn, get_batch, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               warmup=cfg.warmup, betas=(0.9, 0.999), grad_clip=1.0, ckpt_every=cfg.ckpt_every, resume=True,
+               dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, config=fp, on_step=on_step)
+    hist["wall"] = time.time() - t0
+    return hist
+
+
+def text_tokenizer(cfg, dist):
+    """common.tokenizer.world_tokenizer; if its merges file is missing, learn a small BPE on the world captions once
+    (rank 0) and keep it in --out."""
+    from common.tokenizer import Tokenizer, learn_bpe, read_merges, save_merges, world_corpus, world_tokenizer
+    try:
+        return world_tokenizer(cfg.context_length)
+    except FileNotFoundError:
+        path = os.path.join(cfg.out, "world_bpe.txt")
+        if dist.is_master and not os.path.isfile(path):
+            dist.print(f"common/world_bpe.txt missing: learning 800 merges -> {path}")
+            save_merges(path, learn_bpe(world_corpus(2000, seed=cfg.seed), 800))
+        dist.barrier()
+        return Tokenizer(read_merges(path), context_length=cfg.context_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. evaluation: probes, step time, Transfer Init
+
+@torch.no_grad()
+def features(vit, images, device, bs=512):
+    vit.eval()
+    return torch.cat([pooled(vit, to_input(images[i:i + bs], device)).float().cpu()
+                      for i in range(0, len(images), bs)])
+
+
+def step_times(cfg, dev, catlip, clip, x, t, tok, repeats):
+    """Forward+backward ms of one batch for each method, same images, same encoder; interleaved repeats (so load
+    changes hit both alike), median. The optimizer step is excluded (it depends only on the parameter count)."""
+    ms = {"catlip": [], "clip": []}
+    for r in range(repeats + 1):   # repeat 0 warms up (allocator, kernels)
+        for name in ("catlip", "clip"):
+            m = catlip if name == "catlip" else clip
+            m.zero_grad(set_to_none=True)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast(dev, cfg.amp):
+                loss = m(x, t) if name == "catlip" else clip_loss(*m(x, tok))
+            loss.backward()
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            if r:
+                ms[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in ms.items()}, ms
+
+
+def transfer_rows(classnames, vocab_keys, lex):
+    """Downstream class -> row of the CatLIP head (-1 when the class's synset is not in the vocabulary).
+    Class names are mapped with the same lemma -> synset rule as caption words ("hot dog" -> "hot_dog")."""
+    index = {k: i for i, k in enumerate(vocab_keys)}
+    rows = []
+    for c in classnames:
+        k = lex.key(clean_caption(c).replace(" ", "_"))
+        rows.append(index.get(k, -1) if k is not None else -1)
+    return rows
+
+
+def init_head(W_rand, b_rand, W_cat, b_cat, rows):
+    """Transfer Init: copy the CatLIP rows (weight and bias) of the classes found in the vocabulary; a class that is
+    missing keeps its random row (the fallback corenet leaves undecided, clip-family.md §2.5)."""
+    W, b = W_rand.clone(), b_rand.clone()
+    for c, r in enumerate(rows):
+        if r >= 0:
+            W[c], b[c] = W_cat[r], b_cat[r]
+    return W, b
+
+
+def train_head(W, b, f, y, steps, lr):
+    """Full-batch AdamW cross-entropy on frozen features from the given init (the same budget for both inits)."""
+    W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=0.0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(f @ W.T + b, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return W.detach(), b.detach()
+
+
+def few_shot(cfg, f_pool, y_pool, f_test, y_test, head, rows):
+    """{shots: accuracy} for a random head and for Transfer Init, averaged over fewshot_draws draws."""
+    C = len(rows)
+    acc = lambda W, b: ((f_test @ W.T + b).argmax(1) == y_test).float().mean().item()   # noqa: E731
+    out = {"random": {}, "transfer": {}}
+    for k in [int(s) for s in cfg.shots.split(",")]:
+        r_acc, t_acc = [], []
+        for d in range(cfg.fewshot_draws):
+            g = np.random.default_rng((cfg.seed, k, d))
+            pools = [np.flatnonzero(y_pool.numpy() == c) for c in range(C)]   # a rare class may have < k images
+            idx = np.concatenate([g.choice(q, min(k, len(q)), replace=False) for q in pools])
+            torch.manual_seed(cfg.seed * 1000 + d)
+            lin = nn.Linear(f_pool.shape[1], C)                    # the random head (PyTorch default init)
+            W0, b0 = lin.weight.detach(), lin.bias.detach()
+            Wt, bt = init_head(W0, b0, head.weight.detach().float(), head.bias.detach().float(), rows)
+            r_acc.append(acc(*train_head(W0, b0, f_pool[idx], y_pool[idx], cfg.fewshot_steps, cfg.fewshot_lr)))
+            t_acc.append(acc(*train_head(Wt, bt, f_pool[idx], y_pool[idx], cfg.fewshot_steps, cfg.fewshot_lr)))
+        out["random"][str(k)], out["transfer"][str(k)] = float(np.mean(r_acc)), float(np.mean(t_acc))
+    W0 = torch.zeros(C, f_pool.shape[1])
+    Wt, bt = init_head(W0, torch.zeros(C), head.weight.detach().float(), head.bias.detach().float(), rows)
+    out["transfer_zero_shot"] = acc(Wt, bt) if min(rows) >= 0 else None   # no training at all: the head as is
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. loss-cost scaling: BCE over V vs contrastive with all-gather, on the process group
+
+def _bench_points(cfg, dist):
+    """Per global batch G: median ms of head+loss forward+backward on each rank (B = G / W rows per rank).
+    BCE: linear_bce over (V, D) + the all-reduce of the head gradient that DDP adds (O(V D), independent of B).
+    Contrastive: clip_loss on (B, E) features: all-gather of both towers' features, (B, G) logits both ways."""
+    V, D, W = cfg.bench_vocab, cfg.bench_dim, dist.world_size
+    dev = dist.device
+    g = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    Wh = (0.02 * torch.randn(V, D, generator=g)).to(dev).requires_grad_(True)
+    bh = torch.zeros(V, device=dev, requires_grad=True)
+    rows = []
+    for G in [int(s) for s in cfg.bench_batches.split(",")]:
+        B = max(1, G // W)
+        x = torch.randn(B, D, generator=g).to(dev).requires_grad_(True)
+        t = torch.randint(0, V, (B, 6), generator=g).to(dev)      # a handful of synsets per caption
+        fi = torch.randn(B, D, generator=g).to(dev).requires_grad_(True)
+        ft = torch.randn(B, D, generator=g).to(dev).requires_grad_(True)
+        res = {}
+        for name in ("bce", "contrastive"):
+            ts = []
+            for r in range(cfg.bench_repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if name == "bce":
+                    linear_bce(x, Wh, bh, t).backward()
+                    if dist.distributed:
+                        tdist.all_reduce(Wh.grad)
+                        tdist.all_reduce(bh.grad)
+                else:
+                    clip_loss(F.normalize(fi, dim=-1), F.normalize(ft, dim=-1), 100.0).backward()
+                if dev.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dist.barrier()
+                if r:
+                    ts.append(1e3 * (time.perf_counter() - t0))
+                for p in (x, Wh, bh, fi, ft):
+                    p.grad = None
+            res[name] = statistics.median(ts)
+        rows.append({"global_batch": G, "bce_ms": res["bce"], "contrastive_ms": res["contrastive"],
+                     "ratio": res["contrastive"] / res["bce"]})
+        dist.print(f"bench G={G:5d}: bce {res['bce']:8.1f} ms  contrastive {res['contrastive']:8.1f} ms  "
+                   f"contrastive/bce {rows[-1]['ratio']:.2f}")
+    return {"world_size": W, "V": V, "D": D, "points": rows}
+
+
+def _bench_worker(rank, world, port, cfg_dict, q_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)   # 2 processes share 2 cores
+    cfg = Config(**cfg_dict)
+    dist = setup_distributed(cfg.device)
+    res = _bench_points(cfg, dist)
+    if dist.is_master:
+        save_json(q_path, res)
+    dist.cleanup()
+
+
+def run_bench(cfg, dist):
+    """Inside torchrun: on the existing group. Alone: spawn 2 gloo processes on this machine."""
+    if dist.distributed:
+        return _bench_points(cfg, dist)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = os.path.join(cfg.out, "bench.tmp.json")
+    d = config_to_dict(cfg)
+    d.pop("_command", None)
+    torch.multiprocessing.spawn(_bench_worker, args=(2, port, d, path), nprocs=2, join=True)
+    res = json.load(open(path))
+    os.remove(path)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots (PIL; matplotlib is not a dependency)
+
+def line_plot(path, series, title, xlabel, ylabel, logx=False, logy=False, size=(560, 380)):
+    """series: {name: (xs, ys, (r, g, b))} -> PNG with axes, ticks at the data range ends and a legend."""
+    W, H, L, R, T, Bm = *size, 64, 16, 30, 44
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    tx = (lambda v: math.log10(v)) if logx else (lambda v: v)
+    ty = (lambda v: math.log10(v)) if logy else (lambda v: v)
+    xs = [tx(x) for s in series.values() for x in s[0]]
+    ys = [ty(y) for s in series.values() for y in s[1]]
+    x0, x1 = min(xs), max(xs) + 1e-9
+    y0, y1 = min(ys), max(ys) + 1e-9
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
+    px = lambda v: L + (tx(v) - x0) / (x1 - x0) * (W - L - R)        # noqa: E731
+    py = lambda v: H - Bm - (ty(v) - y0) / (y1 - y0) * (H - T - Bm)  # noqa: E731
+    d.rectangle([L, T, W - R, H - Bm], outline="black")
+    d.text((L, 8), title, fill="black", font=font)
+    d.text((W // 2 - 40, H - 18), xlabel, fill="black", font=font)
+    d.text((4, T - 16), ylabel, fill="black", font=font)
+    for v in sorted({x for s in series.values() for x in s[0]}):
+        d.line([px(v), H - Bm, px(v), H - Bm + 4], fill="black")
+        d.text((px(v) - 10, H - Bm + 6), f"{v:g}", fill="black", font=font)
+    for v in (y0, (y0 + y1) / 2, y1):
+        val = 10 ** v if logy else v
+        d.text((4, py(val) - 6), f"{val:.3g}", fill="black", font=font)
+    for i, (name, (sx, sy, col)) in enumerate(series.items()):
+        pts = [(px(a), py(b)) for a, b in zip(sx, sy)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        if len(pts) <= 12:
+            for p in pts:
+                d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        d.rectangle([L + 10, T + 8 + 14 * i, L + 22, T + 16 + 14 * i], fill=col)
+        d.text((L + 26, T + 5 + 14 * i), name, fill="black", font=font)
+    im.save(path)
+
+
+def read_losses(out, run):
+    rows = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if x.strip()]
+    rows = [r for r in rows if r.get("run") == run]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, commands=COMMANDS)
+    command = getattr(cfg, "_command", None) or "run"
+    if cfg.smoke:
+        cfg = smoke_overrides(cfg)
+    t_start = time.time()
+    dist = setup_distributed(cfg.device)
+    dev = dist.device
+    seed_all(cfg.seed, dist.rank)
+    if dist.is_master:
+        os.makedirs(cfg.out, exist_ok=True)
+        save_json(os.path.join(cfg.out, "config.json"), cfg)
+    if command == "bench":
+        res = run_bench(cfg, dist)
+        if dist.is_master:
+            save_json(os.path.join(cfg.out, "bench.json"), res)
+            plot_bench(cfg, res)
+        dist.cleanup()
+        return res
+
+    # ---- 1-2. labels and vocabulary
+    lex = load_lexicon(cfg)
+    dist.print(f"lexicon: {lex.name}; captions: {cfg.text}; data: {cfg.data or 'synthetic world'}")
+    train, val, test = load_data(cfg)
+    vocab = build_vocab(cfg, lex, train["texts"], dist)
+    keys = [e["key"] for e in vocab["entries"]]
+    V = len(keys)
+    if command == "vocab":
+        if dist.is_master:
+            print_table({f"{e['lemma']} ({e['key']})": e["count"] for e in vocab["entries"][:30]},
+                        title=f"vocab: {V} synsets (top 30 by count)")
+        dist.cleanup()
+        return vocab
+    T = sparse_targets(train["texts"], lex, keys)
+    covered = float((T[:, 0] >= 0).float().mean())
+    dist.print(f"targets: {V} synsets, {covered:.1%} of captions have >= 1 label, <= {T.shape[1]} per caption")
+
+    # ---- 3. CatLIP pretraining
+    N, B = len(train["images"]), cfg.batch_size
+    if B % dist.world_size or N < B:
+        raise SystemExit(f"--batch_size={B} must be divisible by the world size {dist.world_size} and <= n_train={N}")
+    arch = {k: getattr(cfg, k) for k in ("size", "width", "layers", "heads", "patch", "steps", "batch_size", "lr",
+                                         "weight_decay", "warmup", "seed", "data", "n_train", "text")}
+    torch.manual_seed(cfg.seed)
+    catlip = CatLIP(make_vit(cfg), V).to(dev)
+
+    def catlip_batch(i):
+        idx = batch_indices(i, N, B, cfg.seed, dist)
+        return to_input(train["images"][idx], dev), T[idx].to(dev)
+
+    ema = EMA(catlip, cfg.ema) if cfg.ema > 0 else None
+    h_cat = run_stage(cfg, dist, "catlip", catlip, lambda m, b: m(*b), catlip_batch,
+                      {**arch, "stage": "catlip", "vocab": keys, "ema": cfg.ema}, ema)
+
+    # ---- 4. CLIP on the same images, captions and steps
+    tokenizer = text_tokenizer(cfg, dist)
+    tok = tokenizer(train["texts"])
+    torch.manual_seed(cfg.seed)
+    clip = CLIP(make_vit(cfg, cfg.embed_dim), text_tiny(tokenizer.vocab_size, cfg.context_length,
+                                                        embed_dim=cfg.embed_dim)).to(dev)
+
+    def clip_batch(i):
+        idx = batch_indices(i, N, B, cfg.seed, dist)
+        return to_input(train["images"][idx], dev), tok[idx].to(dev)
+
+    def clip_step(m, b):
+        img_f, txt_f, s = m(*b)
+        return clip_loss(img_f, txt_f, s), {"scale": float(s)}
+
+    h_clip = run_stage(cfg, dist, "clip", clip, clip_step, clip_batch,
+                       {**arch, "stage": "clip", "embed_dim": cfg.embed_dim, "vocab_size": tokenizer.vocab_size})
+
+    # step time: same batch, same image encoder, forward + backward, on every rank at once (under torchrun CLIP's
+    # time then includes its feature all-gathers; CatLIP's loss has no collective)
+    idx = batch_indices(0, N, B, cfg.seed, dist)
+    x, t, tk = to_input(train["images"][idx], dev), T[idx].to(dev), tok[idx].to(dev)
+    med, _ = step_times(cfg, dev, copy.deepcopy(catlip).train(), copy.deepcopy(clip).train(), x, t, tk,
+                        cfg.step_repeats)
+    results = {}
+    if dist.is_master:
+        vis_cat = (ema.model if ema is not None else catlip).visual
+
+        # linear probe + k-NN on the shape task, pooled features of the same layer
+        P = min(cfg.probe_n, N)
+        fc_tr, fc_te = features(vis_cat, train["images"][:P], dev), features(vis_cat, test["images"], dev)
+        fl_tr, fl_te = features(clip.visual, train["images"][:P], dev), features(clip.visual, test["images"], dev)
+        ytr, yte = torch.as_tensor(train["labels"][:P]), torch.as_tensor(test["labels"])
+        if (ytr < 0).any() or (yte < 0).any():
+            raise SystemExit("evaluation needs a class label per sample (the world's \"label\" key in the shards' json)")
+        probes = {"catlip_linear_probe_acc": linear_probe(fc_tr, ytr, fc_te, yte, num_classes=len(SHAPES)),
+                  "clip_linear_probe_acc": linear_probe(fl_tr, ytr, fl_te, yte, num_classes=len(SHAPES)),
+                  "catlip_knn_acc": knn_accuracy(fc_tr, ytr, fc_te, yte, k=cfg.knn_k),
+                  "clip_knn_acc": knn_accuracy(fl_tr, ytr, fl_te, yte, k=cfg.knn_k)}
+
+        # ---- 5. Transfer Init on the shape task (classes = synsets of the shape names)
+        rows = transfer_rows(SHAPES, keys, lex)
+        fv = features(vis_cat, val["images"], dev)
+        head = (ema.model if ema is not None else catlip).head
+        fs = few_shot(cfg, fv, torch.as_tensor(val["labels"]), fc_te, yte, head, rows)
+        results = {**probes, "catlip_step_ms": med["catlip"], "clip_step_ms": med["clip"],
+                   "transfer_init_acc": fs["transfer"], "random_init_acc": fs["random"],
+                   "transfer_init_zero_shot_acc": fs["transfer_zero_shot"], "vocab_size": V,
+                   "lexicon": lex.name, "captions": cfg.text, "label_coverage": covered,
+                   "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": len(SHAPES),
+                   "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"]}
+
+    # ---- 6. loss-cost scaling
+    if cfg.bench:
+        res = run_bench(cfg, dist)
+        if dist.is_master:
+            results["bench"] = res
+            plot_bench(cfg, res)
+    if dist.is_master:
+        results.update(seconds=time.time() - t_start, device=dev, world_size=dist.world_size)
+        save_json(os.path.join(cfg.out, "results.json"), results)
+        plot_runs(cfg, results)
+        report(results)
+    dist.cleanup()
+    return results
+
+
+def plot_bench(cfg, res):
+    P = res["points"]
+    G = [p["global_batch"] for p in P]
+    line_plot(os.path.join(cfg.out, "bench.png"),
+              {f"BCE over V={res['V']} (+ head grad all-reduce)": (G, [p["bce_ms"] for p in P], (200, 60, 40)),
+               "contrastive (all-gather, B x G logits)": (G, [p["contrastive_ms"] for p in P], (40, 80, 200))},
+              f"head + loss, forward + backward, {res['world_size']} processes", "global batch", "ms",
+              logx=True, logy=True)
+
+
+def plot_runs(cfg, r):
+    series = {}
+    for run, col in (("catlip", (200, 60, 40)), ("clip", (40, 80, 200))):
+        s, l = read_losses(cfg.out, run)
+        if s:
+            series[f"{run} loss / first logged"] = (s, [v / l[0] for v in l], col)
+    if series:
+        line_plot(os.path.join(cfg.out, "loss.png"), series, "training loss (relative)", "step", "loss / loss0")
+    shots = [int(k) for k in r["transfer_init_acc"]]
+    line_plot(os.path.join(cfg.out, "transfer_init.png"),
+              {"Transfer Init (CatLIP rows)": (shots, list(r["transfer_init_acc"].values()), (200, 60, 40)),
+               "random head": (shots, list(r["random_init_acc"].values()), (90, 90, 90))},
+              "few-shot shape classification (frozen CatLIP encoder)", "labelled images per class", "test acc",
+              logx=True)
+
+
+def report(r):
+    """The results table, then each expected miniature effect with whether it appeared."""
+    print_table({k: v for k, v in r.items() if k != "bench"}, title="CatLIP vs CLIP (results.json)")
+    lp = r["catlip_linear_probe_acc"] - r["clip_linear_probe_acc"]
+    ti, ri = r["transfer_init_acc"], r["random_init_acc"]
+    checks = [(lp >= -0.03, f"CatLIP linear probe within 3 points of CLIP or better: {lp:+.3f}"),
+              (r["catlip_step_ms"] < r["clip_step_ms"],
+               f"CatLIP step faster than CLIP: {r['catlip_step_ms']:.1f} vs {r['clip_step_ms']:.1f} ms"),
+              (all(ti[k] >= ri[k] for k in ti), "Transfer Init >= random head at every shot count: " +
+               ", ".join(f"{k}: {ti[k]:.3f} vs {ri[k]:.3f}" for k in ti))]
+    if "bench" in r:
+        rat = [p["ratio"] for p in r["bench"]["points"]]
+        checks.append((all(b > a for a, b in zip(rat, rat[1:])), "contrastive/BCE cost ratio grows with batch: " +
+                       ", ".join(f"{p['global_batch']}: {p['ratio']:.2f}" for p in r["bench"]["points"])))
+    print("expected effects:")
+    for ok, msg in checks:
+        print(f"  [{'yes' if ok else 'NO '}] {msg}")
+
+
+if __name__ == "__main__":
+    main()
