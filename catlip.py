@@ -75,7 +75,7 @@ class Config:
     wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
     text: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
     size: int = 32  # image side in pixels
-    n_train: int = 16000  # pretraining images (same for CatLIP and CLIP)
+    n_train: int = 12800  # pretraining images (same for CatLIP and CLIP)
     n_val: int = 1000  # pool for the few-shot Transfer Init task
     n_test: int = 2000  # test images for probes and few-shot accuracy
     min_count: int = 20  # keep synsets seen >= min_count times (paper: pruned by frequency on DataComp)
@@ -85,15 +85,17 @@ class Config:
     heads: int = 4  # ViT heads
     patch: int = 4  # ViT patch size
     embed_dim: int = 128  # CLIP projection dim (CLIP only)
+    text_width: int = 128  # CLIP text tower width (common.models.text_tiny)
+    text_layers: int = 3  # CLIP text tower depth
     context_length: int = 32  # CLIP text tokens
-    steps: int = 400  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
+    steps: int = 200  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
     batch_size: int = 128  # global batch (split across ranks)
     lr: float = 1e-3  # AdamW peak lr (both methods; CatLIP B/16 uses 1e-3)
     weight_decay: float = 0.2  # AdamW weight decay (CatLIP configs: 0.2)
-    warmup: int = 40  # linear warm-up steps
+    warmup: int = 20  # linear warm-up steps
     ema: float = 0.0  # EMA momentum (CatLIP: 5e-4 over 200k steps); 0 = off
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
-    ckpt_every: int = 100  # checkpoint every N steps (resumable)
+    ckpt_every: int = 50  # checkpoint every N steps (resumable)
     log_every: int = 20  # log every N steps
     num_workers: int = 0  # DataLoader workers for mining labels over shards
     probe_n: int = 4000  # training images (first of the pretraining set) for linear probe / k-NN
@@ -101,7 +103,7 @@ class Config:
     shots: str = "1,2,5,10"  # labelled images per class for Transfer Init
     fewshot_draws: int = 5  # random few-shot draws averaged per shot count
     fewshot_steps: int = 100  # full-batch AdamW steps on the downstream head
-    fewshot_lr: float = 1e-2  # lr of the downstream head
+    fewshot_lr: float = 1e-3  # lr of the downstream head (small: Adam steps must not wash out the init)
     step_repeats: int = 7  # timed forward+backward repeats per method (median)
     bench: bool = True  # run the loss-cost scaling bench at the end of the default run
     bench_batches: str = "256,512,1024,2048,4096"  # global batches for the bench
@@ -111,9 +113,10 @@ class Config:
 
 
 def smoke_overrides(cfg):
-    cfg.n_train, cfg.n_val, cfg.n_test, cfg.probe_n = 1200, 200, 300, 600
-    cfg.steps, cfg.batch_size, cfg.warmup, cfg.ckpt_every, cfg.log_every = 30, 32, 3, 15, 10
-    cfg.width, cfg.layers, cfg.heads, cfg.min_count = 64, 2, 2, 3
+    cfg.n_train, cfg.n_val, cfg.n_test, cfg.probe_n = 1600, 300, 400, 800
+    cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup, cfg.ckpt_every, cfg.log_every = 40, 64, 2e-3, 4, 20, 10
+    cfg.width, cfg.layers, cfg.heads, cfg.patch, cfg.min_count = 64, 2, 2, 8, 3
+    cfg.text_width, cfg.text_layers, cfg.context_length = 64, 1, 24
     cfg.fewshot_draws, cfg.fewshot_steps, cfg.step_repeats = 2, 30, 2
     cfg.bench_batches, cfg.bench_vocab, cfg.bench_repeats = "64,256", 128, 1
     return cfg
@@ -427,17 +430,19 @@ def run_stage(cfg, dist, name, model, loss_fn, get_batch, fp, ema=None):
     return hist
 
 
-def text_tokenizer(cfg, dist):
-    """common.tokenizer.world_tokenizer; if its merges file is missing, learn a small BPE on the world captions once
-    (rank 0) and keep it in --out."""
-    from common.tokenizer import Tokenizer, learn_bpe, read_merges, save_merges, world_corpus, world_tokenizer
+def text_tokenizer(cfg, dist, texts):
+    """common.tokenizer.world_tokenizer; if its merges file is missing (or --data is used), learn a small BPE on the
+    training captions once (rank 0) and keep it in --out."""
+    from common.tokenizer import Tokenizer, learn_bpe, read_merges, save_merges, world_tokenizer
     try:
+        if cfg.data:
+            raise FileNotFoundError
         return world_tokenizer(cfg.context_length)
     except FileNotFoundError:
-        path = os.path.join(cfg.out, "world_bpe.txt")
+        path = os.path.join(cfg.out, "bpe.txt")
         if dist.is_master and not os.path.isfile(path):
-            dist.print(f"common/world_bpe.txt missing: learning 800 merges -> {path}")
-            save_merges(path, learn_bpe(world_corpus(2000, seed=cfg.seed), 800))
+            dist.print(f"world tokenizer unavailable: learning 600 BPE merges on the training captions -> {path}")
+            save_merges(path, learn_bpe(texts[:3000], 600))
         dist.barrier()
         return Tokenizer(read_merges(path), context_length=cfg.context_length)
 
@@ -658,8 +663,11 @@ def read_losses(out, run):
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=COMMANDS)
     command = getattr(cfg, "_command", None) or "run"
-    if cfg.smoke:
-        cfg = smoke_overrides(cfg)
+    if cfg.smoke:   # smoke sizes for every field not given on the command line
+        small, default = smoke_overrides(Config()), Config()
+        for k in config_to_dict(default):
+            if getattr(cfg, k) == getattr(default, k):
+                setattr(cfg, k, getattr(small, k))
     t_start = time.time()
     dist = setup_distributed(cfg.device)
     dev = dist.device
@@ -710,11 +718,11 @@ def main(argv=None):
                       {**arch, "stage": "catlip", "vocab": keys, "ema": cfg.ema}, ema)
 
     # ---- 4. CLIP on the same images, captions and steps
-    tokenizer = text_tokenizer(cfg, dist)
+    tokenizer = text_tokenizer(cfg, dist, train["texts"])
     tok = tokenizer(train["texts"])
     torch.manual_seed(cfg.seed)
-    clip = CLIP(make_vit(cfg, cfg.embed_dim), text_tiny(tokenizer.vocab_size, cfg.context_length,
-                                                        embed_dim=cfg.embed_dim)).to(dev)
+    clip = CLIP(make_vit(cfg, cfg.embed_dim), text_tiny(tokenizer.vocab_size, cfg.context_length, cfg.text_width,
+                                                        cfg.text_layers, embed_dim=cfg.embed_dim)).to(dev)
 
     def clip_batch(i):
         idx = batch_indices(i, N, B, cfg.seed, dist)
@@ -722,10 +730,11 @@ def main(argv=None):
 
     def clip_step(m, b):
         img_f, txt_f, s = m(*b)
-        return clip_loss(img_f, txt_f, s), {"scale": float(s)}
+        return clip_loss(img_f, txt_f, s), {"scale": float(s.detach())}
 
     h_clip = run_stage(cfg, dist, "clip", clip, clip_step, clip_batch,
-                       {**arch, "stage": "clip", "embed_dim": cfg.embed_dim, "vocab_size": tokenizer.vocab_size})
+                       {**arch, "stage": "clip", "embed_dim": cfg.embed_dim, "vocab_size": tokenizer.vocab_size,
+                        "text": [cfg.text_width, cfg.text_layers, cfg.context_length]})
 
     # step time: same batch, same image encoder, forward + backward, on every rank at once (under torchrun CLIP's
     # time then includes its feature all-gathers; CatLIP's loss has no collective)
@@ -757,6 +766,7 @@ def main(argv=None):
         results = {**probes, "catlip_step_ms": med["catlip"], "clip_step_ms": med["clip"],
                    "transfer_init_acc": fs["transfer"], "random_init_acc": fs["random"],
                    "transfer_init_zero_shot_acc": fs["transfer_zero_shot"], "vocab_size": V,
+                   "majority_class_acc": float(np.bincount(test["labels"]).max() / len(test["labels"])),
                    "lexicon": lex.name, "captions": cfg.text, "label_coverage": covered,
                    "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": len(SHAPES),
                    "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"]}

@@ -463,3 +463,568 @@ def reparam_rel_err(model, x, seed=0):
     y0 = m(x)
     y1 = reparameterize(copy.deepcopy(m))(x)
     return ((y1 - y0).norm() / y0.norm()).item()
+
+
+def param_table():
+    """Train-time and reparameterized counts of the released towers (built on the meta device: no memory/time)."""
+    out = {}
+    with torch.device("meta"):
+        for name, f in (("mci0", mci0), ("mci1", mci1), ("mci2", mci2), ("mct", mct), ("base_text", base_text)):
+            m = f()
+            n0 = n_params(m)
+            out[name] = {"train": n0, "reparam": n_params(reparameterize(m))}
+    return out
+
+
+# ================================================================================================================
+# 2. Miniature models: student = tiny MobileCLIP, teachers = larger ViT CLIPs, CoCa-style captioner
+
+def student(vocab_size, cfg):
+    return CLIP(mci_tiny(128), mct_tiny(vocab_size, 32, 128))
+
+
+def teacher(vocab_size, cfg, width):
+    """A ViT CLIP wider than the student (the miniature of DataCompDR's ViT-L/14 ensemble)."""
+    vis = VisionTransformer(cfg.image_size, 4, width, 4, width // 32, 4.0, 128)
+    return CLIP(vis, text_tiny(vocab_size, 32, width, 3, width // 32, 128))
+
+
+class CrossAttn(nn.Module):
+    """Text queries attend to image tokens (CoCa's multimodal decoder, arXiv:2205.01917 sec. 3.2)."""
+
+    def __init__(self, C, heads):
+        super().__init__()
+        self.h, self.ln = heads, nn.LayerNorm(C)
+        self.q, self.kv, self.proj = nn.Linear(C, C), nn.Linear(C, 2 * C), nn.Linear(C, C)
+
+    def forward(self, x, m):
+        B, L, C = x.shape
+        q = self.q(self.ln(x)).view(B, L, self.h, -1).transpose(1, 2)
+        k, v = self.kv(m).view(B, m.shape[1], 2, self.h, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+
+
+class Captioner(nn.Module):
+    """Causal text decoder with cross-attention to a frozen image encoder's tokens (CoCa captioning head).
+
+    tokens (B, L), img (B, M, Ci) -> next-token logits (B, L, V)."""
+
+    def __init__(self, vocab_size, context_length, img_width, width=128, layers=2, heads=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(0.01 * torch.randn(context_length, width))
+        self.img = nn.Sequential(nn.LayerNorm(img_width), nn.Linear(img_width, width))
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.cross = nn.ModuleList([CrossAttn(width, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, tokens, img):
+        x, m = self.tok(tokens) + self.pos[:tokens.shape[1]], self.img(img)
+        for b, c in zip(self.blocks, self.cross):
+            x = b(x, causal=True)
+            x = x + c(x, m)
+        return self.head(self.ln(x))
+
+
+def image_memory(t, x):
+    """Teacher-1 ViT tokens for the captioner: class token + patch grid average-pooled to 4x4 (keeps 'left/top')."""
+    tok = t.visual.forward_tokens(x)                                      # (B, 1+N, C)
+    B, N1, C = tok.shape
+    g = int(round(math.sqrt(N1 - 1)))
+    p = tok[:, 1:].transpose(1, 2).reshape(B, C, g, g)
+    return torch.cat([tok[:, :1], F.adaptive_avg_pool2d(p, 4).flatten(2).transpose(1, 2)], 1)  # (B, 17, C)
+
+
+@torch.no_grad()
+def generate(cap, mem, tok, top_k=0, gen=None, L=32):
+    """Greedy (top_k=0) or top-k sampled captions for image memories (B, M, C) -> list[str]."""
+    B = mem.shape[0]
+    seq = torch.full((B, 1), tok.sot_token_id, dtype=torch.long, device=mem.device)
+    done = torch.zeros(B, dtype=torch.bool, device=mem.device)
+    for _ in range(L - 1):
+        logits = cap(seq, mem)[:, -1].float()
+        if top_k:
+            v, i = logits.topk(top_k, -1)
+            nxt = i.gather(1, torch.multinomial(v.softmax(-1).cpu(), 1, generator=gen).to(i.device))[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        done |= nxt == tok.eot_token_id
+        if done.all():
+            break
+    out = []
+    for s in seq[:, 1:].tolist():
+        s = s[:s.index(tok.eot_token_id)] if tok.eot_token_id in s else s
+        out.append(tok.decode(s).strip())
+    return out
+
+
+# ================================================================================================================
+# 3. Data: in-memory miniature sets (the batch of step i is a pure function of (seed, i) -> exact resume)
+
+def load_split(cfg, split, n, start=0):
+    """Samples [start, start+n) -> dict(keys, images uint8 (n,H,W,3), accurate, alt, labels, seg, depth | None).
+    World: accurate = caption, alt = noisy alt-text. --data: alt = the sample's alt_text if present, else its caption
+    (a real web caption); dense targets only when the shards carry seg/depth."""
+    if not cfg.data:
+        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.image_size, n=start + n), n, start)
+        return {"keys": a["keys"], "images": a["images"], "accurate": a["captions"], "alt": a["alt_texts"],
+                "labels": a["labels"], "seg": a["seg"], "depth": a["depth"]}
+    from common.data import make_dataset
+    from common.transforms import Resize, CenterCrop, to_uint8
+    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, n=start + n, rank=0, world_size=1,
+                      require=("image", "caption"))
+    rows = [s for s, _ in zip(ds, range(start + n))][start:]
+    if len(rows) < n:
+        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples, need {start + n}")
+    fit_ = Compose([ToTensor(), Resize(cfg.image_size), CenterCrop(cfg.image_size)])
+    imgs = np.stack([s["image"] if s["image"].shape[:2] == (cfg.image_size,) * 2 else
+                     np.asarray(to_uint8(fit_(s["image"]))).transpose(1, 2, 0) for s in rows])
+    has = lambda k: all(k in s for s in rows)  # noqa: E731
+    same = all(s.get("seg") is not None and s["seg"].shape == imgs.shape[1:3] for s in rows)
+    return {"keys": [s["__key__"] for s in rows], "images": imgs, "accurate": [s["caption"] for s in rows],
+            "alt": [s.get("alt_text", s["caption"]) for s in rows],
+            "labels": np.array([s["label"] for s in rows]) if has("label") else None,
+            "seg": np.stack([s["seg"] for s in rows]) if has("seg") and same else None,
+            "depth": np.stack([s["depth"] for s in rows]) if has("depth") and same else None}
+
+
+def batch_idx(cfg, dist, i, n, tag):
+    """Global batch i = positions [iB, (i+1)B) of a per-epoch permutation (seeded by run tag); rank takes every W-th."""
+    B = cfg.batch_size
+    pos = i * B + np.arange(B)[dist.rank::dist.world_size]
+    perms = {e: np.random.default_rng([cfg.seed, tag, int(e)]).permutation(n) for e in np.unique(pos // n)}
+    return np.array([perms[e][p] for e, p in zip(pos // n, pos % n)])
+
+
+def base_aug(S):
+    """Standard CLIP augmentation of the baseline (open_clip: RRC scale (0.9, 1), no flip); MobileCLIP: no mean/std."""
+    return Compose([ToTensor(), RandomResizedCrop(S, scale=(0.9, 1.0))])
+
+
+def dr_aug(cfg):
+    """Stored augmentation of the reinforced dataset (DataCompDR: RandomResizedCrop + RandAugment(2 ops), no flip)."""
+    return Compose([ToTensor(), RandomResizedCrop(cfg.image_size, scale=(cfg.rrc_scale, 1.0)), RandAugment(2, 9)])
+
+
+# ================================================================================================================
+# 4. Reinforced dataset (DataCompDR layout): KEY.paug.json, KEY.syn.json, KEY.npz{image_emb, text_emb} (fp16)
+
+def write_shards(out_dir, keys, paug, syn, img_emb, txt_emb, shard_size=1000):
+    """paug[j]: list of k param lists; syn[j]: list of captions; img_emb (n, k, D), txt_emb (n, 1+n_syn, D)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for s in range(0, len(keys), shard_size):
+        path = os.path.join(out_dir, f"shard-{s // shard_size:03d}.tar")
+        with tarfile.open(path + ".tmp", "w") as tf:
+            for j in range(s, min(s + shard_size, len(keys))):
+                b = io.BytesIO()
+                np.savez(b, image_emb=img_emb[j].astype(np.float16), text_emb=txt_emb[j].astype(np.float16))
+                for ext, data in (("paug.json", json.dumps({"param_aug": paug[j]}).encode()),
+                                  ("syn.json", json.dumps({"syn_text": syn[j]}).encode()), ("npz", b.getvalue())):
+                    ti = tarfile.TarInfo(f"{keys[j]}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def read_shards(out_dir):
+    """-> dict key -> (paug list, syn list, image_emb float32 (k, D), text_emb float32 (1+n_syn, D)).
+    Read with common.data's tar reader: unknown members come back as raw bytes under their extension."""
+    from common.data import ShardDataset
+    res = {}
+    for s in ShardDataset(os.path.join(out_dir, "*.tar"), require=("paug.json", "syn.json", "npz"), rank=0,
+                          world_size=1):
+        z = np.load(io.BytesIO(s["npz"]), allow_pickle=False)
+        res[s["__key__"]] = (json.loads(s["paug.json"])["param_aug"], json.loads(s["syn.json"])["syn_text"],
+                             z["image_emb"].astype(np.float32), z["text_emb"].astype(np.float32))
+    return res
+
+
+# ================================================================================================================
+# 5. Losses (paper sec. 3.2; open_clip_v1.patch DistillClipLoss / DRClipLoss)
+
+def teacher_probs(a, b, scale, dims):
+    """Average over teachers of softmax(scale * A_k B_k^T): a (N, sum dims), b (M, sum dims), each teacher's slice
+    already L2-normalised -> (N, M). Softmax per teacher, then the mean (--distill-average-after-softmax)."""
+    P, o = 0.0, 0
+    for d in dims:
+        P = P + (scale * a[:, o:o + d] @ b[:, o:o + d].T).softmax(-1)
+        o += d
+    return P / len(dims)
+
+
+def kd_loss(img_f, txt_f, scale, t_img, t_txt, t_scale, dims):
+    """KD = 1/2 [CE(P_T^{i->t}, S^{i->t}) + CE(P_T^{t->i}, S^{t->i})], CE(P, S) = -mean_rows sum_j P log softmax(S).
+    Cross-entropy, not KL: same gradients, but the value at teacher = student is the teacher entropy, not 0.
+    Local rows vs all gathered columns (open_clip local-loss), so it works under torchrun."""
+    all_txt, r = gather_features(txt_f)
+    all_img, _ = gather_features(img_f)
+    all_t_txt, _ = gather_features(t_txt)
+    all_t_img, _ = gather_features(t_img)
+    ce = lambda P, S: -(P * S.float().log_softmax(-1)).sum(-1).mean()  # noqa: E731
+    i2t = ce(teacher_probs(t_img, all_t_txt, t_scale, dims), scale * img_f @ all_txt.T)
+    t2i = ce(teacher_probs(t_txt, all_t_img, t_scale, dims), scale * txt_f @ all_img.T)
+    return 0.5 * (i2t + t2i)
+
+
+# ================================================================================================================
+# 6. Training stages (all through common.train.fit: DDP, schedule, checkpoints, log.jsonl)
+
+def stage_ok(cfg, dist, name, want):
+    """A stage in --out is reused only if its sidecar JSON matches `want`; otherwise its checkpoint is removed."""
+    side, ck = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".safetensors")
+    ok = os.path.exists(side) and os.path.exists(ck) and json.load(open(side)) == want
+    dist.barrier()
+    if not ok and dist.is_master and os.path.exists(ck):
+        os.remove(ck)
+    dist.barrier()
+    return ok
+
+
+def train_clip(cfg, dist, model, name, images, text_fn, aug, steps, tag, lr=None, on_step=None, resume=False):
+    """Contrastive training on in-memory pairs; text_fn(idx, rng) -> tokens (b, L) of this rank's samples."""
+    n, dev = len(images), dist.device
+
+    def get_batch(i):
+        idx = batch_idx(cfg, dist, i, n, tag)
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + i) * 1024 + tag * 16 + dist.rank)
+        x = torch.stack([aug(images[j], g) for j in idx])
+        return x.to(dev), text_fn(idx, np.random.default_rng([cfg.seed, tag, i, dist.rank])).to(dev)
+
+    def loss_fn(m, b):
+        img_f, txt_f, s = m(*b)
+        return clip_loss(img_f, txt_f, s), {"scale": s.item()}
+
+    seed_all(cfg.seed + tag, dist.rank)
+    return fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
+               warmup=cfg.warmup, resume=resume, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp,
+               on_step=on_step, config=config_to_dict(cfg))
+
+
+def train_captioner(cfg, dist, cap, name, tokens, mem, tag=7):
+    """Next-token cross-entropy on accurate captions of held-out images (padding after EOT ignored)."""
+    n, dev, eot = len(tokens), dist.device, int(tokens.max())
+
+    def get_batch(i):
+        idx = batch_idx(cfg, dist, i, n, tag)
+        return tokens[idx].to(dev), mem[idx].to(dev)
+
+    def loss_fn(m, b):
+        t, mm = b
+        logits = m(t[:, :-1], mm)
+        keep = torch.arange(t.shape[1] - 1, device=t.device)[None] < (t == eot).float().argmax(1, keepdim=True)
+        return F.cross_entropy(logits[keep].float(), t[:, 1:][keep])
+
+    seed_all(cfg.seed + tag, dist.rank)
+    return fit(cap, loss_fn, get_batch, cfg.cap_steps, cfg.out, name=name, lr=2e-3, weight_decay=0.05, warmup=20,
+               resume=True, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, config=config_to_dict(cfg))
+
+
+@torch.no_grad()
+def reinforce(cfg, dist, tok, train, teachers, cap, mem):
+    """Build the reinforced shards once (rank 0): synthetic captions, k stored augmentations with the teachers'
+    image embeddings, teacher text embeddings of [ground truth] + synthetic captions. Skipped if valid in --out."""
+    rdir = os.path.join(cfg.out, "reinforced")
+    want = {k: getattr(cfg, k) for k in ("seed", "data", "image_size", "n_train", "n_cap", "k_aug", "n_syn", "top_k",
+                                         "rrc_scale", "teacher_steps", "teacher_widths", "cap_steps")}
+    mpath = os.path.join(rdir, "meta.json")
+    if os.path.exists(mpath) and json.load(open(mpath)) == want:
+        dist.print(f"reinforce: reusing {rdir}")
+        return rdir
+    t0, dev, n = time.time(), dist.device, len(train["images"])
+    for t in teachers:
+        t.eval()
+    cap.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    syn = [[] for _ in range(n)]
+    for s in range(cfg.n_syn):  # first caption greedy, the others top-k sampled (CoCa generation in DataCompDR)
+        for c in range(0, n, 500):
+            for j, txt in enumerate(generate(cap, mem[c:c + 500].to(dev), tok, cfg.top_k if s else 0, g)):
+                syn[c + j].append(txt)
+    aug, paug = dr_aug(cfg), []
+    img_emb = np.zeros((n, cfg.k_aug, 128 * len(teachers)), np.float32)
+    for c in range(0, n, 250):
+        xs = []
+        for j in range(c, min(c + 250, n)):
+            ps = []
+            for a in range(cfg.k_aug):
+                x, p = aug.sample_apply(train["images"][j], torch.Generator().manual_seed(
+                    (cfg.seed * 7919 + j) * 64 + a))
+                xs.append(x)
+                ps.append(p)
+            paug.append(ps)
+        X = torch.stack(xs).to(dev)
+        img_emb[c:c + len(xs) // cfg.k_aug] = torch.cat([t.encode_image(X) for t in teachers], -1).view(
+            -1, cfg.k_aug, img_emb.shape[-1]).float().cpu().numpy()
+    texts = [[train["alt"][j]] + syn[j] for j in range(n)]
+    flat = tok([t for ts in texts for t in ts]).to(dev)
+    txt_emb = torch.cat([extract_features(t.encode_text, flat, 512) for t in teachers], -1)
+    txt_emb = txt_emb.view(n, 1 + cfg.n_syn, -1).numpy()
+    write_shards(rdir, train["keys"], paug, syn, img_emb, txt_emb)
+    save_json(mpath, want)
+    dist.print(f"reinforce: {n} samples x {cfg.k_aug} augs x {len(teachers)} teachers -> {rdir} "
+               f"({time.time() - t0:.1f}s); e.g. syn: {syn[0]!r}")
+    return rdir
+
+
+def train_reinforced(cfg, dist, model, name, images, R, dims, tag, on_step=None):
+    """Student on the reinforced set: replay a random stored augmentation, GT + one random synthetic caption,
+    L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD (DRClipLoss). No teacher forward."""
+    n, dev, aug = len(images), dist.device, dr_aug(cfg)
+    gt_tok, syn_tok, paug, t_img, t_txt = R["gt_tok"], R["syn_tok"], R["paug"], R["img_emb"], R["txt_emb"]
+
+    def get_batch(i):
+        idx = batch_idx(cfg, dist, i, n, tag)
+        rng = np.random.default_rng([cfg.seed, tag, i, dist.rank])
+        a, s = rng.integers(cfg.k_aug, size=len(idx)), rng.integers(cfg.n_syn, size=len(idx))
+        x = torch.stack([aug.apply(images[j], paug[j][k]) for j, k in zip(idx, a)])
+        txt = torch.cat([gt_tok[idx], syn_tok[idx, s]])                          # (2b, L): GT then synthetic
+        return (x.to(dev), txt.to(dev), t_img[idx, a].to(dev), t_txt[idx, 0].to(dev), t_txt[idx, 1 + s].to(dev))
+
+    def loss_fn(m, b):
+        x, txt, ti, tg, ts = b
+        img_f, txt_f, s = m(x, txt)
+        B, tot, kd = len(x), 0.0, 0.0
+        for tf, tt in ((txt_f[:B], tg), (txt_f[B:], ts)):
+            k = kd_loss(img_f, tf, s, ti, tt, cfg.teacher_scale, dims)
+            tot = tot + (1 - cfg.lam) * clip_loss(img_f, tf, s) + cfg.lam * k
+            kd = kd + k.item() / 2
+        return tot, {"kd": kd, "scale": s.item()}
+
+    seed_all(cfg.seed + tag, dist.rank)
+    return fit(model, loss_fn, get_batch, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               warmup=cfg.warmup, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, on_step=on_step,
+               config=config_to_dict(cfg))
+
+
+# ================================================================================================================
+# 7. Evaluation: zero-shot, retrieval, dense probes (frozen backbone + linear heads), sample efficiency
+
+@torch.no_grad()
+def evaluate(model, tok, test, dev, n=None):
+    m = unwrap(model)
+    was = m.training
+    m.eval()
+    n = n or len(test["images"])
+    img_f = extract_features(m.encode_image, test["images"][:n], device=dev)
+    res = {}
+    if test["labels"] is not None:
+        clf = zero_shot_classifier(m, tok, class_names("shape"), TEMPLATES, dev)
+        res["zeroshot_acc"] = zero_shot_accuracy(img_f, clf, test["labels"][:n])
+    txt_f = extract_features(m.encode_text, tok(test["accurate"][:n]), device=dev)
+    res["retrieval_r1"] = retrieval_recall(img_f, txt_f)["mean_r1"]
+    m.train(was)
+    return res
+
+
+def dense(cfg, model, train, test, frac):
+    """Segmentation mIoU / depth RMSE of linear heads on the frozen image tower's patch features."""
+    v = unwrap(model).visual.eval()
+    nd = min(len(train["images"]), 1000)
+    from common.world import SHAPES
+    return dense_probe(v.patch_tokens, train["images"][:nd], train["seg"][:nd], train["depth"][:nd], test["images"],
+                       test["seg"], test["depth"], 1 + len(SHAPES), steps=cfg.dense_steps, label_fraction=frac,
+                       seed=cfg.seed)
+
+
+def samples_to_match(curve_b, curve_r, B):
+    """Samples the reinforced run needs to reach the baseline's final zero-shot accuracy (linear interpolation
+    between evaluations) and the ratio baseline_samples / those; None if never reached."""
+    target, total = curve_b[-1][1], curve_b[-1][0] * B
+    prev = (0, 0.0)
+    for s, a in curve_r:
+        if a >= target:
+            s0, a0 = prev
+            x = s0 + (s - s0) * (target - a0) / max(a - a0, 1e-9)
+            return {"samples": int(round(x * B)), "baseline_samples": total, "ratio": total / max(x * B, 1.0)}
+        prev = (s, a)
+    return {"samples": None, "baseline_samples": total, "ratio": None}
+
+
+def plot_curves(path, curves, B, title):
+    """Zero-shot accuracy vs seen samples, one line per run (PIL; matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+    W, H, L, T = 640, 400, 60, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    xs = [s * B for c in curves.values() for s, _ in c] or [1]
+    ys = [a for c in curves.values() for _, a in c] or [1]
+    xm, ym = max(xs), max(max(ys) * 1.1, 0.2)
+    X = lambda s: L + (W - L - 20) * s / xm  # noqa: E731
+    Y = lambda a: H - T - (H - 2 * T) * a / ym  # noqa: E731
+    d.line([(L, T), (L, H - T), (W - 20, H - T)], fill="black")
+    for k in range(6):
+        a = ym * k / 5
+        d.text((5, Y(a) - 6), f"{a:.2f}", fill="black")
+        d.text((X(xm * k / 5) - 15, H - T + 5), f"{int(xm * k / 5)}", fill="black")
+    d.text((L, 10), title, fill="black")
+    d.text((W // 2 - 40, H - 18), "seen samples", fill="black")
+    for (name, c), col in zip(curves.items(), ["red", "blue", "green", "purple"]):
+        pts = [(X(s * B), Y(a)) for s, a in c]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        d.text((W - 200, T + 15 * list(curves).index(name)), name, fill=col)
+    im.save(path)
+
+
+# ================================================================================================================
+# 8. main: params -> teachers -> captioner -> reinforce -> baseline / reinforced / quality -> evaluation
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"])
+    cmd = getattr(cfg, "_command", None) or "all"
+    if cfg.smoke:
+        cfg.n_train, cfg.n_cap, cfg.n_test, cfg.batch_size, cfg.steps = 512, 256, 256, 64, 40
+        cfg.teacher_steps, cfg.cap_steps, cfg.k_aug, cfg.dense_steps, cfg.eval_every = 40, 40, 2, 60, 20
+        cfg.warmup, cfg.log_every, cfg.teacher_widths = 5, 10, "160,160"
+    t0 = time.time()
+    dist = setup_distributed(cfg.device)
+    if cfg.batch_size % dist.world_size:
+        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
+    widths = [int(w) for w in cfg.teacher_widths.split(",")]
+    if len(widths) < 2 or min(widths) <= 128:
+        raise SystemExit(f"config error: teacher_widths={cfg.teacher_widths!r}; need >= 2 widths > 128 (the student)")
+    os.makedirs(cfg.out, exist_ok=True)
+    res = {}
+    if dist.is_master:
+        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+        # ---- 1. encoders: exact counts and reparameterization equivalence (random BN stats / layer scales)
+        res["params"] = param_table()
+        seed_all(cfg.seed)
+        mi, mt = (mci_tiny(), mct_tiny(1000)) if cfg.smoke else (mci0(), mct())
+        x, t = torch.rand(2, 3, 64, 64), torch.randint(1, 999, (2, 20))
+        res["reparam_max_rel_err"] = max(reparam_rel_err(mi, x), reparam_rel_err(mt, t))
+        res["reparam_models"] = "mci_tiny+mct_tiny" if cfg.smoke else "mci0+mct"
+        del mi, mt
+        if cmd == "params":
+            res.update(seconds=time.time() - t0, device=dist.device)
+            save_json(os.path.join(cfg.out, "results.json"), res)
+            print_table(res, title="MobileCLIP encoders")
+    if cmd == "params":
+        dist.cleanup()
+        return res
+
+    # ---- data: web pairs (alt-text = ground truth), held-out accurate captions (captioner), test
+    tok, dev, S = world_tokenizer(context_length=32), dist.device, cfg.image_size
+    one = bool(cfg.data) and "{split}" not in cfg.data      # one stream: slice it train | captioner | test
+    train = load_split(cfg, "train", cfg.n_train)
+    held = load_split(cfg, "train" if one else "val", cfg.n_cap, cfg.n_train if one else 0)
+    acc_tok, alt_tok = tok(train["accurate"]), tok(train["alt"])
+
+    # ---- teachers: >= 2 ViT CLIPs wider than the student, trained on accurate captions with the DR augmentation
+    teachers = []
+    for k, w in enumerate(widths):
+        name = f"teacher{k}"
+        T = teacher(tok.vocab_size, cfg, w).to(dev)
+        want = {"width": w, "steps": cfg.teacher_steps, "seed": cfg.seed, "n_train": cfg.n_train, "data": cfg.data}
+        stage_ok(cfg, dist, name, want)
+        train_clip(cfg, dist, T, name, train["images"], lambda idx, r: acc_tok[idx], dr_aug(cfg),
+                   cfg.teacher_steps, tag=10 + k, resume=True)
+        if dist.is_master:
+            save_json(os.path.join(cfg.out, name + ".json"), want)
+        teachers.append(T.eval())
+
+    # ---- captioner: CoCa-style decoder on teacher 0's frozen image tokens, trained on held-out accurate captions
+    mem_fn = lambda ims: extract_features(lambda x: image_memory(teachers[0], x), ims, 250, dev)  # noqa: E731
+    cap = Captioner(tok.vocab_size, 32, widths[0]).to(dev)
+    want = {"steps": cfg.cap_steps, "seed": cfg.seed, "n_cap": cfg.n_cap, "teachers": cfg.teacher_widths,
+            "data": cfg.data}
+    stage_ok(cfg, dist, "captioner", want)
+    train_captioner(cfg, dist, cap, "captioner", tok(held["accurate"]), mem_fn(held["images"]))
+    if dist.is_master:
+        save_json(os.path.join(cfg.out, "captioner.json"), want)
+        rdir = reinforce(cfg, dist, tok, train, teachers, cap, mem_fn(train["images"]))
+    dist.barrier()
+    rdir = os.path.join(cfg.out, "reinforced")
+    if cmd == "reinforce":
+        if dist.is_master:
+            print(f"reinforced shards in {rdir}")
+        dist.cleanup()
+        return None
+
+    # ---- the reinforced set as read back from the shards (augmentation params, syn captions, embeddings)
+    rows = read_shards(rdir)
+    missing = [k for k in train["keys"] if k not in rows]
+    if missing:
+        raise SystemExit(f"reinforce: {len(missing)} training keys missing from {rdir} (e.g. {missing[0]}); "
+                         f"delete {rdir} to rebuild it")
+    rows = [rows[k] for k in train["keys"]]
+    syn_tok = tok([c for r in rows for c in r[1]]).view(len(rows), cfg.n_syn, -1)
+    R = {"gt_tok": alt_tok, "syn_tok": syn_tok, "paug": [r[0] for r in rows],
+         "img_emb": torch.from_numpy(np.stack([r[2] for r in rows])),
+         "txt_emb": torch.from_numpy(np.stack([r[3] for r in rows]))}
+    dims = [128] * len(teachers)
+    test = load_split(cfg, "train" if one else "test", cfg.n_test, cfg.n_train + cfg.n_cap if one else 0)
+
+    # ---- students (same tiny MobileCLIP init): baseline on alt-text, reinforced, quality (synthetic captions)
+    curves = {}
+
+    def tracker(name):
+        curves[name] = []
+
+        def on_step(step, raw, metrics):
+            if dist.is_master and (step % cfg.eval_every == 0 or step == cfg.steps):
+                curves[name].append((step, evaluate(raw, tok, test, dev, 500)["zeroshot_acc"]))
+        return on_step if test["labels"] is not None else None
+
+    runs = {}
+    for name in ("baseline", "reinforced", "quality"):
+        seed_all(cfg.seed)
+        m = student(tok.vocab_size, cfg).to(dev)
+        if name == "baseline":
+            train_clip(cfg, dist, m, name, train["images"], lambda idx, r: alt_tok[idx], base_aug(S), cfg.steps, 1,
+                       on_step=tracker(name))
+        elif name == "reinforced":
+            train_reinforced(cfg, dist, m, name, train["images"], R, dims, 2, on_step=tracker(name))
+        else:
+            pick = lambda idx, r: syn_tok[idx, r.integers(cfg.n_syn, size=len(idx))]  # noqa: E731
+            train_clip(cfg, dist, m, name, train["images"], pick, base_aug(S), cfg.steps, 3)
+        runs[name] = m
+    if not dist.is_master:
+        dist.cleanup()
+        return None
+
+    # ---- evaluation (rank 0)
+    ev = {k: evaluate(m, tok, test, dev) for k, m in runs.items()}
+    ev["teachers"] = [evaluate(t, tok, test, dev) for t in teachers]
+    chance = 1.0 / len(class_names("shape"))
+    res.update(baseline_zeroshot_acc=ev["baseline"].get("zeroshot_acc"),
+               reinforced_zeroshot_acc=ev["reinforced"].get("zeroshot_acc"),
+               baseline_retrieval_r1=ev["baseline"]["retrieval_r1"],
+               reinforced_retrieval_r1=ev["reinforced"]["retrieval_r1"],
+               quality_zeroshot_acc=ev["quality"].get("zeroshot_acc"),
+               quality_retrieval_r1=ev["quality"]["retrieval_r1"],
+               teacher_zeroshot_acc=[e.get("zeroshot_acc") for e in ev["teachers"]],
+               teacher_retrieval_r1=[e["retrieval_r1"] for e in ev["teachers"]],
+               zeroshot_chance=chance, retrieval_chance_r1=1.0 / len(test["images"]))
+    if curves.get("baseline"):
+        res["samples_to_match_baseline"] = samples_to_match(curves["baseline"], curves["reinforced"], cfg.batch_size)
+        res["curves"] = {k: [[s * cfg.batch_size, a] for s, a in c] for k, c in curves.items()}
+        plot_curves(os.path.join(cfg.out, "curves.png"), curves, cfg.batch_size,
+                    "zero-shot accuracy: baseline (alt-text) vs reinforced (MobileCLIP DR)")
+    if test["seg"] is not None and train["seg"] is not None:
+        # quality captions: the alt-text CLIP is the baseline run; the quality CLIP saw only synthetic captions
+        for tag, frac in (("", 1.0), ("_10pct", 0.1)):
+            a, q = dense(cfg, runs["baseline"], train, test, frac), dense(cfg, runs["quality"], train, test, frac)
+            res.update({f"alt_miou{tag}": a["miou"], f"quality_miou{tag}": q["miou"],
+                        f"alt_depth_rmse{tag}": a["depth_rmse"], f"quality_depth_rmse{tag}": q["depth_rmse"]})
+    ex = read_shards(rdir)[train["keys"][0]]
+    res["example"] = {"alt_text": train["alt"][0], "accurate": train["accurate"][0], "synthetic": ex[1]}
+    res["loss_curves_in"] = "log.jsonl"
+    res.update(seconds=time.time() - t0, device=dev, world_size=dist.world_size)
+    save_json(os.path.join(cfg.out, "results.json"), res)
+    print_table({k: v for k, v in res.items() if k not in ("curves", "example")},
+                title=f"MobileCLIP results ({cfg.out})")
+    dist.cleanup()
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,10 @@ class Config:
     smoke: bool = False  # tiny run (< 60 s) for tests
 
 
+# --smoke: the same pipeline at tiny sizes (explicit --key=value flags still win)
+SMOKE = dict(steps=60, batch_size=64, n_train=1500, n_test=300, warmup=10, log_every=10)
+
+
 def load_pairs(cfg, split, n, start=0):
     """Samples [start, start+n) of the split -> dict(images: uint8 (n, H, W, 3) array or list, texts, labels|None)."""
     if not cfg.data:  # render the embedded world directly at the model's resolution
@@ -73,9 +77,7 @@ def load_pairs(cfg, split, n, start=0):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    if cfg.smoke:
-        cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test, cfg.warmup, cfg.log_every = 60, 64, 1500, 300, 10, 10
+    cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
     if cfg.caption not in ("caption", "alt_text"):
         raise SystemExit(f"config error: --caption={cfg.caption!r}; expected caption or alt_text")
     t0 = time.time()

@@ -177,13 +177,15 @@ def format_help(cls, commands=None, prog=None):
     return "\n".join(out)
 
 
-def parse_config(cls, argv=None, commands=None):
+def parse_config(cls, argv=None, commands=None, presets=None):
     """Build `cls` (a dataclass) from `--key=value` / `--key value` / `--flag` arguments.
 
     argv: list of strings (default sys.argv[1:]). commands: optional list of sub-command words; a leading positional
     word must be one of them and is stored as `cfg._command` (None when absent). `-h/--help` prints every field and
     exits 0. Unknown keys and unparsable values raise SystemExit with a message naming the key and listing valid keys.
     Dashes in keys are accepted for underscores (`--batch-size`), and `--no_flag` sets a bool field to False.
+    presets: {bool_field: {key: value}} applied when that flag ends up True, to keys NOT given on the command line,
+    e.g. presets={"smoke": dict(steps=60, batch_size=64)} so that `--smoke --steps=5` runs 5 steps.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name: (f, tp) for f, tp in _fields(cls)}
@@ -225,6 +227,13 @@ def parse_config(cls, argv=None, commands=None):
     missing = [n for n, (f, _) in fields.items() if _default(f) is dataclasses.MISSING and n not in kw]
     if missing:
         raise SystemExit(f"config error: missing required key(s): {', '.join('--' + m for m in missing)}")
+    for flag, values in (presets or {}).items():
+        bad = [k for k in [flag, *values] if k not in fields]
+        if bad:
+            raise ValueError(f"parse_config presets: {bad} are not fields of {cls.__name__}")
+        on = kw.get(flag, _default(fields[flag][0]))
+        if on:
+            kw.update({k: v for k, v in values.items() if k not in kw})
     cfg = cls(**kw)
     if commands is not None:
         object.__setattr__(cfg, "_command", command)

@@ -548,6 +548,11 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
         gnorm = None
         if grad_clip and grad_clip > 0:
             gnorm = float(nn.utils.clip_grad_norm_(raw.parameters(), grad_clip))
+            if not math.isfinite(gnorm):  # finite loss, overflowing gradients (e.g. fp16-like blow-up): same rule
+                opt.zero_grad(set_to_none=True)
+                bar.close()
+                raise RuntimeError(f"{desc}: non-finite gradient norm {gnorm} at step {i} (loss {tot:.4f}); stopping "
+                                   f"before the update, last good checkpoint kept: {ckpt}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = i + 1

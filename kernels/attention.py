@@ -15,7 +15,11 @@ Preconditions of the Triton path (anything else goes to F.scaled_dot_product_att
   - causal means key j is visible to query i iff j <= i (top-left aligned, same as SDPA's is_causal for Nq == Nk).
 
 FLOP model (what the benchmark counts): forward 4*B*H*N^2*D (two matmuls of 2*N^2*D per head), halved when causal;
-backward 2.5x forward (four matmuls plus the recomputation of q @ k^T), so forward+backward = 3.5x forward.
+backward 2.5x forward (five matmuls: recomputed q k^T, dV, dP, dQ, dK), so forward+backward = 3.5x forward. The split
+backward below does q k^T and dP twice (once per kernel); the model does not count that extra work.
+
+Switch: importlib.import_module("kernels.attention").IMPL = "auto" | "triton" | "torch" (kernels/__init__.py
+re-exports the function under the module's name, so `import kernels.attention as A` gives the function).
 
 How this differs from the Triton tutorial (python/tutorials/06-fused-attention.py):
   - any N: key/query tails are masked (the tutorial's backward asserts N % 128 == 0), only the tail/diagonal blocks pay
@@ -290,6 +294,14 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
+def _prune(configs, named_args, **kwargs):
+    # fp32 "ieee" dots run on the FMA units: big tiles spill (ptxas: ~29 KB at 128x64 on sm_80) and take minutes to
+    # compile, so the (forced, slow) fp32 path tunes over the small tiles only
+    if kwargs.get("IEEE", named_args.get("IEEE")):
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32] or configs[:1]
+    return configs
+
+
 _TUNED = {}
 
 
@@ -308,7 +320,8 @@ def _tuned(name):
             fn = _attn_bwd_dq
         # cache_results: the timings go to Triton's disk cache, so later processes (every torchrun rank, every run)
         # skip the ~16 compile+time rounds per (N, D, causal, dtype)
-        _TUNED[name] = triton.autotune(_configs(cfg), key=["N", "D", "CAUSAL", "IEEE"], cache_results=True)(fn)
+        _TUNED[name] = triton.autotune(_configs(cfg), key=["N", "D", "CAUSAL", "IEEE"], cache_results=True,
+                                       prune_configs_by={"early_config_prune": _prune})(fn)
     return _TUNED[name]
 
 

@@ -62,7 +62,10 @@ IMPL = "auto"            # "auto" | "triton" | "torch": tests force either path
 TRITON_GEMM = True       # True: GEMM tile + epilogue in one kernel; False: cuBLAS logits chunk + Triton epilogue kernel
 CHUNK_MB = 64            # CUDA: MiB of fp32 logits per chunk (the dZ chunk buffer is this / 2 in bf16)
 CPU_CHUNK_MB = 16        # CPU: few enough chunks that per-op overhead (OpenMP barriers on a busy box) stays small
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64   # Triton tile (GPU); tests shrink these to exercise masks cheaply
+# Triton tile (GPU); tests shrink these to exercise masks cheaply. Offline sm_90a compile (cuobjdump -res-usage):
+# 128x64, 8 warps -> 252 registers, no spill; 128x128 spills (1.3 KB stack per thread) because of the epilogue's
+# live fp32 tiles and 64-bit pointer tiles. Not timed on a GPU yet.
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 64, 64
 NUM_WARPS, NUM_STAGES = 8, 3
 
 REDUCTIONS = ("batch_mean", "sum", "mean")
@@ -82,8 +85,10 @@ def _check(x, weight, bias, targets, reduction):
     if x.dtype != weight.dtype:
         raise ValueError(f"linear_bce: x dtype {x.dtype} != weight dtype {weight.dtype}")
     B, V = x.shape[0], weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"linear_bce: bias shape {tuple(bias.shape)}, expected ({V},)")
+    if bias is not None and (tuple(bias.shape) != (V,) or bias.dtype != x.dtype):
+        raise ValueError(f"linear_bce: bias shape {tuple(bias.shape)} dtype {bias.dtype}, expected ({V},) {x.dtype}")
+    if targets.dtype == torch.uint8:
+        raise ValueError("linear_bce: uint8 targets are ambiguous; pass bool/float (B, V) multi-hot or int64 (B, K) indices")
     if targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"linear_bce: targets shape {tuple(targets.shape)}, expected ({B}, {V}) dense or ({B}, K) indices")
     if not _is_sparse(targets) and targets.shape[1] != V:
@@ -159,10 +164,10 @@ if HAS_TRITON:
         if SPARSE:
             # t_ij = [j in idx_i]: K compares per element, K << D so this is cheap next to the GEMM; idempotent, so
             # duplicate indices count once, and -1 padding never matches a column
-            col = (rn + v0).to(tl.int64)
+            col = rn + v0   # int32 compares (V < 2^31): int64 ones double the registers of this loop
             t = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K):
-                ik = tl.load(idx_ptr + rm64 * sim + k, mask=mm, other=-1).to(tl.int64)
+                ik = tl.load(idx_ptr + rm64 * sim + k, mask=mm, other=-1).to(tl.int32)
                 t = tl.where(ik[:, None] == col[None, :], 1.0, t)
         else:
             t = tl.load(t_ptr + rm64[:, None] * stm + rn64[None, :], mask=msk, other=0).to(tl.float32)
@@ -213,7 +218,7 @@ def _tile_triton(xc, Wc, bc, tc, idxc, v0, scale, need_grad):
 
 # ----------------------------------------------------------------------------- torch chunk
 
-def _tile_torch(xc, Wc, bc, tc, pos, need_grad):
+def _tile_torch(xc, Wc, bc, tc, pos, need_grad, one):
     """Like _tile_triton, but returns -dZ/s = t - sigmoid(z) in fp32 (the sign and the scale s are folded into the GEMMs'
     alpha and db by the caller). pos: flat positions r * Vc + c of the chunk's positives (sparse targets).
     Sparse targets: everything happens in the one logits buffer (peak = one chunk); dense: one more chunk for z * t."""
@@ -236,7 +241,7 @@ def _tile_torch(xc, Wc, bc, tc, pos, need_grad):
     if tcf is not None:
         nd.add_(tcf)
     else:
-        nd.view(-1).index_put_((pos,), torch.tensor(1.0, device=nd.device), accumulate=True)   # unique after dedupe
+        nd.view(-1).index_put_((pos,), one, accumulate=True)   # positions are unique after dedupe
     return loss, nd
 
 
@@ -280,6 +285,7 @@ def _forward(x, W, b, targets, reduction, need, chunk_bytes=None, impl=None):
     need_grad = any(need)
     f32 = torch.float32
     loss = torch.zeros((), dtype=f32, device=x.device)
+    one = torch.ones((), dtype=f32, device=x.device)
     dx = torch.zeros((B, D), dtype=f32, device=x.device) if need_dx else None
     dW = torch.empty_like(W) if need_dw else None
     db = torch.empty(V, dtype=f32, device=x.device) if need_db else None
@@ -301,7 +307,7 @@ def _forward(x, W, b, targets, reduction, need, chunk_bytes=None, impl=None):
                     hit = (ic >= v0) & (ic < v1)
                     rows = torch.arange(r1 - r0, device=x.device)[:, None].expand_as(ic)
                     pos = rows[hit] * (v1 - v0) + (ic[hit] - v0)
-                part, dz = _tile_torch(xc, Wc, bc, tc, pos, need_grad)
+                part, dz = _tile_torch(xc, Wc, bc, tc, pos, need_grad, one)
             loss += part
             if not need_grad:
                 continue
@@ -419,10 +425,9 @@ def _bench_worker(B, D, V, variant, repeats, dtype="float32"):
     """Runs in a fresh process (CPU): median fwd+bwd seconds and peak extra RSS over the state with only inputs alive."""
     import gc
     import time
-    x, W, b, t = _bench_inputs(B, D, V, variant, getattr(torch, dtype), "cpu")
     fn = naive_linear_bce if variant == "naive" else linear_bce
-    fn(x, W, b, t).backward()   # warm-up: BLAS buffers, thread pools
-    x.grad = W.grad = b.grad = None
+    fn(*_bench_inputs(64, D, V, variant, getattr(torch, dtype), "cpu")).backward()   # warm-up: BLAS, thread pools
+    x, W, b, t = _bench_inputs(B, D, V, variant, getattr(torch, dtype), "cpu")
     gc.collect()
     base = _rss()
     try:  # reset the high-water mark to the current RSS (Linux >= 4.0); else peak is measured from process start
@@ -476,11 +481,13 @@ def _bench_cuda(B, D, V, variant, repeats, dtype=torch.bfloat16):
             "triton_gemm": TRITON_GEMM}
 
 
-def bench(device=None, shapes=BENCH_SHAPES, repeats=None, variants=VARIANTS):
+def bench(device=None, shapes=BENCH_SHAPES, repeats=None, rounds=2, variants=VARIANTS):
     """Naive (linear + BCE-with-logits on a dense target) vs fused forward+backward. Prints a table, returns rows.
-    CPU: fp32, each variant in a fresh subprocess (peak extra memory = VmHWM - RSS with only the inputs alive, glibc
-    told to mmap >= 1 MiB so freed chunks leave RSS), wall-clock median. CUDA: bf16 (CatLIP), CUDA events, median,
-    torch.cuda.max_memory_allocated minus the inputs, TFLOP/s at 6BDV and the fraction of the 989 TFLOP/s bf16 peak."""
+    CPU: fp32; every (round, variant) runs in a fresh subprocess, variants interleaved round by round so that load
+    from other processes hits all of them alike; seconds = median wall clock over all timed runs; peak extra memory =
+    VmHWM - RSS with only the inputs alive (glibc told to mmap >= 1 MiB, so freed chunks leave RSS), max over rounds.
+    CUDA: bf16 (CatLIP), CUDA events, median; torch.cuda.max_memory_allocated minus the inputs; TFLOP/s at 6BDV and
+    the fraction of the 989 TFLOP/s dense bf16 peak."""
     import json
     import subprocess
     import sys
@@ -488,20 +495,30 @@ def bench(device=None, shapes=BENCH_SHAPES, repeats=None, variants=VARIANTS):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
     for (B, D, V) in shapes:
+        runs = {var: [] for var in variants}
+        for rnd in range(1 if cuda else rounds):
+            for var in variants:
+                if cuda:
+                    r = _bench_cuda(B, D, V, var, repeats or 20)
+                else:
+                    n = repeats or (3 if B <= 1024 else 2)
+                    code = f"import json, kernels.bce as kb; print(json.dumps(kb._bench_worker({B}, {D}, {V}, {var!r}, {n})))"
+                    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+                    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"bench worker {var} B={B} failed:\n{out.stderr}")
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                r.update(B=B, D=D, V=V, variant=var, device="cuda" if cuda else "cpu", round=rnd)
+                print(json.dumps(r), flush=True)
+                runs[var].append(r)
         for var in variants:
+            r = dict(runs[var][0])
+            ts = sorted(t for q in runs[var] for t in q["all_seconds"])
+            r.update(seconds=ts[len(ts) // 2], all_seconds=ts, peak_extra_mb=max(q["peak_extra_mb"] for q in runs[var]))
             if cuda:
-                r = _bench_cuda(B, D, V, var, repeats or 20)
-            else:
-                n = repeats or (5 if B <= 1024 else 3)
-                code = f"import json, kernels.bce as kb; print(json.dumps(kb._bench_worker({B}, {D}, {V}, {var!r}, {n})))"
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-                out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"bench worker {var} B={B} failed:\n{out.stderr}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-            r.update(B=B, D=D, V=V, variant=var, device="cuda" if cuda else "cpu")
+                r.update(tflops=6 * B * D * V / r["seconds"] / 1e12)
+                r.update(frac_of_989=r["tflops"] / 989)
             rows.append(r)
-            print(json.dumps(r), flush=True)
     print(f"\nfused linear + BCE, forward+backward ({'cuda bf16' if cuda else 'cpu fp32'}), median; ratios vs naive;"
           " work = peak extra minus the gradient outputs")
     print(f"{'B':>6} {'variant':>13} {'seconds':>9} {'x naive':>8} {'peak MiB':>9} {'x naive':>8} {'work MiB':>9}"

@@ -193,6 +193,10 @@ def test_bad_inputs_name_the_problem():
         kb.linear_bce(x, W, b, dense(idx)[:, :-1])
     with pytest.raises(ValueError, match="bias shape"):
         kb.linear_bce(x, W, b[:-1], idx)
+    with pytest.raises(ValueError, match="bias shape"):
+        kb.linear_bce(x, W, b.double(), idx)
+    with pytest.raises(ValueError, match="uint8 targets are ambiguous"):
+        kb.linear_bce(x, W, b, dense(idx).to(torch.uint8))
 
 
 def test_autocast_bf16_cpu_close_to_fp32():

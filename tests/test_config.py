@@ -40,6 +40,15 @@ def test_defaults_and_overrides():
     assert parse_config(Cfg, ["--betas=(0.5, 0.6)"]).betas == (0.5, 0.6)
 
 
+def test_presets_fill_only_keys_not_given():
+    pre = {"smoke": {"steps": 5, "image_size": 16}}
+    c = parse_config(Cfg, ["--smoke", "--steps=7"], presets=pre)
+    assert (c.steps, c.image_size) == (7, 16)
+    assert parse_config(Cfg, ["--steps=7"], presets=pre).image_size == 32  # flag off: no preset
+    with pytest.raises(ValueError, match="bogus"):
+        parse_config(Cfg, [], presets={"smoke": {"bogus": 1}})
+
+
 def test_commands():
     c = parse_config(Cfg, ["reinforce", "--steps=2"], commands=["reinforce", "train"])
     assert c._command == "reinforce" and c.steps == 2

@@ -1,0 +1,735 @@
+"""Weight subcloning: direct initialization of transformers using larger pretrained ones.
+
+Samragh, Farajtabar, Mehta, Vemulapalli, Faghri, Naik, Tuzel, Rastegari, arXiv:2312.09299. No official code exists;
+this file follows the paper's abstract and the reference notes (shared/reference/methods.md §4).
+
+A smaller transformer is initialised from a larger trained one of the same family:
+  1. run the parent on a calibration batch and record, with forward hooks, the residual stream after every block, the
+     FFN hidden activations and each attention head's contribution to the stream;
+  2. residual-stream ("embedding") neurons: importance = mean |activation|; the paper observes that the ranking is
+     consistent across layers, so ONE global set of kept indices is used in every layer (which keeps the residual
+     connections aligned). FFN neurons and attention heads are ranked per layer (head dim is kept, whole heads go);
+  3. every parameter is sliced at the kept indices (patch / token / position embeddings, qkv and out projections, FFN,
+     norms, classifier or tied LM head), and LayerNorm weights are multiplied by sqrt(D/d): after dropping the low-
+     magnitude dims the norm's std is computed over fewer, mostly large, dims, so sigma_d ~ sigma_D sqrt(D/d) and the
+     normalised outputs would shrink by sqrt(d/D) (methods.md §4.1 step 5);
+  4. whole blocks are removed to reach the child's depth (rule `sim`: drop the blocks whose output is most similar to
+     their input; `middle`; `last`), always keeping the first and the last block.
+
+The experiment, in miniature, for a ViT on the synthetic world's shape classification and for a GPT-style decoder on
+the world's captions (tokenised with common.tokenizer.world_tokenizer and packed into one token stream): train a
+parent, subclone it to a child of half width and two-thirds depth, then train the child from (a) the subclone and
+(b) random init, each with a small learning-rate sweep (the paper: subclones want a lower lr), plus two ablations at
+the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. Reported: step-0 losses,
+steps to reach the random-init run's final loss, the speedup, final loss / accuracy (results.json, curves.png).
+
+Run:
+  python subclone.py                       # default run, both models (writes runs/subclone)
+  python subclone.py --smoke               # tiny end-to-end run (< 60 s on 2 quiet cores)
+  python subclone.py --models=gpt          # one model only
+  python subclone.py clone --parent_ckpt=runs/subclone/vit_parent.safetensors --clone_out=child.safetensors \
+      --child_width=48 --child_layers=4 --child_heads=3 --child_ffn=192 --drop=sim     # subclone one checkpoint
+  torchrun --nproc_per_node=2 subclone.py --smoke                                     # data parallel (gloo on CPU)
+  python subclone.py --data='shards/{split}-{000..009}.tar'   # exported world / real shards (image, label, caption)
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+
+from common.config import config_to_dict, parse_config, print_table, save_json
+from common.models import TextTransformer, VisionTransformer
+from common.tokenizer import world_tokenizer
+from common.train import fit, load_checkpoint, load_weights, save_weights, seed_all, setup_distributed
+from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+from common.world import SHAPES, World, load_arrays
+
+COMMANDS = ["run", "clone"]
+VARIANTS = ["subclone", "random", "random_indices", "no_scaling"]
+
+
+@dataclass
+class Config:
+    out: str = "runs/subclone"  # output folder (created if missing)
+    seed: int = 0  # world, init, data order, random-index ablation all follow from it
+    device: str = ""  # cpu | cuda (default: cuda if available)
+    data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
+    smoke: bool = False  # tiny sizes, end to end in < 60 s
+    retrain: bool = False  # ignore parents / child runs already valid in --out
+    models: str = "vit,gpt"  # which experiments to run: vit, gpt or both (comma-separated)
+    image_size: int = 32  # ViT input side (the world renders at this size; --data images are resized)
+    patch: int = 8  # ViT patch size (32/8 -> 16 patches + class token)
+    context: int = 32  # GPT context length (tokens)
+    n_train: int = 6000  # training samples in memory (images + captions)
+    n_test: int = 1000  # held-out samples for the final loss / accuracy
+    n_eval: int = 400  # held-out samples (images or token windows) for the loss curves
+    n_calib: int = 256  # calibration samples for activation statistics (images or token windows)
+    width: int = 96  # parent width D
+    layers: int = 6  # parent depth L
+    heads: int = 6  # parent heads (head dim = width / heads, kept by the child)
+    ffn: int = 384  # parent FFN hidden size
+    child_width: int = 48  # child width d (about half)
+    child_layers: int = 4  # child depth (about two thirds)
+    child_heads: int = 3  # child heads; must equal child_width / head dim
+    child_ffn: int = 192  # child FFN hidden size
+    drop: str = "sim"  # block-removal rule: sim | middle | last (first and last blocks are always kept)
+    scale: str = "sqrt"  # LayerNorm rescaling after slicing: sqrt (gamma * sqrt(D/d)) | none
+    parent_steps: int = 500  # parent training steps
+    parent_lr: float = 2e-3  # parent peak learning rate
+    steps: int = 300  # child training steps (every run)
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # child learning-rate sweep (subclone and random init each)
+    batch_size: int = 64  # global batch (images or token windows), split over torchrun ranks
+    warmup: int = 20  # linear warm-up steps (parent and children)
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    eval_every: int = 20  # child loss-curve evaluation interval (steps)
+    ckpt_every: int = 100  # parent checkpoint interval (resumable)
+    log_every: int = 50  # log.jsonl rows / printed lines every N steps
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    parent_ckpt: str = ""  # clone command: parent checkpoint (a *_parent.safetensors of a run, or a clone output)
+    clone_out: str = ""  # clone command: child checkpoint path (default {out}/{kind}_child.safetensors)
+
+
+def smoke_overrides(cfg):
+    cfg.n_train, cfg.n_test, cfg.n_eval, cfg.n_calib = 600, 200, 128, 64
+    cfg.width, cfg.layers, cfg.heads, cfg.ffn = 32, 3, 2, 128
+    cfg.child_width, cfg.child_layers, cfg.child_heads, cfg.child_ffn = 16, 2, 1, 64
+    cfg.parent_steps, cfg.steps, cfg.lrs, cfg.eval_every, cfg.warmup = 80, 40, (1e-3, 3e-3), 10, 5
+    cfg.batch_size, cfg.context, cfg.log_every, cfg.ckpt_every = 32, 16, 20, 40
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models: both are built from common.models Blocks, so one subcloning routine serves them
+
+class ViT(VisionTransformer):
+    """common ViT (patch stem, class token, ln_pre/ln_post) + a linear classifier on the class token."""
+
+    def __init__(self, arch):
+        super().__init__(arch["image_size"], arch["patch"], arch["width"], arch["layers"], arch["heads"],
+                         (arch["ffn"] + 0.5) / arch["width"], embed_dim=None)
+        self.head = nn.Linear(arch["width"], arch["classes"])
+
+    def forward(self, x):
+        """x: (B, 3, S, S) -> logits (B, classes)."""
+        return self.head(super().forward(x))
+
+
+class GPT(TextTransformer):
+    """GPT-style decoder: token + position embedding, causal pre-norm common Blocks, ln_final, LM head tied to the
+    token embedding (GPT-2). Subcloning slices the tied matrix once, so the head stays tied."""
+
+    def __init__(self, arch):
+        super().__init__(arch["vocab"], arch["context"], arch["width"], arch["layers"], arch["heads"], embed_dim=None,
+                         causal=True, mlp_ratio=(arch["ffn"] + 0.5) / arch["width"])
+
+    def forward(self, tokens):
+        """tokens: (B, T) -> next-token logits (B, T, V)."""
+        return self.forward_tokens(tokens) @ self.token_embedding.weight.T
+
+
+def build(arch):
+    return ViT(arch) if arch["kind"] == "vit" else GPT(arch)
+
+
+def make_arch(cfg, kind, child=False, out=None):
+    """Architecture dict (stored in checkpoint headers so `clone` can rebuild a parent)."""
+    w, L, H, f = ((cfg.child_width, cfg.child_layers, cfg.child_heads, cfg.child_ffn) if child else
+                  (cfg.width, cfg.layers, cfg.heads, cfg.ffn))
+    a = {"kind": kind, "width": w, "layers": L, "heads": H, "ffn": f}
+    a.update({"image_size": cfg.image_size, "patch": cfg.patch, "classes": out} if kind == "vit" else
+             {"vocab": out, "context": cfg.context})
+    return a
+
+
+def child_arch_of(parent, cfg):
+    """Child architecture from the parent's: head dim kept (the paper drops whole heads), so heads = d / head_dim."""
+    hd = parent["width"] // parent["heads"]
+    a = dict(parent, width=cfg.child_width, layers=cfg.child_layers, heads=cfg.child_heads, ffn=cfg.child_ffn)
+    if cfg.child_heads * hd != cfg.child_width or cfg.child_heads > parent["heads"]:
+        raise SystemExit(f"config error: child_heads={cfg.child_heads} x parent head dim {hd} must equal "
+                         f"child_width={cfg.child_width} (and <= parent heads {parent['heads']})")
+    if not (cfg.child_width <= parent["width"] and cfg.child_ffn <= parent["ffn"] and
+            1 <= cfg.child_layers <= parent["layers"]):
+        raise SystemExit(f"config error: child (width {cfg.child_width}, ffn {cfg.child_ffn}, layers "
+                         f"{cfg.child_layers}) must not exceed the parent's {parent}")
+    return a
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 1: activation statistics on a calibration batch (forward hooks)
+
+@torch.no_grad()
+def collect_stats(model, x, bs=128):
+    """x: calibration inputs (n, ...). Returns mean statistics over all calibration tokens:
+    resid (L+1, D) mean |x_l| of the residual stream (block 0's input, then each block's output);
+    ffn  (L, F)   mean |GELU output| per FFN neuron;   head (L, H) mean L2 norm of each head's contribution
+    W_o[:, h] y_h to the stream;   sim (L,) mean cosine(block input, block output) per token."""
+    blocks = model.blocks
+    L, D, H = len(blocks), blocks[0].ln_1.weight.numel(), blocks[0].attn.heads
+    acc = {"resid": torch.zeros(L + 1, D), "ffn": torch.zeros(L, blocks[0].mlp.c_fc.out_features),
+           "head": torch.zeros(L, H), "sim": torch.zeros(L)}
+    hooks = []
+
+    def on_block(l):
+        def f(m, args, out):
+            xin, out = args[0].float(), out.float()
+            if l == 0:
+                acc["resid"][0] += xin.abs().sum((0, 1)).cpu()
+            acc["resid"][l + 1] += out.abs().sum((0, 1)).cpu()
+            acc["sim"][l] += F.cosine_similarity(xin, out, dim=-1).sum().cpu()
+        return f
+
+    def on_act(l):
+        def f(m, args, out):
+            acc["ffn"][l] += out.float().abs().sum((0, 1)).cpu()
+        return f
+
+    def on_out_proj(l):
+        def f(m, args):
+            y = args[0].float()                                   # (B, N, D): heads concatenated
+            B, N, _ = y.shape
+            Wo = m.weight.float().view(D, H, D // H)              # columns of W_o grouped by head
+            c = torch.einsum("bnhk,dhk->bnhd", y.view(B, N, H, D // H), Wo)
+            acc["head"][l] += c.norm(dim=-1).sum((0, 1)).cpu()
+        return f
+
+    for l, blk in enumerate(blocks):
+        hooks += [blk.register_forward_hook(on_block(l)), blk.mlp.act.register_forward_hook(on_act(l)),
+                  blk.attn.out_proj.register_forward_pre_hook(on_out_proj(l))]
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    n_tok = 0
+    try:
+        for i in range(0, len(x), bs):
+            xb = x[i:i + bs].to(dev)
+            model(xb)
+            n_tok += xb.shape[0] * (xb.shape[1] if xb.ndim == 2 else model.positional_embedding.shape[0])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {k: v / n_tok for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 2: rankings
+
+def embedding_score(resid):
+    """resid (L+1, D) -> one global importance per residual neuron: the mean over layers of each layer's mean |act|,
+    each layer normalised to sum 1 first (the stream grows with depth; every layer gets an equal vote)."""
+    return (resid / resid.sum(1, keepdim=True)).mean(0)
+
+
+def top(score, k):
+    """Indices of the k largest scores, in their original order (so a full-size clone is the identity)."""
+    return torch.sort(torch.topk(score, k).indices).values
+
+
+def rank_consistency(resid, k):
+    """Mean overlap |top_k(l) & top_k(l')| / k over all pairs of layers (1 = every layer ranks the same k neurons
+    highest, the paper's observation; random rankings give about k / D)."""
+    sets = [set(top(r, k).tolist()) for r in resid]
+    pairs = [(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets))]
+    return float(np.mean([len(sets[i] & sets[j]) / k for i, j in pairs])) if pairs else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 3: block removal (first and last blocks always kept, order preserved)
+
+def keep_blocks(L, n, rule, sim=None):
+    """Indices of the n blocks (of L) to keep. rule: sim (drop the interior blocks with the highest cosine similarity
+    between input and output: they change the stream least), middle (drop around the centre), last (drop the interior
+    blocks just before the final one)."""
+    if n == L:
+        return list(range(L))
+    if not 2 <= n < L:
+        raise ValueError(f"keep_blocks: cannot keep {n} of {L} blocks (need 2 <= n <= L: first and last are kept)")
+    inner, r = list(range(1, L - 1)), L - n
+    if rule == "last":
+        drop = inner[-r:]
+    elif rule == "middle":
+        c = (L - 1) / 2
+        drop = sorted(inner, key=lambda i: (abs(i - c), i))[:r]
+    elif rule == "sim":
+        if sim is None:
+            raise ValueError("keep_blocks: rule 'sim' needs the per-block similarities")
+        drop = sorted(inner, key=lambda i: -float(sim[i]))[:r]
+    else:
+        raise ValueError(f"keep_blocks: rule must be sim, middle or last, got {rule!r}")
+    return [i for i in range(L) if i not in drop]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 4: slicing + rescaling. Each parameter's axes have a role: E residual neuron, F FFN neuron, HD the dims of the
+# kept heads, QKV the kept heads' rows of q, k and v, None untouched. Names are common.models' (open_clip) names.
+
+ROLES = {
+    "ln_1.weight": ("E",), "ln_1.bias": ("E",), "ln_2.weight": ("E",), "ln_2.bias": ("E",),
+    "ls_1.gamma": ("E",), "ls_2.gamma": ("E",),
+    "attn.in_proj.weight": ("QKV", "E"), "attn.in_proj.bias": ("QKV",),
+    "attn.out_proj.weight": ("E", "HD"), "attn.out_proj.bias": ("E",),
+    "mlp.c_fc.weight": ("F", "E"), "mlp.c_fc.bias": ("F",),
+    "mlp.c_proj.weight": ("E", "F"), "mlp.c_proj.bias": ("E",),
+    "conv1.weight": ("E", None, None, None), "class_embedding": ("E",), "positional_embedding": (None, "E"),
+    "ln_pre.weight": ("E",), "ln_pre.bias": ("E",), "ln_post.weight": ("E",), "ln_post.bias": ("E",),
+    "ln_final.weight": ("E",), "ln_final.bias": ("E",), "token_embedding.weight": (None, "E"),
+    "head.weight": (None, "E"), "head.bias": (None,), "proj": ("E", None), "text_projection": ("E", None),
+}
+NORM_WEIGHTS = {"ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight"}
+
+
+def select_indices(stats, arch, carch, select="importance", seed=0):
+    """-> (e (d,), f [per parent layer (F',)], heads [per parent layer (h,)]) kept indices, sorted ascending.
+    select="random": the same counts drawn uniformly (ablation)."""
+    L, D, H = arch["layers"], arch["width"], arch["heads"]
+    d, f2, h = carch["width"], carch["ffn"], carch["heads"]
+    if select == "importance":
+        return (top(embedding_score(stats["resid"]), d), [top(s, f2) for s in stats["ffn"]],
+                [top(s, h) for s in stats["head"]])
+    if select != "random":
+        raise ValueError(f"select must be importance or random, got {select!r}")
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda n, k: torch.sort(torch.randperm(n, generator=g)[:k]).values  # noqa: E731
+    return pick(D, d), [pick(arch["ffn"], f2) for _ in range(L)], [pick(H, h) for _ in range(L)]
+
+
+def subclone(parent_sd, arch, carch, stats, drop="sim", scale="sqrt", select="importance", seed=0):
+    """Parent state dict -> child state dict (and what was kept). parent_sd: common.models names, blocks.{l}.*"""
+    D, H = arch["width"], arch["heads"]
+    Dh, d = D // H, carch["width"]
+    kept = keep_blocks(arch["layers"], carch["layers"], drop, stats["sim"])
+    e, f, hs = select_indices(stats, arch, carch, select, seed)
+    hd = [(h[:, None] * Dh + torch.arange(Dh)).flatten() for h in hs]     # columns of the kept heads
+    qkv = [torch.cat([t * D + c for t in range(3)]) for c in hd]          # in_proj rows: q heads, k heads, v heads
+    s = math.sqrt(D / d) if scale == "sqrt" else 1.0                      # §4.1 step 5: sigma_d ~ sigma_D sqrt(D/d)
+    if scale not in ("sqrt", "none"):
+        raise ValueError(f"scale must be sqrt or none, got {scale!r}")
+    out = {}
+    for name, p in parent_sd.items():
+        m = re.match(r"blocks\.(\d+)\.(.+)", name)
+        l, rest = (int(m[1]), m[2]) if m else (None, name)
+        if l is not None and l not in kept:
+            continue
+        if rest not in ROLES:
+            raise KeyError(f"subclone: no slicing rule for parameter {name!r} (shape {tuple(p.shape)}); known: "
+                           f"{sorted(ROLES)}")
+        idx = {"E": e, "F": f[l] if l is not None else None, "HD": hd[l] if l is not None else None,
+               "QKV": qkv[l] if l is not None else None}
+        t = p.detach()
+        for dim, role in enumerate(ROLES[rest]):
+            if role:
+                t = t.index_select(dim, idx[role].to(t.device))
+        if rest in NORM_WEIGHTS:
+            t = t * s
+        out[f"blocks.{kept.index(l)}.{rest}" if l is not None else name] = t.clone()
+    info = {"kept_blocks": kept, "embedding_idx": e.tolist(), "heads": [hs[l].tolist() for l in kept],
+            "scale": s, "select": select, "drop": drop}
+    return out, info
+
+
+def make_child(parent, arch, carch, stats, **kw):
+    """The child nn.Module initialised by subcloning (strict load: every child parameter must be produced)."""
+    sd, info = subclone(parent.state_dict(), arch, carch, stats, **kw)
+    child = build(carch).to(next(parent.parameters()).device)
+    child.load_state_dict(sd, strict=True)
+    return child, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: the world's images + shape labels (ViT) and its captions as one token stream (GPT), all in memory
+
+def load_split(cfg, split, n, start=0):
+    """Samples [start, start+n) -> dict(x float (n, 3, S, S) CLIP-normalised, y (n,) shape ids, captions)."""
+    if not cfg.data:
+        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.image_size, n=start + n), n, start)
+        x = torch.from_numpy(a["images"]).permute(0, 3, 1, 2).float().div_(255)
+        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return {"x": (x - mean) / std, "y": torch.from_numpy(a["labels"]), "captions": a["captions"]}
+    from common.data import make_dataset
+    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, n=start + n, rank=0, world_size=1, require=("image",))
+    rows = [s for s, _ in zip(ds, range(start + n))][start:]
+    if len(rows) < n:
+        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples, need {start + n}")
+    prep = eval_transform(cfg.image_size)
+    y = torch.tensor([int(s.get("label", -1)) for s in rows])
+    return {"x": torch.stack([prep(s["image"]) for s in rows]), "y": y, "captions": [s.get("caption") for s in rows]}
+
+
+def token_stream(tok, captions):
+    """Captions -> one long LongTensor: SOT caption EOT SOT caption EOT ... (GPT-style packing, no padding)."""
+    if any(c is None for c in captions):
+        raise SystemExit("the gpt experiment needs captions (.txt members) in --data; use --models=vit")
+    ids = []
+    for c in captions:
+        ids += [tok.sot_token_id] + tok.encode(c) + [tok.eot_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream, T, n):
+    """The first n non-overlapping windows of T+1 tokens: (n, T+1)."""
+    n = min(n, (len(stream) - 1) // (T + 1))
+    return stream[:n * (T + 1)].view(n, T + 1)
+
+
+def make_data(cfg, kind, train, test, tok):
+    """Per-model tensors: inputs/targets for eval, the calibration batch and the train pool."""
+    if kind == "vit":
+        if int(train["y"].min()) < 0:
+            raise SystemExit("the vit experiment needs a 'label' for every sample in --data")
+        ev = {"x": test["x"], "y": test["y"]}
+        return {"train": train, "test": ev, "eval": {k: v[:cfg.n_eval] for k, v in ev.items()},
+                "calib": train["x"][:cfg.n_calib], "out": len(SHAPES) if not cfg.data else int(train["y"].max()) + 1}
+    tr, te = token_stream(tok, train["captions"]), token_stream(tok, test["captions"])
+    w = windows(te, cfg.context, cfg.n_test)
+    ev = {"x": w[:, :-1], "y": w[:, 1:]}
+    return {"train": {"stream": tr}, "test": ev, "eval": {k: v[:cfg.n_eval] for k, v in ev.items()},
+            "calib": windows(tr, cfg.context, cfg.n_calib)[:, :-1], "out": tok.vocab_size}
+
+
+def batcher(cfg, kind, data, salt, dist):
+    """get_batch(i) -> (inputs, targets) for this rank: a pure function of (seed, salt, i), so every child run of a
+    model sees the same batches (a fair comparison) and kill + resume reproduces a run."""
+    B = cfg.batch_size
+
+    def get(i):
+        rng = np.random.default_rng([cfg.seed, salt, i])
+        if kind == "vit":
+            idx = torch.from_numpy(rng.integers(0, len(data["train"]["y"]), B)[dist.rank::dist.world_size])
+            x = data["train"]["x"][idx]
+            flip = torch.from_numpy(rng.random(B)[dist.rank::dist.world_size] < 0.5)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)       # shapes keep their class when mirrored
+            return x.to(dist.device), data["train"]["y"][idx].to(dist.device)
+        s = data["train"]["stream"]
+        st = torch.from_numpy(rng.integers(0, len(s) - cfg.context - 1, B)[dist.rank::dist.world_size])
+        w = s[st[:, None] + torch.arange(cfg.context + 1)]
+        return w[:, :-1].to(dist.device), w[:, 1:].to(dist.device)
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss and evaluation (cross-entropy: shape classes for the ViT, next token for the GPT)
+
+def loss_fn(model, batch):
+    x, y = batch
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
+    return loss, {"acc": (logits.argmax(-1) == y).float().mean().item()}
+
+
+@torch.no_grad()
+def evaluate(model, ev, device, bs=256):
+    """-> (mean cross-entropy, accuracy) over ev["x"], ev["y"] (per image / per predicted token)."""
+    was = model.training
+    model.eval()
+    tot, hit, n = 0.0, 0.0, 0
+    for i in range(0, len(ev["x"]), bs):
+        x, y = ev["x"][i:i + bs].to(device), ev["y"][i:i + bs].to(device)
+        logits = model(x).float()
+        tot += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").item()
+        hit += (logits.argmax(-1) == y).sum().item()
+        n += y.numel()
+    model.train(was)
+    return tot / n, hit / n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training: parent (resumable, reused when valid) and child runs (cached in {kind}_runs.json when valid)
+
+def fingerprint(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def header(path):
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return f.metadata() or {}
+
+
+def read_arch(path):
+    """Architecture dict stored in a parent checkpoint (fit's config header) or a clone output (save_weights)."""
+    meta = header(path)
+    cfg = json.loads(meta.get("config", "null") or "null")
+    arch = cfg.get("arch") if isinstance(cfg, dict) else None
+    arch = arch or (json.loads(meta["arch"]) if "arch" in meta else None)
+    if not arch:
+        raise SystemExit(f"{path}: no architecture in the safetensors header (expected a subclone.py checkpoint)")
+    return arch
+
+
+def train_parent(cfg, kind, arch, data, dist):
+    path = os.path.join(cfg.out, f"{kind}_parent.safetensors")
+    pcfg = {"arch": arch, "steps": cfg.parent_steps, "lr": cfg.parent_lr, "batch_size": cfg.batch_size,
+            "warmup": cfg.warmup, "wd": cfg.weight_decay, "seed": cfg.seed, "data": cfg.data, "n_train": cfg.n_train}
+    if dist.is_master and os.path.exists(path):
+        try:
+            stale = cfg.retrain or json.loads(header(path).get("config", "null")) != json.loads(json.dumps(pcfg))
+        except Exception:  # noqa: BLE001 - an unreadable file is stale too
+            stale = True
+        if stale:
+            os.remove(path)
+    dist.barrier()
+    seed_all(cfg.seed)
+    model = build(arch).to(dist.device)
+    seed_all(cfg.seed, dist.rank)
+    fit(model, loss_fn, batcher(cfg, kind, data, 1, dist), cfg.parent_steps, cfg.out, name=f"{kind}_parent",
+        lr=cfg.parent_lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, ckpt_every=cfg.ckpt_every, resume=True,
+        dist=dist, log_every=cfg.log_every, desc=f"{kind} parent", amp=cfg.amp, config=pcfg)
+    return model, fingerprint(pcfg)
+
+
+def train_child(cfg, kind, name, arch, init_sd, lr, data, dist, cache, fp):
+    """One child run from init_sd (None = random init) -> {"curve": [[step, loss, acc]...], "final_loss", ...}."""
+    if not cfg.retrain and cache.get(name, {}).get("fp") == fp:
+        return cache[name]
+    seed_all(cfg.seed + 17)                                   # the same random init for every random-init run
+    model = build(arch).to(dist.device)
+    if init_sd is not None:
+        model.load_state_dict(init_sd, strict=True)
+    curve = [[0, *evaluate(model, data["eval"], dist.device)]]
+
+    def on_step(step, raw, metrics):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            curve.append([step, *evaluate(raw, data["eval"], dist.device)])
+
+    t0 = time.time()
+    seed_all(cfg.seed, dist.rank)
+    fit(model, loss_fn, batcher(cfg, kind, data, 2, dist), cfg.steps, cfg.out, name=name, lr=lr,
+        weight_decay=cfg.weight_decay, warmup=cfg.warmup, dist=dist, log_every=cfg.log_every, desc=name,
+        amp=cfg.amp, progress=False, on_step=on_step, config={"lr": lr, "fp": fp})
+    fl, fa = evaluate(model, data["test"], dist.device)
+    r = {"fp": fp, "lr": lr, "curve": curve, "final_loss": fl, "final_acc": fa, "seconds": time.time() - t0}
+    dist.print(f"  {name}: init {curve[0][1]:.4f} -> final {fl:.4f} (acc {fa:.4f}) in {r['seconds']:.0f}s")
+    cache[name] = r
+    if dist.is_master:
+        save_json(os.path.join(cfg.out, f"{kind}_runs.json"), cache)
+    return r
+
+
+def steps_to(curve, target):
+    """First step at which the eval loss reaches target (linear interpolation between eval points); None if never."""
+    for (s0, l0, _), (s1, l1, _) in zip([curve[0]] + curve[:-1], curve):
+        if l1 <= target:
+            return float(s1) if l0 <= target or s1 == s0 else s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def agree(x, dist):
+    """Rank 0's value of a float on every rank (the lr choice must not diverge across ranks)."""
+    if not dist.distributed:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dist.device if "cuda" in dist.device else "cpu")
+    tdist.broadcast(t, 0)
+    return t.item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the experiment for one model
+
+def run_model(cfg, kind, data, dist):
+    t0 = time.time()
+    arch = make_arch(cfg, kind, out=data["out"])
+    carch = child_arch_of(arch, cfg)
+    parent, pfp = train_parent(cfg, kind, arch, data, dist)
+    p_loss, p_acc = evaluate(parent, data["test"], dist.device)
+    stats = collect_stats(parent, data["calib"])
+    d, D = carch["width"], arch["width"]
+    res = {"parent_loss": p_loss, "parent_acc": p_acc,
+           "params": {"parent": sum(p.numel() for p in parent.parameters()),
+                      "child": sum(p.numel() for p in build(carch).parameters())},
+           "rank_consistency": rank_consistency(stats["resid"], d), "rank_consistency_chance": d / D,
+           "block_similarity": [round(float(s), 4) for s in stats["sim"]]}
+
+    # ---- initialisations (the three subclone variants + random init) and their step-0 losses
+    opts = {"subclone": {}, "random_indices": {"select": "random", "seed": cfg.seed},
+            "no_scaling": {"scale": "none"}}
+    inits, info = {"random": None}, None
+    for v, o in opts.items():
+        o = {"drop": cfg.drop, "scale": cfg.scale, **o}
+        child, inf = make_child(parent, arch, carch, stats, **o)
+        inits[v] = {k: t.cpu() for k, t in child.state_dict().items()}
+        info = info or inf
+        if v == "subclone" and dist.is_master:
+            save_weights(os.path.join(cfg.out, f"{kind}_child_init.safetensors"), child,
+                         metadata={"arch": carch, "info": inf})
+    res["kept_blocks"] = info["kept_blocks"]
+    # diagnostics without training: depth reduction alone, width reduction alone, the other drop rules
+    diag = {}
+    for nm, ca in (("depth_only", dict(arch, layers=carch["layers"])),
+                   ("width_only", dict(carch, layers=arch["layers"]))):
+        diag[nm] = evaluate(make_child(parent, arch, ca, stats, drop=cfg.drop, scale=cfg.scale)[0], data["test"],
+                            dist.device)[0]
+    for rule in ("sim", "middle", "last"):
+        diag[f"drop_{rule}"] = evaluate(make_child(parent, arch, carch, stats, drop=rule, scale=cfg.scale)[0],
+                                        data["test"], dist.device)[0]
+    res["init_loss_diagnostics"] = diag
+
+    # ---- child runs: lr sweep for subclone and random init, ablations at the subclone's best lr
+    path = os.path.join(cfg.out, f"{kind}_runs.json")
+    cache = json.load(open(path)) if os.path.exists(path) and not cfg.retrain else {}
+    base = {k: getattr(cfg, k) for k in ("steps", "batch_size", "warmup", "weight_decay", "eval_every", "n_eval",
+                                         "drop", "scale", "n_calib", "n_test")}
+    runs, sweep, best = {}, {}, {}
+    for v in ("subclone", "random"):
+        sweep[v] = {}
+        for lr in cfg.lrs:
+            fp = fingerprint([base, pfp, carch, v, lr])
+            r = train_child(cfg, kind, f"{kind}_{v}_lr{lr:g}", carch, inits[v], lr, data, dist, cache, fp)
+            sweep[v][f"{lr:g}"] = r["final_loss"]
+            if v not in runs or r["final_loss"] < runs[v]["final_loss"]:
+                runs[v] = r
+        best[v] = agree(runs[v]["lr"], dist)
+        runs[v] = cache[f"{kind}_{v}_lr{best[v]:g}"]
+    for v in ("random_indices", "no_scaling"):
+        fp = fingerprint([base, pfp, carch, v, best["subclone"], cfg.seed])
+        runs[v] = train_child(cfg, kind, f"{kind}_{v}_lr{best['subclone']:g}", carch, inits[v], best["subclone"],
+                              data, dist, cache, fp)
+
+    # ---- the paper's measure: steps to reach the random-init run's final (eval) loss
+    target = runs["random"]["curve"][-1][1]
+    stt = {v: steps_to(runs[v]["curve"], target) for v in VARIANTS}
+    sp = stt["random"] / stt["subclone"] if stt["subclone"] else None
+    res.update({
+        "child_init_loss": {v: runs[v]["curve"][0][1] for v in VARIANTS},
+        "target_loss": target, "steps_to_target": stt, "speedup": sp,
+        "speedup_note": ("subclone starts below the target" if stt["subclone"] == 0 else
+                         "subclone never reaches the target" if stt["subclone"] is None else ""),
+        "final_loss": {v: runs[v]["final_loss"] for v in VARIANTS},
+        "final_acc": {v: runs[v]["final_acc"] for v in VARIANTS},
+        "best_lr": best, "lr_sweep_final_loss": sweep,
+    })
+    ci = res["child_init_loss"]
+    res["checks"] = {
+        "init_far_below_random": ci["subclone"] < p_loss + 0.5 * (ci["random"] - p_loss),
+        "speedup_ge_2": sp is not None and sp >= 2 or stt["subclone"] == 0,
+        "importance_beats_random_indices": ci["subclone"] < ci["random_indices"],
+        "scaling_lowers_init_loss": ci["subclone"] < ci["no_scaling"],
+        "subclone_best_lr_lower": best["subclone"] < best["random"],
+    }
+    res["seconds"] = time.time() - t0
+    curves = {v: runs[v]["curve"] for v in VARIANTS}
+    return res, curves
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plot (PIL; matplotlib is not a dependency)
+
+COLORS = {"subclone": (214, 39, 40), "random": (31, 119, 180), "random_indices": (255, 127, 14),
+          "no_scaling": (44, 160, 44)}
+
+
+def plot_curves(path, panels, size=(520, 380)):
+    """panels: [(title, {variant: [[step, loss, acc]...]}, {label: y} dashed lines)] -> one PNG, panels side by side."""
+    W, H = size
+    im = Image.new("RGB", (W * len(panels), H), "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    for k, (title, curves, lines) in enumerate(panels):
+        ox, L, R, T, Bm = k * W, 52, 14, 30, 40
+        xs = [p[0] for c in curves.values() for p in c]
+        ys = [p[1] for c in curves.values() for p in c] + list(lines.values())
+        x1, y0, y1 = max(xs), min(ys), max(ys)
+        y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
+        px = lambda v: ox + L + v / x1 * (W - L - R)                       # noqa: E731
+        py = lambda v: H - Bm - (v - y0) / (y1 - y0) * (H - T - Bm)       # noqa: E731
+        d.rectangle([ox + L, T, ox + W - R, H - Bm], outline="black")
+        d.text((ox + L, 10), title, fill="black", font=font)
+        d.text((ox + W // 2 - 30, H - 16), "child step", fill="black", font=font)
+        for i in range(5):
+            yv, xv = y0 + (y1 - y0) * i / 4, x1 * i / 4
+            d.text((ox + 4, py(yv) - 6), f"{yv:.3g}", fill="black", font=font)
+            d.line([px(xv), H - Bm, px(xv), H - Bm + 4], fill="black")
+            d.text((px(xv) - 8, H - Bm + 6), f"{xv:g}", fill="black", font=font)
+        for name, y in lines.items():                                    # dashed reference lines
+            for x in range(int(px(0)), int(px(x1)), 8):
+                d.line([x, py(y), x + 4, py(y)], fill=(120, 120, 120))
+            d.text((px(x1) - 6 * len(name) - 4, py(y) - 12), name, fill=(90, 90, 90), font=font)
+        for i, (name, c) in enumerate(curves.items()):
+            col = COLORS.get(name, (0, 0, 0))
+            d.line([(px(s), py(l)) for s, l, _ in c], fill=col, width=2)
+            d.ellipse([px(0) - 3, py(c[0][1]) - 3, px(0) + 3, py(c[0][1]) + 3], fill=col)   # the step-0 loss
+            d.rectangle([ox + L + 150, T + 8 + 14 * i, ox + L + 162, T + 16 + 14 * i], fill=col)
+            d.text((ox + L + 166, T + 5 + 14 * i), f"{name} (step 0: {c[0][1]:.2f})", fill="black", font=font)
+    im.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main: `run` (the experiment) and `clone` (subclone one parent checkpoint)
+
+def clone_cmd(cfg, dist):
+    if not cfg.parent_ckpt:
+        raise SystemExit("config error: clone needs --parent_ckpt=PATH (e.g. runs/subclone/vit_parent.safetensors)")
+    arch = read_arch(cfg.parent_ckpt)
+    parent = build(arch).to(dist.device)
+    (load_checkpoint if header(cfg.parent_ckpt).get("format", "").startswith("clipbook") else load_weights)(
+        cfg.parent_ckpt, parent)
+    kind = arch["kind"]
+    cfg.image_size, cfg.patch, cfg.context = arch.get("image_size", 32), arch.get("patch", 8), arch.get("context", 32)
+    split = load_split(cfg, "train", cfg.n_calib if kind == "vit" else max(cfg.n_calib, 64))
+    calib = split["x"] if kind == "vit" else windows(token_stream(world_tokenizer(), split["captions"]),
+                                                     cfg.context, cfg.n_calib)[:, :-1]
+    carch = child_arch_of(arch, cfg)
+    child, info = make_child(parent, arch, carch, collect_stats(parent, calib), drop=cfg.drop, scale=cfg.scale)
+    out = cfg.clone_out or os.path.join(cfg.out, f"{kind}_child.safetensors")
+    if dist.is_master:
+        save_weights(out, child, metadata={"arch": carch, "info": info})
+        print(f"subclone: {cfg.parent_ckpt} ({arch}) -> {out} ({carch}); kept blocks {info['kept_blocks']}")
+    return out
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, commands=COMMANDS)
+    if cfg.smoke:
+        smoke_overrides(cfg)
+    kinds = [k.strip() for k in cfg.models.split(",") if k.strip()]
+    if not kinds or any(k not in ("vit", "gpt") for k in kinds):
+        raise SystemExit(f"config error: --models={cfg.models!r}; expected vit, gpt or vit,gpt")
+    if cfg.drop not in ("sim", "middle", "last") or cfg.scale not in ("sqrt", "none"):
+        raise SystemExit(f"config error: --drop={cfg.drop!r} (sim|middle|last), --scale={cfg.scale!r} (sqrt|none)")
+    t0 = time.time()
+    dist = setup_distributed(cfg.device)
+    if cfg.batch_size % dist.world_size:
+        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg._command == "clone":
+        clone_cmd(cfg, dist)
+        dist.cleanup()
+        return None
+    if dist.is_master:
+        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+
+    train = load_split(cfg, "train", cfg.n_train)
+    test = load_split(cfg, "test", cfg.n_test, start=cfg.n_train if cfg.data and "{split}" not in cfg.data else 0)
+    tok = world_tokenizer(context_length=cfg.context + 1) if "gpt" in kinds else None
+    res, panels = {}, []
+    for kind in kinds:
+        dist.print(f"==== {kind}: parent -> subclone -> children")
+        r, curves = run_model(cfg, kind, make_data(cfg, kind, train, test, tok), dist)
+        res[kind] = r
+        panels.append((f"{kind}: child eval loss (best lr each; parent {r['parent_loss']:.3f})", curves,
+                       {"parent": r["parent_loss"], "target": r["target_loss"]}))
+    res.update(seconds=time.time() - t0, cpu_seconds=time.process_time(), device=dist.device,
+               world_size=dist.world_size)
+    if dist.is_master:
+        plot_curves(os.path.join(cfg.out, "curves.png"), panels)
+        save_json(os.path.join(cfg.out, "results.json"), res)
+        print_table({k: v for k, v in res.items()}, title=f"subclone results ({cfg.out})")
+        for kind in kinds:
+            bad = [k for k, ok in res[kind]["checks"].items() if not ok]
+            print(f"{kind}: expected effects " + ("all reproduced" if not bad else "NOT reproduced: " + ", ".join(bad)))
+    dist.cleanup()
+    return res
+
+
+if __name__ == "__main__":
+    main()
