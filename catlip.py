@@ -75,46 +75,47 @@ class Config:
     wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
     text: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
     size: int = 32  # image side in pixels
-    n_train: int = 12800  # pretraining images (same for CatLIP and CLIP)
-    n_val: int = 1000  # pool for the few-shot Transfer Init task
-    n_test: int = 2000  # test images for probes and few-shot accuracy
+    n_train: int = 5120  # pretraining images (same for CatLIP and CLIP)
+    n_val: int = 500  # pool for the few-shot Transfer Init task
+    n_test: int = 1000  # test images for probes and few-shot accuracy
     min_count: int = 20  # keep synsets seen >= min_count times (paper: pruned by frequency on DataComp)
     top_k: int = 0  # then keep at most top_k synsets (corenet: 24320); 0 = no cap
     width: int = 128  # ViT width (common.models.vit_tiny)
     layers: int = 4  # ViT depth
     heads: int = 4  # ViT heads
-    patch: int = 4  # ViT patch size
+    patch: int = 8  # ViT patch size (total stem stride): 8 -> 4x4 tokens at 32 px, cheap enough for 2 CPU cores
+    stem: str = "conv"  # conv: CatLIP's conv stem (clip-family.md §2.4; strides 2-2-2 for patch 8) | patch
     embed_dim: int = 128  # CLIP projection dim (CLIP only)
     text_width: int = 128  # CLIP text tower width (common.models.text_tiny)
     text_layers: int = 3  # CLIP text tower depth
     context_length: int = 32  # CLIP text tokens
-    steps: int = 200  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
+    steps: int = 80  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
     batch_size: int = 128  # global batch (split across ranks)
-    lr: float = 1e-3  # AdamW peak lr (both methods; CatLIP B/16 uses 1e-3)
+    lr: float = 2e-3  # AdamW peak lr (both methods; CatLIP B/16 uses 1e-3 at 200k steps)
     weight_decay: float = 0.2  # AdamW weight decay (CatLIP configs: 0.2)
-    warmup: int = 20  # linear warm-up steps
+    warmup: int = 8  # linear warm-up steps
     ema: float = 0.0  # EMA momentum (CatLIP: 5e-4 over 200k steps); 0 = off
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
-    ckpt_every: int = 50  # checkpoint every N steps (resumable)
-    log_every: int = 20  # log every N steps
+    ckpt_every: int = 20  # checkpoint every N steps (resumable)
+    log_every: int = 4  # log every N steps
     num_workers: int = 0  # DataLoader workers for mining labels over shards
-    probe_n: int = 4000  # training images (first of the pretraining set) for linear probe / k-NN
+    probe_n: int = 2560  # training images (first of the pretraining set) for linear probe / k-NN
     knn_k: int = 10  # neighbours for k-NN
     shots: str = "1,2,5,10"  # labelled images per class for Transfer Init
     fewshot_draws: int = 5  # random few-shot draws averaged per shot count
     fewshot_steps: int = 100  # full-batch AdamW steps on the downstream head
     fewshot_lr: float = 1e-3  # lr of the downstream head (small: Adam steps must not wash out the init)
-    step_repeats: int = 7  # timed forward+backward repeats per method (median)
+    step_repeats: int = 3  # timed forward+backward repeats per method (median)
     bench: bool = True  # run the loss-cost scaling bench at the end of the default run
     bench_batches: str = "256,512,1024,2048,4096"  # global batches for the bench
     bench_vocab: int = 1536  # V for the bench: V/B_max ~ CatLIP's 24320 / 65536
     bench_dim: int = 128  # feature dim D (BCE) and E (contrastive) in the bench
-    bench_repeats: int = 3  # timed repeats per point (median)
+    bench_repeats: int = 2  # timed repeats per point (median)
 
 
 def smoke_overrides(cfg):
     cfg.n_train, cfg.n_val, cfg.n_test, cfg.probe_n = 1600, 300, 400, 800
-    cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup, cfg.ckpt_every, cfg.log_every = 40, 64, 2e-3, 4, 20, 10
+    cfg.steps, cfg.batch_size, cfg.warmup, cfg.ckpt_every, cfg.log_every = 40, 64, 4, 20, 2
     cfg.width, cfg.layers, cfg.heads, cfg.patch, cfg.min_count = 64, 2, 2, 8, 3
     cfg.text_width, cfg.text_layers, cfg.context_length = 64, 1, 24
     cfg.fewshot_draws, cfg.fewshot_steps, cfg.step_repeats = 2, 30, 2
@@ -292,6 +293,12 @@ def build_vocab(cfg, lex, texts, dist):
     return v
 
 
+def constant_loss(p):
+    """batch_mean BCE of the best image-blind predictor (sigmoid(b_v) = p_v): sum_v H(p_v), in nats."""
+    p = p.clamp(1e-9, 1 - 1e-9)
+    return float(-(p * p.log() + (1 - p) * (1 - p).log()).sum())
+
+
 def sparse_targets(texts, lex, keys):
     """Captions -> (N, K) int64 vocabulary indices padded with -1 (K = most labels in one caption, >= 1)."""
     index = {k: i for i, k in enumerate(keys)}
@@ -307,10 +314,18 @@ class CatLIP(nn.Module):
     """Image encoder + linear classifier over V synsets. forward(x, t) -> BCE loss, summed over synsets and averaged
     over the batch (corenet binary_cross_entropy.py "batch_mean"); the B x V logits never exist at once."""
 
-    def __init__(self, visual, V):
+    def __init__(self, visual, V, prior=None):
         super().__init__()
         self.visual = visual                                   # (B, 3, H, W) -> (B, width), no projection
         self.head = nn.Linear(visual.width, V)
+        if prior is not None:
+            # deviation from corenet (PyTorch default init): zero weights and bias = log-odds of each synset's caption
+            # frequency (RetinaNet's prior init, arXiv:1708.02002 §4.1). The first loss is then exactly the best
+            # image-blind loss, and the short miniature runs do not spend their first steps learning frequencies.
+            p = prior.clamp(1e-6, 1 - 1e-6)
+            nn.init.zeros_(self.head.weight)
+            with torch.no_grad():
+                self.head.bias.copy_(torch.log(p / (1 - p)))
 
     def forward(self, x, t):
         """x (B, 3, H, W), t (B, K) synset indices padded with -1 -> scalar loss."""
@@ -319,7 +334,7 @@ class CatLIP(nn.Module):
 
 def make_vit(cfg, embed_dim=None):
     return vit_tiny(image_size=cfg.size, patch_size=cfg.patch, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
-                    embed_dim=embed_dim)
+                    embed_dim=embed_dim, stem=cfg.stem)
 
 
 def pooled(vit, x):
@@ -651,6 +666,11 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, logy=False, size=
     im.save(path)
 
 
+def final_loss(out, run, n=5):
+    """Mean of the last n logged training losses of a run (log.jsonl)."""
+    return float(np.mean(read_losses(out, run)[1][-n:]))
+
+
 def read_losses(out, run):
     rows = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if x.strip()]
     rows = [r for r in rows if r.get("run") == run]
@@ -704,10 +724,11 @@ def main(argv=None):
     N, B = len(train["images"]), cfg.batch_size
     if B % dist.world_size or N < B:
         raise SystemExit(f"--batch_size={B} must be divisible by the world size {dist.world_size} and <= n_train={N}")
-    arch = {k: getattr(cfg, k) for k in ("size", "width", "layers", "heads", "patch", "steps", "batch_size", "lr",
+    arch = {k: getattr(cfg, k) for k in ("size", "width", "layers", "heads", "patch", "stem", "steps", "batch_size", "lr",
                                          "weight_decay", "warmup", "seed", "data", "n_train", "text")}
     torch.manual_seed(cfg.seed)
-    catlip = CatLIP(make_vit(cfg), V).to(dev)
+    prior = torch.zeros(V).scatter_add_(0, T[T >= 0], torch.ones(int((T >= 0).sum()))) / N   # caption frequency
+    catlip = CatLIP(make_vit(cfg), V, prior).to(dev)
 
     def catlip_batch(i):
         idx = batch_indices(i, N, B, cfg.seed, dist)
@@ -769,7 +790,10 @@ def main(argv=None):
                    "majority_class_acc": float(np.bincount(test["labels"]).max() / len(test["labels"])),
                    "lexicon": lex.name, "captions": cfg.text, "label_coverage": covered,
                    "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": len(SHAPES),
-                   "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"]}
+                   "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"],
+                   # chance levels of the two training losses: image-blind synset frequencies, uniform over the batch
+                   "catlip_final_loss": final_loss(cfg.out, "catlip"), "catlip_constant_loss": constant_loss(prior),
+                   "clip_final_loss": final_loss(cfg.out, "clip"), "clip_chance_loss": math.log(B)}
 
     # ---- 6. loss-cost scaling
     if cfg.bench:

@@ -68,12 +68,12 @@ class Config:
     new_epochs: int = 6  # epochs over all training images
     batch_size: int = 128  # global batch for the encoders (split across ranks)
     lr: float = 3e-3  # AdamW peak learning rate for the encoders
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # AdamW weight decay for the encoders (not on norms / biases)
     label_smoothing: float = 0.1  # as in FCT's configs
     h_hidden: int = 256  # hidden width of the transformation MLP
     h_epochs: int = 20  # epochs of h over the training features
-    h_batch: int = 256
-    h_lr: float = 2e-3
+    h_batch: int = 256  # global batch of training features for h
+    h_lr: float = 2e-3  # AdamW peak learning rate for h (weight decay 3e-5 as in FCT)
     ce_weight: float = 1.0  # lambda: weight of the point-to-cluster cross-entropy
     losses: str = "l2,l2_ce,fastfill"  # comma list of h losses to train and evaluate
     policies: str = "random,entropy,uncertainty,oracle"  # comma list of backfilling orders
@@ -190,7 +190,8 @@ def real_data(cfg):
         if hasattr(ds, "world_size"):  # ShardDataset: do not split shards across ranks here
             ds.rank, ds.world_size = 0, 1
         xs, ys = [], []
-        stream = (ds[j] for j in range(len(ds))) if hasattr(ds, "__getitem__") else iter(ds)
+        iterable = isinstance(ds, torch.utils.data.IterableDataset)
+        stream = iter(ds) if iterable else (ds[j] for j in range(len(ds)))
         for i, smp in enumerate(stream):
             if i >= limit:
                 break
@@ -297,6 +298,9 @@ def run_steps(model, loss_fn, steps, lr, wd, dist, logger, name, log_every=25):
         if step % log_every == 0 or step == steps - 1:
             logger.log(step, stage=name, loss=loss.item(), lr=opt.param_groups[0]["lr"],
                        sec=round(time.time() - t0, 2), **metrics)
+    if dist.distributed:  # BN running stats drift per rank after the last step: every rank keeps rank 0's (saved) ones
+        for buf in model.buffers():
+            torch_dist.broadcast(buf, 0)
     model.eval()
     return loss.item()
 
@@ -487,8 +491,9 @@ def plot_curves(path, alphas, curves, refs, losses, policies):
             for k, p in enumerate(policies):
                 pts = [(X(a), Y(v)) for a, v in zip(alphas, curves[L][p][metric])]
                 dr.line(pts, fill=COLORS_RGB.get(p, (0, 0, 0)), width=2)
-                dr.rectangle([x0 + 8, y0 + 8 + 13 * k, x0 + 20, y0 + 16 + 13 * k], fill=COLORS_RGB.get(p, (0, 0, 0)))
-                dr.text((x0 + 24, y0 + 6 + 13 * k), p, fill="black", font=font)
+                lx, ly = x0 + pw - 100, y0 + ph - 30 - 13 * len(policies) + 13 * k  # legend: lower right
+                dr.rectangle([lx, ly + 2, lx + 12, ly + 10], fill=COLORS_RGB.get(p, (0, 0, 0)))
+                dr.text((lx + 16, ly), p, fill="black", font=font)
     img.save(path)
 
 
@@ -499,7 +504,9 @@ def main(argv=None):
     cfg = parse_config(Config, argv)
     if cfg.smoke:
         cfg = smoke_overrides(cfg)
-    t_start = time.time()
+        if cfg.out == Config.out:  # never overwrite the default run's stages with smoke-sized ones
+            cfg.out += "_smoke"
+    t_start, cpu_start = time.time(), time.process_time()
     dist = setup_distributed(cfg.device or None)
     seed_all(cfg.seed, dist.rank)
     os.makedirs(cfg.out, exist_ok=True)
@@ -509,6 +516,9 @@ def main(argv=None):
         bad = [s for s in v if s not in ok]
         if bad:
             raise SystemExit(f"--{key}: unknown {bad}, expected a comma list of {list(ok)}")
+    if cfg.task not in LABEL_KEYS or cfg.distance not in ("l2", "cosine") or cfg.n_alpha < 2:
+        raise SystemExit(f"--task={cfg.task!r} (expected {list(LABEL_KEYS)}), --distance={cfg.distance!r} (expected "
+                         f"l2 | cosine), --n_alpha={cfg.n_alpha} (expected >= 2): one of them is invalid")
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     logger = Logger(cfg.out, dist.is_master)
@@ -529,7 +539,10 @@ def main(argv=None):
 
     # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid
     data_keys = ("data", "task", "size", "n_train", "seed", "batch_size", "lr", "weight_decay", "label_smoothing")
+    # (init seeded per stage, on rank 0's seed: DDP broadcasts rank 0's weights; reused stages leave RNG untouched)
+    seed_all(cfg.seed)
     old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev)
+    seed_all(cfg.seed + 1)
     new = Encoder(cfg.new_width, cfg.new_dim, C, extra=cfg.new_extra).to(dev)
     for name, model, epochs, keys in [("old", old, cfg.old_epochs, ("old_width", "old_dim", "old_epochs")),
                                       ("new", new, cfg.new_epochs, ("new_width", "new_dim", "new_extra", "new_epochs"))]:
@@ -538,7 +551,6 @@ def main(argv=None):
             load_weights(path, model)
         else:
             sel = y_tr < C_old if name == "old" else torch.ones_like(y_tr, dtype=torch.bool)
-            seed_all(cfg.seed + (1 if name == "new" else 0), dist.rank)
             train_encoder(model, x_tr[sel], y_tr[sel], epochs, cfg, dist, logger, name)
             if dist.is_master:
                 save_weights(path, model, metadata={"fingerprint": fp})
@@ -560,11 +572,11 @@ def main(argv=None):
         t, path = time.time(), os.path.join(cfg.out, f"h_{kind}.safetensors")
         fp = fingerprint(cfg, *data_keys, "old_width", "old_dim", "old_epochs", "new_width", "new_dim", "new_extra", "new_epochs",
                          "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight") + kind
+        seed_all(cfg.seed + 2)  # the same init for every loss variant: a paired comparison
         h = Transformation(cfg.old_dim, cfg.new_dim, cfg.h_hidden).to(dev)
         if valid_stage(path, fp, cfg):
             load_weights(path, h)
         else:
-            seed_all(cfg.seed + 2, dist.rank)
             train_h(h, fo_tr, fn_tr, y_tr, new.fc, kind, cfg, dist, logger)
             if dist.is_master:
                 save_weights(path, h, metadata={"fingerprint": fp})
@@ -628,6 +640,7 @@ def main(argv=None):
     res["curves"] = {"alphas": alphas, **curves}
     res["stage_seconds"] = {k: round(v, 2) for k, v in timing.items()}
     res["seconds"] = round(time.time() - t_start, 2)
+    res["cpu_seconds_rank0"] = round(time.process_time() - cpu_start, 2)  # ~ wall time on a quiet core
     res["device"] = str(dev)
     save_json(os.path.join(cfg.out, "results.json"), res)
     print_table({k: v for k, v in res.items() if k != "curves"}, title="FastFill (miniature)")

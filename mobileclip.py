@@ -64,25 +64,25 @@ class Config:
     data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
     device: str = ""  # cpu | cuda (default: cuda if available)
     image_size: int = 32  # model input side; the world renders at this size
-    n_train: int = 4000  # training pairs (reinforced) held in memory
-    n_cap: int = 2000  # held-out pairs (accurate captions) the captioner is trained on
-    n_test: int = 1000  # held-out pairs for zero-shot, retrieval and the dense probes
-    batch_size: int = 128  # global batch (split over torchrun ranks)
-    steps: int = 300  # optimizer steps of each student run (baseline, reinforced, quality)
+    n_train: int = 1500  # training pairs (reinforced) held in memory
+    n_cap: int = 800  # held-out pairs (accurate captions) the captioner is trained on
+    n_test: int = 500  # held-out pairs for zero-shot, retrieval and the dense probes
+    batch_size: int = 64  # global batch (split over torchrun ranks)
+    steps: int = 200  # optimizer steps of each student run (baseline, reinforced, quality)
     lr: float = 2e-3  # peak learning rate of the students (AdamW, cosine)
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
-    warmup: int = 30  # linear warm-up steps
-    teacher_steps: int = 300  # steps of each teacher CLIP (accurate captions)
+    warmup: int = 20  # linear warm-up steps
+    teacher_steps: int = 200  # steps of each teacher CLIP (accurate captions)
     teacher_widths: str = "192,160"  # ViT/text width of each teacher (>= 2 teachers, all larger than the student)
-    cap_steps: int = 300  # steps of the captioner
-    k_aug: int = 5  # stored augmentations per image (paper: 30 for DataCompDR-12M, 10 for -1B)
+    cap_steps: int = 200  # steps of the captioner
+    k_aug: int = 3  # stored augmentations per image (paper: 30 for DataCompDR-12M, 10 for -1B)
     n_syn: int = 2  # synthetic captions per image (paper: 5)
     top_k: int = 3  # top-k sampling of the captioner for all but the first (greedy) synthetic caption
     rrc_scale: float = 0.35  # RandomResizedCrop min area of the stored augmentations
     lam: float = 0.75  # weight of the KD loss: L = (1 - lam) CLIP + lam KD (paper: 0.75 for B, 1.0 for S*)
     teacher_scale: float = 100.0  # teacher logit scale in the KD softmax (paper: 100)
-    dense_steps: int = 300  # steps of the dense linear probes
-    eval_every: int = 50  # zero-shot eval every N steps of the baseline/reinforced runs (sample-efficiency curves)
+    dense_steps: int = 200  # steps of the dense linear probes
+    eval_every: int = 40  # zero-shot eval every N steps of the baseline/reinforced runs (sample-efficiency curves)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     log_every: int = 25  # log.jsonl row + printed line every N steps
     smoke: bool = False  # tiny run (< 60 s) for tests
@@ -357,12 +357,12 @@ class MCi(nn.Module):
         return maps, self.conv_exp(x)
 
     def patch_tokens(self, x):
-        """Dense features for the probes: last-stage map (conv_exp) upsampled to the previous stage's grid and
-        concatenated with it (a two-level hypercolumn) -> (B, N, C) and the grid (h, w)."""
+        """Dense features for the probes: every stage map and the conv_exp map upsampled to the first stage's grid
+        and concatenated (a hypercolumn, cf. DINOv2's multi-layer linear probe) -> (B, N, C), grid (h, w)."""
         maps, y = self.forward_maps(x)
-        h, w = maps[-2].shape[-2:]
-        f = torch.cat([maps[-2], F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)], 1)
-        return f.flatten(2).transpose(1, 2), (h, w)
+        h, w = maps[0].shape[-2:]
+        up = [F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in maps[1:] + [y]]
+        return torch.cat([maps[0]] + up, 1).flatten(2).transpose(1, 2), (h, w)
 
     def forward(self, x):
         return self.forward_maps(x)[1].mean((2, 3)) @ self.proj
@@ -420,8 +420,8 @@ def base_text(embed_dim=512):
 
 
 def mci_tiny(embed_dim=128):
-    """32-px MCi with the same blocks: stem stride 2 (16x16), RepMixer stages at 16x16 and 8x8, attention at 4x4."""
-    return MCi((1, 2, 2), (32, 64, 128), 3.0, embed_dim, ("rep", "rep", "attn"), (False, False, True), stem_stride=2)
+    """32-px MCi with the same blocks: stem stride 4 (8x8), RepMixer stages at 8x8 and 4x4, attention at 2x2."""
+    return MCi((1, 2, 2), (32, 64, 128), 3.0, embed_dim, ("rep", "rep", "attn"), (False, False, True))
 
 
 def mct_tiny(vocab_size, context_length=32, embed_dim=128):
@@ -485,7 +485,7 @@ def student(vocab_size, cfg):
 
 def teacher(vocab_size, cfg, width):
     """A ViT CLIP wider than the student (the miniature of DataCompDR's ViT-L/14 ensemble)."""
-    vis = VisionTransformer(cfg.image_size, 4, width, 4, width // 32, 4.0, 128)
+    vis = VisionTransformer(cfg.image_size, 8, width, 4, width // 32, 4.0, 128)  # 4x4 patches of 8 px
     return CLIP(vis, text_tiny(vocab_size, 32, width, 3, width // 32, 128))
 
 
@@ -528,12 +528,8 @@ class Captioner(nn.Module):
 
 
 def image_memory(t, x):
-    """Teacher-1 ViT tokens for the captioner: class token + patch grid average-pooled to 4x4 (keeps 'left/top')."""
-    tok = t.visual.forward_tokens(x)                                      # (B, 1+N, C)
-    B, N1, C = tok.shape
-    g = int(round(math.sqrt(N1 - 1)))
-    p = tok[:, 1:].transpose(1, 2).reshape(B, C, g, g)
-    return torch.cat([tok[:, :1], F.adaptive_avg_pool2d(p, 4).flatten(2).transpose(1, 2)], 1)  # (B, 17, C)
+    """Teacher-0's ViT tokens (B, 1 + 4x4, C) after ln_post: the frozen image encoder the captioner attends to."""
+    return t.visual.forward_tokens(x)
 
 
 @torch.no_grad()
@@ -777,12 +773,18 @@ def train_reinforced(cfg, dist, model, name, images, R, dims, tag, on_step=None)
     L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD (DRClipLoss). No teacher forward."""
     n, dev, aug = len(images), dist.device, dr_aug(cfg)
     gt_tok, syn_tok, paug, t_img, t_txt = R["gt_tok"], R["syn_tok"], R["paug"], R["img_emb"], R["txt_emb"]
+    memo = {}  # replay is a pure function of (image, stored params): memoise it (RandAugment is slow on CPU)
+
+    def view(j, k):
+        if (j, k) not in memo:
+            memo[(j, k)] = aug.apply(images[j], paug[j][k])
+        return memo[(j, k)]
 
     def get_batch(i):
         idx = batch_idx(cfg, dist, i, n, tag)
         rng = np.random.default_rng([cfg.seed, tag, i, dist.rank])
         a, s = rng.integers(cfg.k_aug, size=len(idx)), rng.integers(cfg.n_syn, size=len(idx))
-        x = torch.stack([aug.apply(images[j], paug[j][k]) for j, k in zip(idx, a)])
+        x = torch.stack([view(j, k) for j, k in zip(idx, a)])
         txt = torch.cat([gt_tok[idx], syn_tok[idx, s]])                          # (2b, L): GT then synthetic
         return (x.to(dev), txt.to(dev), t_img[idx, a].to(dev), t_txt[idx, 0].to(dev), t_txt[idx, 1 + s].to(dev))
 
@@ -881,8 +883,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"])
     cmd = getattr(cfg, "_command", None) or "all"
     if cfg.smoke:
-        cfg.n_train, cfg.n_cap, cfg.n_test, cfg.batch_size, cfg.steps = 512, 256, 256, 64, 40
-        cfg.teacher_steps, cfg.cap_steps, cfg.k_aug, cfg.dense_steps, cfg.eval_every = 40, 40, 2, 60, 20
+        cfg.n_train, cfg.n_cap, cfg.n_test, cfg.batch_size, cfg.steps = 256, 128, 128, 32, 20
+        cfg.teacher_steps, cfg.cap_steps, cfg.k_aug, cfg.dense_steps, cfg.eval_every = 20, 20, 2, 40, 10
         cfg.warmup, cfg.log_every, cfg.teacher_widths = 5, 10, "160,160"
     t0 = time.time()
     dist = setup_distributed(cfg.device)
@@ -925,7 +927,8 @@ def main(argv=None):
         T = teacher(tok.vocab_size, cfg, w).to(dev)
         want = {"width": w, "steps": cfg.teacher_steps, "seed": cfg.seed, "n_train": cfg.n_train, "data": cfg.data}
         stage_ok(cfg, dist, name, want)
-        train_clip(cfg, dist, T, name, train["images"], lambda idx, r: acc_tok[idx], dr_aug(cfg),
+        aug = Compose([ToTensor(), RandomResizedCrop(S, scale=(cfg.rrc_scale, 1.0))])  # cheap; RandAugment is slow
+        train_clip(cfg, dist, T, name, train["images"], lambda idx, r: acc_tok[idx], aug,
                    cfg.teacher_steps, tag=10 + k, resume=True)
         if dist.is_master:
             save_json(os.path.join(cfg.out, name + ".json"), want)

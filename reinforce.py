@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 
 from common.config import config_to_dict, parse_config, print_table, save_json
 from common.train import fit, load_weights, seed_all, setup_distributed, unwrap
-from common.transforms import Compose, RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop
+from common.transforms import (Compose, RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
+                               RandomResizedCrop)
 from common.world import COLORS, SHAPES, World, load_arrays
 
 COMMANDS = ["all", "reinforce", "merge"]
@@ -74,20 +75,23 @@ class Config:
     n_test: int = 1000  # held-out test images
     n_teacher: int = 3000  # images the teachers train on (a superset: DR's teachers saw far more data than ImageNet)
     width: int = 16  # student CNN width (channels of the first conv)
-    teacher_widths: str = "32,24"  # widths of the teacher ensemble members (>= 2, wider than the student)
-    teacher_epochs: int = 8  # teacher epochs over n_teacher images (shared heavy-augmented batches)
+    teacher_widths: str = "24,20"  # widths of the teacher ensemble members (>= 2, wider than the student)
+    teacher_epochs: int = 10  # teacher epochs over n_teacher images (both members see the same batches)
+    teacher_aug: str = "light"  # light (crop + flip) | heavy (+ RandAugment, erasing, MixUp/CutMix): see docs
     teacher_weights: str = ""  # load a trained ensemble from this safetensors file instead of training one
     ns: int = 8  # stored augmentations per image (ImageNet+ uses 50..400)
     topk: int = 3  # top-k teacher probabilities kept per augmentation (ImageNet+: 10 of 1000)
     shard_size: int = 250  # images per reinforcement shard (the unit of rank parallelism and of resumption)
     run_seed: int = 0  # seed of this reinforcement run; runs with different run_seed can be merged
-    rrc_min: float = 0.25  # RandomResizedCrop minimum area fraction
-    ra_magnitude: int = 9  # RandAugment magnitude bin (of 31)
+    crop: str = "pad"  # pad: RandomCrop after zero padding (ml-dr CIFAR configs) | rrc: RandomResizedCrop (ImageNet)
+    crop_pad: int = 4  # padding of the "pad" crop (px)
+    rrc_min: float = 0.25  # RandomResizedCrop minimum area fraction (crop=rrc)
+    ra_magnitude: int = 5  # RandAugment magnitude bin (of 31; ImageNet+ uses 9, too strong for 32 px shapes)
     erase_p: float = 0.25  # RandomErasing probability
     mix_p: float = 0.5  # probability that an augmentation mixes in a partner image (half MixUp, half CutMix)
     p_reinforced: float = 0.99  # DR: probability of a reinforced sample (else the plain sample with a one-hot target)
     label_smoothing: float = 0.1  # ERM baseline
-    epochs: int = 10  # student epochs (equal for ERM / KD / DR)
+    epochs: int = 15  # student epochs (equal for ERM / KD / DR)
     merge_from: str = ""  # merge: comma-separated reinforced dirs to merge into {out}/reinforced
     # --- TOKT (methods.md sec. 8)
     task_classes: str = "0,1,2,3,4"  # shape ids of the target task
@@ -95,7 +99,7 @@ class Config:
     n_pool: int = 3000  # mixed unlabelled pool (task and other shapes) from the val split
     n_transfer: int = 600  # images per transfer set
     n_vfm: int = 3000  # images the VFM pretrains on (the whole world: every shape)
-    vfm_width: int = 32  # VFM CNN width
+    vfm_width: int = 24  # VFM CNN width (the student's is `width`)
     vfm_epochs: int = 8  # VFM pretraining epochs (multi-label BCE on the shapes and colours present)
     kd_epochs: int = 10  # distillation epochs over a transfer set
     kd_temp: float = 2.0  # softmax temperature of the adapted VFM's targets
@@ -167,15 +171,22 @@ class Ensemble(nn.Module):
 # replayable augmentation: common.transforms for the per-image part, MixUp/CutMix with a stored partner here
 
 
+def crop(cfg):
+    """DR's pre-collate crop: RandomResizedCrop (ImageNet configs) or padded RandomCrop (ml-dr's CIFAR configs,
+    our default for 32 px images: RRC crops that lose the largest object mislabel this world's samples)."""
+    if cfg.crop == "rrc":
+        return RandomResizedCrop(cfg.size, scale=(cfg.rrc_min, 1.0))
+    return RandomCrop(cfg.size, padding=cfg.crop_pad)
+
+
 def heavy_pipeline(cfg):
-    """DR's "+RA/RE" pipeline (ml-dr configs): RandomResizedCrop, flip, RandAugment(2, m), RandomErasing."""
-    return Compose([RandomResizedCrop(cfg.size, scale=(cfg.rrc_min, 1.0)), RandomHorizontalFlip(),
-                    RandAugment(2, cfg.ra_magnitude), RandomErasing(cfg.erase_p)])
+    """DR's "+RA/RE" pipeline (ml-dr configs): crop, flip, RandAugment(2, m), RandomErasing."""
+    return Compose([crop(cfg), RandomHorizontalFlip(), RandAugment(2, cfg.ra_magnitude), RandomErasing(cfg.erase_p)])
 
 
 def light_pipeline(cfg):
-    """The standard ERM pipeline: RandomResizedCrop + flip."""
-    return Compose([RandomResizedCrop(cfg.size, scale=(cfg.rrc_min, 1.0)), RandomHorizontalFlip()])
+    """The standard ERM pipeline: crop + flip."""
+    return Compose([crop(cfg), RandomHorizontalFlip()])
 
 
 def sample_mix(g, n, size, p):
@@ -468,20 +479,23 @@ def run_fit(model, loss_fn, get_batch, steps, cfg, dist, name, lr=None, fp=None,
 
 
 def train_teachers(train, C, cfg, dist):
-    """Both members train on the same heavy-augmented (+MixUp/CutMix, mixed one-hot labels) batches."""
+    """Both members train on the same augmented batches (teacher_aug=heavy: DR's pipeline + MixUp/CutMix with
+    mixed one-hot labels; light: crop + flip, see docs/reinforce.md for why light is the default here)."""
     dev = dist.device
     seed_all(cfg.seed + 1)
     ens = Ensemble(ints(cfg.teacher_widths), C).to(dev)
     if cfg.teacher_weights:
         load_weights(cfg.teacher_weights, ens)
         return ens.eval()
-    X, Y, pipe = train["x"], train["y"], heavy_pipeline(cfg)
+    X, Y = train["x"], train["y"]
+    pipe = heavy_pipeline(cfg) if cfg.teacher_aug == "heavy" else light_pipeline(cfg)
+    tc = cfg if cfg.teacher_aug == "heavy" else replace(cfg, mix_p=0.0)
     B = cfg.batch_size
 
     def get_batch(i):
         xs, ts = [], []
         for j in batch_idx(i, len(X), B, cfg.seed + 11, dist):
-            x, rec = draw_aug(pipe, X, j, np.random.default_rng([cfg.seed, 11, i, int(j)]), cfg)
+            x, rec = draw_aug(pipe, X, j, np.random.default_rng([cfg.seed, 11, i, int(j)]), tc)
             t = F.one_hot(Y[j], C).float() * mix_weight(rec["mix"], cfg.size)
             if rec["mix"]["kind"] != "none":
                 t += F.one_hot(Y[rec["mix"]["partner"]], C).float() * (1 - mix_weight(rec["mix"], cfg.size))
@@ -493,8 +507,8 @@ def train_teachers(train, C, cfg, dist):
         logits = m(x)  # (M, B, C)
         return sum(torch.sum(-t * F.log_softmax(lg, -1), -1).mean() for lg in logits)
 
-    fp = fingerprint(cfg, "seed", "size", "n_teacher", "teacher_widths", "teacher_epochs", "batch_size", "lr",
-                     "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data")
+    fp = fingerprint(cfg, "seed", "size", "n_teacher", "teacher_widths", "teacher_epochs", "teacher_aug", "batch_size",
+                     "lr", "crop", "crop_pad", "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data")
     run_fit(ens, loss_fn, get_batch, cfg.teacher_epochs * len(X) // B, cfg, dist, "teachers", fp=fp)
     return ens.eval()
 
@@ -547,8 +561,8 @@ def run_dr(cfg, dist, res, plots):
     teachers = train_teachers(tch, C, cfg, dist)
     res["teacher_acc"] = accuracy_ens(teachers, test, dist.device)
     dist.print(f"teachers: ensemble test accuracy {res['teacher_acc']:.4f}")
-    fp = fingerprint(cfg, "seed", "size", "n_train", "ns", "topk", "shard_size", "run_seed", "rrc_min",
-                     "ra_magnitude", "erase_p", "mix_p", "data",
+    fp = fingerprint(cfg, "seed", "size", "n_train", "ns", "topk", "shard_size", "run_seed", "crop", "crop_pad",
+                     "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data",
                      teachers=shard_fp(os.path.join(cfg.out, "teachers.safetensors")) or cfg.teacher_weights)
     res["reinforce_s"] = reinforce(teachers, train["x"], C, cfg, dist, fp)
     d = os.path.join(cfg.out, "reinforced")
@@ -610,7 +624,8 @@ def train_vfm(data, cfg, dist):
         g = np.random.default_rng([cfg.seed, 33, i])
         return torch.stack([light(X[j], g) for j in idx]).to(dev), M[idx].to(dev)
 
-    fp = fingerprint(cfg, "seed", "size", "n_vfm", "vfm_width", "vfm_epochs", "batch_size", "lr", "data")
+    fp = fingerprint(cfg, "seed", "size", "n_vfm", "vfm_width", "vfm_epochs", "batch_size", "lr", "crop", "crop_pad",
+                     "rrc_min", "data")
     run_fit(vfm, lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]), b[1]), get_batch,
             cfg.vfm_epochs * len(X) // B, cfg, dist, "vfm", fp=fp)
     return vfm.eval()
@@ -814,10 +829,13 @@ def main(argv=None):
         cfg = smoke_overrides(cfg)
     if cfg.mode not in ("dr", "transfer", "all"):
         raise SystemExit(f"config error: --mode={cfg.mode!r}; expected dr, transfer or all")
+    if cfg.teacher_aug not in ("light", "heavy") or cfg.crop not in ("pad", "rrc"):
+        raise SystemExit(f"config error: --teacher_aug={cfg.teacher_aug!r} (light|heavy), "
+                         f"--crop={cfg.crop!r} (pad|rrc)")
     if len(ints(cfg.teacher_widths)) < 2:
         raise SystemExit(f"config error: --teacher_widths={cfg.teacher_widths!r}; the ensemble needs >= 2 members")
-    if not 1 <= cfg.topk:
-        raise SystemExit(f"config error: --topk={cfg.topk}; expected >= 1")
+    if cfg.topk < 1 or cfg.ns < 1:
+        raise SystemExit(f"config error: --topk={cfg.topk}, --ns={cfg.ns}; expected >= 1")
     t0 = time.time()
     dist = setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -70,24 +71,24 @@ class Config:
     models: str = "vit,gpt"  # which experiments to run: vit, gpt or both (comma-separated)
     image_size: int = 32  # ViT input side (the world renders at this size; --data images are resized)
     patch: int = 8  # ViT patch size (32/8 -> 16 patches + class token)
-    context: int = 32  # GPT context length (tokens)
+    context: int = 24  # GPT context length (tokens)
     n_train: int = 6000  # training samples in memory (images + captions)
     n_test: int = 1000  # held-out samples for the final loss / accuracy
     n_eval: int = 400  # held-out samples (images or token windows) for the loss curves
     n_calib: int = 256  # calibration samples for activation statistics (images or token windows)
-    width: int = 96  # parent width D
+    width: int = 64  # parent width D
     layers: int = 6  # parent depth L
-    heads: int = 6  # parent heads (head dim = width / heads, kept by the child)
-    ffn: int = 384  # parent FFN hidden size
-    child_width: int = 48  # child width d (about half)
+    heads: int = 4  # parent heads (head dim = width / heads, kept by the child)
+    ffn: int = 256  # parent FFN hidden size
+    child_width: int = 32  # child width d (about half)
     child_layers: int = 4  # child depth (about two thirds)
-    child_heads: int = 3  # child heads; must equal child_width / head dim
-    child_ffn: int = 192  # child FFN hidden size
+    child_heads: int = 2  # child heads; must equal child_width / head dim
+    child_ffn: int = 128  # child FFN hidden size
     drop: str = "sim"  # block-removal rule: sim | middle | last (first and last blocks are always kept)
     scale: str = "sqrt"  # LayerNorm rescaling after slicing: sqrt (gamma * sqrt(D/d)) | none
-    parent_steps: int = 500  # parent training steps
+    parent_steps: int = 400  # parent training steps
     parent_lr: float = 2e-3  # parent peak learning rate
-    steps: int = 300  # child training steps (every run)
+    steps: int = 250  # child training steps (every run)
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # child learning-rate sweep (subclone and random init each)
     batch_size: int = 64  # global batch (images or token windows), split over torchrun ranks
     warmup: int = 20  # linear warm-up steps (parent and children)
@@ -96,16 +97,21 @@ class Config:
     ckpt_every: int = 100  # parent checkpoint interval (resumable)
     log_every: int = 50  # log.jsonl rows / printed lines every N steps
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    threads: int = 1  # torch CPU threads per process (0 = torch default); tiny models gain little from more
     parent_ckpt: str = ""  # clone command: parent checkpoint (a *_parent.safetensors of a run, or a clone output)
     clone_out: str = ""  # clone command: child checkpoint path (default {out}/{kind}_child.safetensors)
 
 
-def smoke_overrides(cfg):
+def smoke_overrides(cfg, keep=()):
+    """Tiny sizes for --smoke; fields given explicitly on the command line (keep) win."""
+    old = {k: getattr(cfg, k) for k in keep if hasattr(cfg, k)}
     cfg.n_train, cfg.n_test, cfg.n_eval, cfg.n_calib = 600, 200, 128, 64
     cfg.width, cfg.layers, cfg.heads, cfg.ffn = 32, 3, 2, 128
     cfg.child_width, cfg.child_layers, cfg.child_heads, cfg.child_ffn = 16, 2, 1, 64
-    cfg.parent_steps, cfg.steps, cfg.lrs, cfg.eval_every, cfg.warmup = 80, 40, (1e-3, 3e-3), 10, 5
+    cfg.parent_steps, cfg.parent_lr, cfg.steps, cfg.lrs, cfg.eval_every, cfg.warmup = 150, 3e-3, 40, (1e-3, 3e-3), 10, 5
     cfg.batch_size, cfg.context, cfg.log_every, cfg.ckpt_every = 32, 16, 20, 40
+    for k, v in old.items():
+        setattr(cfg, k, v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -690,13 +696,16 @@ def clone_cmd(cfg, dist):
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=COMMANDS)
     if cfg.smoke:
-        smoke_overrides(cfg)
+        argv = sys.argv[1:] if argv is None else argv
+        smoke_overrides(cfg, keep={a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")})
     kinds = [k.strip() for k in cfg.models.split(",") if k.strip()]
     if not kinds or any(k not in ("vit", "gpt") for k in kinds):
         raise SystemExit(f"config error: --models={cfg.models!r}; expected vit, gpt or vit,gpt")
     if cfg.drop not in ("sim", "middle", "last") or cfg.scale not in ("sqrt", "none"):
         raise SystemExit(f"config error: --drop={cfg.drop!r} (sim|middle|last), --scale={cfg.scale!r} (sqrt|none)")
     t0 = time.time()
+    if cfg.threads > 0:  # small matmuls: a second intra-op thread mostly spin-waits, badly so on shared cores
+        torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:
         raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")

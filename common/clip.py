@@ -24,7 +24,7 @@ import torch
 from common.config import config_to_dict, parse_config, print_table, save_json
 from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss
-from common.models import clip_tiny
+from common.models import CLIP, text_tiny, vit_tiny
 from common.tokenizer import world_tokenizer
 from common.train import fit, seed_all, setup_distributed
 from common.transforms import eval_transform, train_transform
@@ -43,7 +43,9 @@ class Config:
     lr: float = 2e-3  # peak learning rate (AdamW, cosine)
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
     warmup: int = 30  # linear warm-up steps
-    image_size: int = 32  # model input side; the world renders at this size
+    image_size: int = 64  # model input side; the world renders at this size
+    patch_size: int = 8  # ViT patch side: 64/8 -> 8x8 tokens, the same sequence length as clip_tiny's 32/4
+    stem: str = "patch"  # patch (linear patchify) | conv (4-2-2 conv stem, MobileCLIP-B / CatLIP)
     n_train: int = 8000  # training pairs held in memory
     n_test: int = 1000  # held-out pairs for zero-shot and retrieval
     caption: str = "caption"  # caption | alt_text (the world's accurate or noisy web-like text)
@@ -110,7 +112,7 @@ def main(argv=None):
 
     # ---- model and loss (same init on every rank; DDP also broadcasts rank 0's weights)
     seed_all(cfg.seed)
-    model = clip_tiny(tok.vocab_size, image_size=cfg.image_size).to(dist.device)
+    model = CLIP(vit_tiny(image_size=cfg.image_size, patch_size=cfg.patch_size, stem=cfg.stem), text_tiny(tok.vocab_size)).to(dist.device)
 
     def loss_fn(m, batch):
         img_f, txt_f, scale = m(*batch)

