@@ -107,8 +107,8 @@ class Config:
     ft_lr: float = 1e-3  # fine-tuning learning rate
 
 
-SMOKE = dict(n_train=300, n_test=300, n_teacher=400, teacher_epochs=3, ns=2, shard_size=100, epochs=6, batch_size=50,
-             teacher_widths="16,12", width=8, n_pool=600, n_transfer=100, n_vfm=400, vfm_epochs=3, vfm_width=16,
+SMOKE = dict(n_train=300, n_test=300, n_teacher=600, teacher_epochs=6, ns=2, shard_size=100, epochs=6, batch_size=50,
+             teacher_widths="12,8", width=8, n_pool=600, n_transfer=100, n_vfm=600, vfm_epochs=6, vfm_width=12,
              kd_epochs=4, ft_steps=20, log_every=10)
 
 

@@ -73,9 +73,9 @@ class Config:
     # SAM teacher
     sam_steps: int = 250  # SAM teacher steps
     sam_batch: int = 32  # (image, prompt) pairs a step
-    sam_lr: float = 1e-3  # peak lr
+    sam_lr: float = 3e-3  # peak lr
     dec_dim: int = 32  # mask decoder width (SAM: 256)
-    focal_w: float = 20.0  # focal : dice = 20 : 1 (SAM sec. 3, "Losses and training")
+    focal_w: float = 1.0  # focal : dice weight (SAM: 20 : 1; in miniature 20 collapses to empty masks, see docs)
     box_prob: float = 0.5  # probability that a training prompt is a box (else one foreground point)
     # SAM-CLIP merging
     head_layers: int = 2  # transformer blocks of the new CLIP head (SAM-CLIP sec. 3: "lightweight")
@@ -100,7 +100,7 @@ class Config:
     smoke: bool = False  # tiny run (< 60 s) for tests
 
 
-SMOKE = dict(width=32, layers=2, n_train=400, n_test=100, clip_steps=25, clip_batch=32, sam_steps=25, sam_batch=16,
+SMOKE = dict(width=32, layers=2, n_train=400, n_test=100, clip_steps=40, clip_batch=32, sam_steps=40, sam_batch=16,
              stage1_steps=10, stage2_steps=10, batch=16, replay_batch=8, n_probe=100, probe_steps=40, log_every=5,
              clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16)
 K = len(SHAPES) + 1  # semantic classes: 0 = background, 1 + shape id
@@ -401,12 +401,13 @@ def sam_loss(masks, iou, t, focal_w):
     return focal_w * focal_loss(masks, t) + dice_loss(masks, t) + F.mse_loss(iou, real)
 
 
-def si_log_loss(pred_log, target, valid):
-    """Scale-invariant log depth loss (Eigen et al. 2014): mean(d^2) - 0.5 mean(d)^2, d = pred - log(target), per image
-    over valid pixels. A global scale error of the expert (the noise we give it) costs nothing."""
+def si_log_loss(pred_log, target, valid, lam=1.0):
+    """Scale-invariant log depth loss (Eigen et al. 2014, eq. 4): mean(d^2) - lam * mean(d)^2, d = pred - log(target),
+    per image over valid pixels. lam = 1 is exactly invariant to a global scale, which is the error we give the depth
+    expert; Eigen's lam = 0.5 still charges 0.5 c^2 for a log-scale offset c."""
     d = (pred_log - target.clamp_min(1e-6).log()) * valid
     n = valid.flatten(1).sum(1).clamp_min(1)
-    return ((d ** 2).flatten(1).sum(1) / n - 0.5 * (d.flatten(1).sum(1) / n) ** 2).mean()
+    return ((d ** 2).flatten(1).sum(1) / n - lam * (d.flatten(1).sum(1) / n) ** 2).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------

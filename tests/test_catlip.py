@@ -92,12 +92,14 @@ def test_caption_labels_real_wordnet(wordnet_dir):
     assert "photograph" not in lemmas and "photo" not in lemmas
     assert wn.key("image") == "n5928118"           # clip-family.md §2.2: unpadded offset
     assert wn.key("the") is None and wn.key("a") is None   # "a" -> angstrom.n.01: head lemma differs
+    # the world lexicon's colour/size words are WordNet nouns kept by corenet's rule (why WorldLexicon has them)
+    assert all(wn.key(w) is not None for w in catlip.COLORS + catlip.SIZES)
 
 
 def test_world_lexicon():
     lex = catlip.WorldLexicon()
-    assert catlip.caption_labels("Two Red CROSSES and a cross, IMG_2041.jpg stock photo", lex) == \
-        ["cross", "stock", "photo"]
+    assert catlip.caption_labels("Two Red CROSSES and a small cross, IMG_2041.jpg stock photo", lex) == \
+        ["red", "cross", "small", "stock", "photo"]
 
 
 def test_select_vocab_threshold_and_topk():
