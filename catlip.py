@@ -777,7 +777,7 @@ def main(argv=None):
         fl_tr, fl_te = features(clip.visual, train["images"][:P], dev), features(clip.visual, test["images"], dev)
         ytr, yte = torch.as_tensor(train["labels"][:P]), torch.as_tensor(test["labels"])
         if (ytr < 0).any() or (yte < 0).any():
-            raise SystemExit("evaluation needs a class label per sample (the world's \"label\" key in the shards' json)")
+            raise SystemExit("evaluation needs a class label per sample (the world's 'label' key in the shards' json)")
         probes = {"catlip_linear_probe_acc": linear_probe(fc_tr, ytr, fc_te, yte, num_classes=len(SHAPES)),
                   "clip_linear_probe_acc": linear_probe(fl_tr, ytr, fl_te, yte, num_classes=len(SHAPES)),
                   "catlip_knn_acc": knn_accuracy(fc_tr, ytr, fc_te, yte, k=cfg.knn_k),

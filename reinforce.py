@@ -386,7 +386,8 @@ def load_images(cfg, split, n, start=0):
     else:
         from common.data import make_dataset
         ds = make_dataset(cfg.data, split=split, seed=cfg.seed, size=cfg.size, rank=0, world_size=1)
-        stream = (ds[j] for j in range(len(ds))) if hasattr(ds, "__getitem__") else iter(ds)
+        iterable = isinstance(ds, torch.utils.data.IterableDataset)
+        stream = iter(ds) if iterable else (ds[j] for j in range(len(ds)))
         rows = [s for _, s in zip(range(start + n), stream)][start:]
         if len(rows) < n or any("label" not in r for r in rows):
             raise SystemExit(f"--data={cfg.data!r} ({split}): need {start + n} samples with a 'label', got "
@@ -570,13 +571,10 @@ def run_dr(cfg, dist, res, plots):
     res.update(ns=rdata[0]["ns"], topk=rdata[0]["topk"], storage_bytes_per_image=storage_bytes(d) / len(train["x"]))
     if cfg._command == "reinforce":
         return teachers
-    curves = {}
     for kind in ("erm", "kd", "dr"):
-        st, sec, losses = train_student(kind, train, C, cfg, dist, teachers, rdata if kind == "dr" else None)
+        st, sec, _ = train_student(kind, train, C, cfg, dist, teachers, rdata if kind == "dr" else None)
         res[f"{kind}_acc"], res[f"{kind}_epoch_s"] = accuracy(st, test["x"], test["y"], dist.device), sec
-        curves[kind] = losses
         dist.print(f"{kind}: test accuracy {res[f'{kind}_acc']:.4f}, {sec:.2f} s/epoch")
-    plots["curves"] = curves
     plots["samples"] = (train, rdata)
     return teachers
 

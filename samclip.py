@@ -124,7 +124,7 @@ def backbone(cfg):
 # the SAM-shaped teacher: image encoder (common ViT) + prompt encoder + two-way mask decoder (SAM sec. 3, App. A)
 
 class FourierPE(nn.Module):
-    """SAM's PositionEmbeddingRandom: p in [0,1]^2 -> [sin(2 pi (2p-1) G), cos(...)] with a fixed Gaussian G (2, D/2)."""
+    """SAM's PositionEmbeddingRandom: p in [0,1]^2 -> [sin(2 pi (2p-1) G), cos(..)], fixed Gaussian G (2, D/2)."""
 
     def __init__(self, D, seed=0):
         super().__init__()
@@ -158,7 +158,8 @@ class XAttn(nn.Module):
 
     def __init__(self, D, heads=2):
         super().__init__()
-        self.h, self.q, self.k, self.v, self.o = heads, nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.h = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
 
     def forward(self, q, k, v):
         B, split = q.shape[0], (lambda x: x.view(B, x.shape[1], self.h, -1).transpose(1, 2))
@@ -321,7 +322,8 @@ def load_data(cfg, split, n, start=0):
     ds = make_dataset(cfg.data, split=split, seed=cfg.seed, n=start + n, rank=0, world_size=1, require=req)
     rows = [s for s, _ in zip(ds, range(start + n))][start:]
     if len(rows) < n:
-        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples with {req}, need {start + n}")
+        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples with {req}, "
+                         f"need {start + n}")
     rs = lambda a, m: np.asarray(Image.fromarray(a).resize((S, S), m)) if a.shape[0] != S else a  # noqa: E731
     return {"images": np.stack([rs(np.asarray(s["image"], np.uint8), Image.BILINEAR) for s in rows]),
             "labels": np.array([s.get("label", 0) for s in rows], np.int64),
@@ -764,7 +766,8 @@ def main(argv=None):
                                                                 - res["merged_zeroshot_acc"] <= 0.05)
         eff["zero-shot seg > 2x chance"] = res["zeroshot_seg_miou_coarse"] > 2 * res["chance_seg_miou"]
         if cfg.refine:
-            eff["SAM refinement raises zero-shot seg"] = res["zeroshot_seg_miou_refined"] > res["zeroshot_seg_miou_coarse"]
+            eff["SAM refinement raises zero-shot seg"] = (res["zeroshot_seg_miou_refined"]
+                                                          > res["zeroshot_seg_miou_coarse"])
     if zoo_on:
         eff["zoo improves dense seg probe"] = res["zoo_dense_miou"] > res["clip_dense_miou"]
         eff["zoo improves depth probe"] = res["zoo_depth_rmse"] < res["clip_depth_rmse"]

@@ -28,7 +28,7 @@ Run:
   python subclone.py --smoke               # tiny end-to-end run (< 60 s on 2 quiet cores)
   python subclone.py --models=gpt          # one model only
   python subclone.py clone --parent_ckpt=runs/subclone/vit_parent.safetensors --clone_out=child.safetensors \
-      --child_width=48 --child_layers=4 --child_heads=3 --child_ffn=192 --drop=sim     # subclone one checkpoint
+      --child_width=32 --child_layers=4 --child_heads=2 --child_ffn=128 --drop=sim     # subclone one checkpoint
   torchrun --nproc_per_node=2 subclone.py --smoke                                     # data parallel (gloo on CPU)
   python subclone.py --data='shards/{split}-{000..009}.tar'   # exported world / real shards (image, label, caption)
 """

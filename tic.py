@@ -65,13 +65,13 @@ class Config:
     device: str = ""  # cpu | cuda (default: cuda if available)
     time_steps: str = "2014-2016,2017-2018,2019-2020,2021-2022"  # year groups, one per time step
     strategies: str = "restart,sequential,cumulative_all,cumulative_exp,cumulative_equal,oracle"  # also: lwf
-    steps: int = 150  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
+    steps: int = 120  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
     batch_size: int = 64  # global batch (split over torchrun ranks)
     lr: float = 2e-3  # peak learning rate (AdamW, cosine to 0 within every time step)
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
     warm_start_warmup: int = 0  # warm-up steps after a warm start (the official scripts pass --warmup 0)
-    n_train: int = 2500  # training pairs per time step (|D_t|)
+    n_train: int = 2000  # training pairs per time step (|D_t|)
     n_eval: int = 300  # held-out pairs per time step
     buffer: int = 0  # old-data buffer size for cumulative_exp/equal (0 -> n_train, i.e. |D|)
     lwf_weight: float = 1.0  # weight of the distillation term of the lwf strategy

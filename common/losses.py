@@ -36,20 +36,21 @@ class _GatherWithGrad(torch.autograd.Function):
         return g[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
 
 
-def gather_features(x):
-    """x: (B, D) local -> (all (W*B, D) in rank order, rank); identity (x, 0) when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def gather_features(x, gather=True):
+    """x: (B, D) local -> (all (W*B, D) in rank order, rank); identity (x, 0) when not distributed or gather=False
+    (e.g. one rank evaluating or timing a loss on its own inside a torchrun job)."""
+    if not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return _GatherWithGrad.apply(x), dist.get_rank()
 
 
-def clip_loss(img_f, txt_f, logit_scale):
+def clip_loss(img_f, txt_f, logit_scale, gather=True):
     """img_f, txt_f: (B, D) L2-normalised local features; logit_scale: the temperature multiplier exp(t) (scalar).
     Mean of image->text and text->image cross-entropy; local rows vs gathered columns, labels offset by rank*B.
-    Logits in at least fp32 (autocast-safe)."""
+    Logits in at least fp32 (autocast-safe). gather=False: this rank's batch only (no collective)."""
     img_f, txt_f = _fp32(img_f), _fp32(txt_f)
-    all_img, rank = gather_features(img_f)
-    all_txt, _ = gather_features(txt_f)
+    all_img, rank = gather_features(img_f, gather)
+    all_txt, _ = gather_features(txt_f, gather)
     B = img_f.shape[0]
     labels = torch.arange(B, device=img_f.device) + rank * B
     logits_i = logit_scale * img_f @ all_txt.T                          # (B, W*B)
@@ -57,12 +58,12 @@ def clip_loss(img_f, txt_f, logit_scale):
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
-def siglip_loss(img_f, txt_f, logit_scale, logit_bias):
+def siglip_loss(img_f, txt_f, logit_scale, logit_bias, gather=True):
     """SigLIP: -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z = +1 on matching pairs, -1 elsewhere (§3.1).
     Distributed: local images against all gathered texts (the other ranks' texts are negatives; the paper's chunked
     ring exchange computes the same sum), divided by the local B -- DDP's mean over ranks gives the global loss."""
     img_f, txt_f = _fp32(img_f), _fp32(txt_f)
-    all_txt, rank = gather_features(txt_f)
+    all_txt, rank = gather_features(txt_f, gather)
     B = img_f.shape[0]
     logits = logit_scale * img_f @ all_txt.T + logit_bias              # (B, W*B)
     z = -torch.ones_like(logits)

@@ -421,7 +421,7 @@ class World:
         if split not in SPLITS:
             raise ValueError(f"World: split={split!r}; expected one of {list(SPLITS)}")
         if not (isinstance(size, (int, np.integer)) and 16 <= size <= 512):
-            raise ValueError(f"World: size={size!r}; expected an int in 16..512 (designed for 32..256)")
+            raise ValueError(f"World: size={size!r}; expected an int in 16..512 (designed and tested for 32..256)")
         if seed < 0:
             raise ValueError(f"World: seed={seed}; expected a non-negative int")
         if years is not None:

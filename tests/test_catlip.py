@@ -1,5 +1,6 @@
 """catlip.py: caption -> synset mining (hand-written WordNet fixture + real WordNet when present), vocabulary
-selection, Transfer Init row mapping, one --smoke run that must learn, one 2-process torchrun smoke on exported shards."""
+selection, Transfer Init row mapping, one --smoke run that must learn, one 2-process torchrun smoke on exported
+shards."""
 import json
 import os
 import subprocess
@@ -167,6 +168,6 @@ def test_torchrun_on_exported_shards(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
     assert KEYS <= set(res) and res["world_size"] == 2 and res["bench"]["world_size"] == 2
-    assert res["samples_seen"] == 8 * 32
+    assert res["samples_seen"] == 8 * json.load(open(out / "config.json"))["batch_size"]
     v = json.load(open(out / "vocab.json"))
     assert v["fingerprint"]["data"] == str(data) and v["entries"][0]["count"] >= v["entries"][-1]["count"]
