@@ -67,7 +67,8 @@ class Config:
     strategies: str = "restart,sequential,cumulative_all,cumulative_exp,cumulative_equal,oracle"  # also: lwf
     steps: int = 120  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
     batch_size: int = 64  # global batch (split over torchrun ranks)
-    lr: float = 2e-3  # peak learning rate (AdamW, cosine to 0 within every time step)
+    lr: float = 2e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
+    warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr); see the note in train_time_step
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
     warm_start_warmup: int = 0  # warm-up steps after a warm start (the official scripts pass --warmup 0)
@@ -94,7 +95,8 @@ SMOKE = dict(steps=30, n_train=400, n_eval=100, batch_size=32, warmup=5, width=6
              text_layers=1, embed_dim=64, log_every=10, time_steps="2014-2016,2017-2019,2020-2022")
 
 # fields that change what a checkpoint contains: a checkpoint in --out is reused only when these match
-TRAIN_KEYS = ["seed", "data", "time_steps", "steps", "batch_size", "lr", "weight_decay", "warmup", "warm_start_warmup",
+TRAIN_KEYS = ["seed", "data", "time_steps", "steps", "batch_size", "lr", "warm_lr", "weight_decay", "warmup",
+              "warm_start_warmup",
               "n_train", "buffer", "lwf_weight", "image_size", "patch_size", "width", "layers", "text_width",
               "text_layers", "context", "embed_dim", "caption"]
 
@@ -250,8 +252,13 @@ def train_time_step(cfg, dist, model, images, tokens, pool, steps, name, warm, t
         kd = lwf_loss(img_f, txt_f, scale, t_img, t_txt, t_scale)
         return loss + cfg.lwf_weight * kd, {"lwf": float(kd)}
 
-    opt = make_optimizer(unwrap(model), cfg.lr, cfg.weight_decay)
-    hist = fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=cfg.lr,
+    # A warm start gets fresh AdamW moments, so its first updates move every weight by ~lr regardless of the gradient
+    # scale. TiC-CLIP keeps the peak lr (5e-4 at batch 4096-90k); our from-scratch lr of 2e-3 made warm-started steps
+    # spike (loss 1.8 -> 2.9 within 50 steps in our first default run) and one replay run never recovered, hence a
+    # separate, lower peak lr for warm starts (still no warm-up, as in the official --warmup 0).
+    lr = (cfg.warm_lr or cfg.lr) if warm else cfg.lr
+    opt = make_optimizer(unwrap(model), lr, cfg.weight_decay)
+    hist = fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=lr,
                weight_decay=cfg.weight_decay, warmup=cfg.warm_start_warmup if warm else cfg.warmup, optimizer=opt,
                resume=cfg.reuse if resume is None else resume, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, ckpt_every=0,
                config=config_to_dict(cfg))

@@ -97,7 +97,7 @@ def test_warm_start_resets_optimizer_and_schedule(tmp_path):
     assert steps == {cfg.steps}  # not 2 * steps: the optimizer was not carried over
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     b_rows = [r for r in rows if r.get("run") == "b"]
-    assert b_rows and b_rows[0]["step"] == 1 and b_rows[0]["lr"] == pytest.approx(cfg.lr)  # no warm-up, fresh cosine
+    assert b_rows and b_rows[0]["step"] == 1 and b_rows[0]["lr"] == pytest.approx(cfg.warm_lr)  # no warm-up, fresh cosine
     a_rows = [r for r in rows if r.get("run") == "a"]
     assert a_rows[0]["lr"] < cfg.lr  # the from-scratch run did warm up
     assert any(not torch.equal(w[k], v) for k, v in model.state_dict().items())  # it trained from the warm weights
