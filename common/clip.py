@@ -24,7 +24,7 @@ import torch
 from common.config import config_to_dict, parse_config, print_table, save_json
 from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss
-from common.models import CLIP, text_tiny, vit_tiny
+from common.models import clip_tiny
 from common.tokenizer import world_tokenizer
 from common.train import fit, seed_all, setup_distributed
 from common.transforms import eval_transform, train_transform
@@ -38,22 +38,20 @@ class Config:
     seed: int = 0  # world, init, data order and augmentation all follow from it
     data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
     device: str = ""  # cpu | cuda (default: cuda if available)
-    steps: int = 400  # optimizer steps
+    steps: int = 160  # optimizer steps
     batch_size: int = 128  # global batch (split over torchrun ranks); CLIP negatives = batch_size - 1
     lr: float = 2e-3  # peak learning rate (AdamW, cosine)
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
-    warmup: int = 30  # linear warm-up steps
-    image_size: int = 64  # model input side; the world renders at this size
-    patch_size: int = 8  # ViT patch side: 64/8 -> 8x8 tokens, the same sequence length as clip_tiny's 32/4
-    stem: str = "patch"  # patch (linear patchify) | conv (4-2-2 conv stem, MobileCLIP-B / CatLIP)
+    warmup: int = 15  # linear warm-up steps
+    image_size: int = 32  # model input side (clip_tiny: 4 px patches); the world renders at this size
     n_train: int = 8000  # training pairs held in memory
     n_test: int = 1000  # held-out pairs for zero-shot and retrieval
     caption: str = "caption"  # caption | alt_text (the world's accurate or noisy web-like text)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     compile: bool = False  # torch.compile the model
-    ckpt_every: int = 100  # checkpoint every N steps (and at the end)
+    ckpt_every: int = 50  # checkpoint every N steps (and at the end)
     resume: bool = False  # continue from {out}/clip.safetensors
-    log_every: int = 25  # log.jsonl row + printed line every N steps
+    log_every: int = 20  # log.jsonl row + printed line every N steps
     smoke: bool = False  # tiny run (< 60 s) for tests
 
 
@@ -112,7 +110,7 @@ def main(argv=None):
 
     # ---- model and loss (same init on every rank; DDP also broadcasts rank 0's weights)
     seed_all(cfg.seed)
-    model = CLIP(vit_tiny(image_size=cfg.image_size, patch_size=cfg.patch_size, stem=cfg.stem), text_tiny(tok.vocab_size)).to(dist.device)
+    model = clip_tiny(tok.vocab_size, image_size=cfg.image_size).to(dist.device)
 
     def loss_fn(m, batch):
         img_f, txt_f, scale = m(*batch)
