@@ -15,7 +15,6 @@ randomness) are restored from the checkpoint, so a run killed after a checkpoint
 weights to an uninterrupted run on the same device and world size.
 """
 import contextlib
-import dataclasses
 import json
 import math
 import os
