@@ -109,11 +109,16 @@ def _standardise(train, *others):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=1e-2, wd=1e-4, batch_size=4096, seed=0,
-                 num_classes=None):
+                 num_classes=None, return_head=False):
     """Logistic-regression probe accuracy. Features standardised with train statistics; zero-initialised weights;
     AdamW with cosine lr for `epochs` passes (full batch when N <= batch_size, else shuffled minibatches from a
-    torch.Generator(seed)). Deterministic."""
-    Xtr, Xte = _standardise(_t(train_f).float(), _t(test_f).float())
+    torch.Generator(seed)). Deterministic.
+
+    return_head=True returns (acc, head): head(features (M, D)) -> logits (M, C), applying the same standardisation
+    (e.g. to label a transfer set with an adapted model)."""
+    trf = _t(train_f).float()
+    mu, sd = trf.mean(0, keepdim=True), trf.std(0, keepdim=True).clamp_min(1e-6)
+    Xtr, Xte = _standardise(trf, _t(test_f).float())
     ytr, yte = _t(train_y).long(), _t(test_y).long()
     C = num_classes or int(max(ytr.max(), yte.max())) + 1
     W = torch.zeros(Xtr.shape[1], C, requires_grad=True)
@@ -136,7 +141,11 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=1e-2, wd=1e-4,
                 opt.step()
                 it += 1
     with torch.no_grad():
-        return ((Xte @ W + b).argmax(1) == yte).float().mean().item()
+        acc = ((Xte @ W + b).argmax(1) == yte).float().mean().item()
+    if not return_head:
+        return acc
+    W, b = W.detach(), b.detach()
+    return acc, lambda f: ((_t(f).float() - mu) / sd) @ W + b
 
 
 @torch.no_grad()

@@ -317,9 +317,13 @@ def text_tiny(vocab_size, context_length=32, width=128, layers=3, heads=4, embed
     return TextTransformer(vocab_size, context_length, width, layers, heads, embed_dim, **kw)
 
 
-def clip_tiny(vocab_size, image_size=32, embed_dim=128, **kw):
-    """vit_tiny + text_tiny; kw go to CLIP (e.g. siglip=True)."""
-    return CLIP(vit_tiny(image_size=image_size, embed_dim=embed_dim), text_tiny(vocab_size, embed_dim=embed_dim), **kw)
+def clip_tiny(vocab_size, image_size=32, embed_dim=128, patch_size=8, stem="conv", **kw):
+    """vit_tiny with the 4-2-2 conv stem and 8 px patches (16 tokens at 32 px) + text_tiny; kw go to CLIP
+    (e.g. siglip=True). Why the conv stem: on the world's shape task a supervised vit_tiny reaches 0.68 accuracy in
+    36 s with it (8 px patches) vs 0.24 in 119 s with 4 px linear patches (160 steps x 128, 2 CPU cores); a
+    contrastive CLIP with linear patches never encodes shape at all in a 3-minute budget (linear probe = majority)."""
+    return CLIP(vit_tiny(image_size=image_size, patch_size=patch_size, stem=stem, embed_dim=embed_dim),
+                text_tiny(vocab_size, embed_dim=embed_dim), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

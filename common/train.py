@@ -70,6 +70,11 @@ def setup_distributed(device=None):
     if rank == -1:
         return Dist(device=device)
     world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
+    if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU ranks on one machine: share the cores (torch's default of all cores per rank oversubscribes them,
+        # and OpenMP spin-waiting then makes every step several times slower)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)

@@ -21,6 +21,7 @@ Sampling algorithms follow torchvision's (RandomResizedCrop: 10 attempts then a 
 factors in [max(0, 1-x), 1+x] applied in random order; RandAugment: 14 ops, 31 magnitude bins, random sign;
 RandomErasing: 10 attempts else no-op), reimplemented from their documented behaviour.
 """
+import functools
 import math
 
 import numpy as np
@@ -392,12 +393,18 @@ def _dequant(u8):
     return u8.float().div(255.0)
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(H, W):
+    """float64 (H, W) pixel-centre grids yy, xx, cached: building them was most of a RandAugment op's cost."""
+    ys = torch.arange(H, dtype=torch.float64) + 0.5
+    xs = torch.arange(W, dtype=torch.float64) + 0.5
+    return torch.meshgrid(ys, xs, indexing="ij")
+
+
 def _affine(img, inv, interpolation="nearest", fill=0.0):
     """Warp (C, H, W) with `inv`: a 2x3 matrix mapping output pixel-centre coords (x, y) to input coords."""
     C, H, W = img.shape
-    ys = torch.arange(H, dtype=torch.float64) + 0.5
-    xs = torch.arange(W, dtype=torch.float64) + 0.5
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    yy, xx = _pixel_centres(H, W)
     a, b, c = inv[0]
     d, e, f = inv[1]
     xi = a * xx + b * yy + c

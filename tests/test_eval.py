@@ -125,6 +125,16 @@ def test_linear_probe_and_knn_separate_signal_from_noise():
     assert linear_probe(xtr, ytr, xte, yte, epochs=20, batch_size=64) > 0.9
 
 
+def test_linear_probe_returns_a_head_that_reproduces_its_accuracy():
+    xtr, ytr = _blobs(400)
+    xte, yte = _blobs(200, seed=1)
+    acc, head = linear_probe(xtr, ytr, xte, yte, epochs=50, return_head=True)
+    logits = head(xte)
+    assert logits.shape == (200, 4)
+    assert (logits.argmax(1) == yte).float().mean().item() == acc  # same standardisation + weights
+    assert acc == linear_probe(xtr, ytr, xte, yte, epochs=50)
+
+
 def test_extract_features_batches_and_converts():
     imgs = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     f = extract_features(lambda x: x.mean(dim=(2, 3)), imgs, batch_size=3)
