@@ -9,7 +9,10 @@ lightweight CLIP head (transformer blocks over patch tokens, mean-pooled and pro
 frozen backbone, L_CLIP = 1 - cos(student, CLIP teacher). Stage 2 (multi-task distillation): unfrozen backbone at a
 lower lr, L = L_CLIP + lam * L_SAM, where L_SAM distills the SAM teacher's masks (focal + dice) on a small replay
 memory of SAM data. Ablation: stage 2 without replay (forgetting). Zero-shot semantic segmentation: per-patch
-CLIP-head embeddings vs class-name text embeddings (coarse), refined by point prompts to the SAM head.
+CLIP-head embeddings (MaskCLIP's value readout of the last head block) vs class-name text embeddings (coarse),
+refined by point prompts to the SAM head. Towers: every image encoder uses the 4-2-2 conv stem (it learns the world's
+shapes far faster on a CPU budget than linear patches); the CLIP towers use 8 px patches (4x4 tokens at 32 px, as
+common.models.clip_tiny), the SAM encoder = merged backbone uses 4 px patches (8x8 tokens) so masks stay fine.
 --mode=zoo (CLIP meets Model Zoo Experts). Imperfect "experts" (the world's masks with label noise, depth with
 scale and pixel noise, normals from that depth) label the CLIP data offline (stored as .npy in --out, like a
 reinforced dataset); CLIP is trained with extra light dense heads (CE, scale-invariant log depth, 1 - cos normals)
@@ -57,8 +60,13 @@ class Config:
     device: str = ""  # cpu | cuda (default: cuda if available)
     mode: str = "all"  # merge (SAM-CLIP) | zoo (model-zoo experts) | all
     image_size: int = 32  # model input side
-    width: int = 64  # ViT / text width of every model (common vit_tiny / text_tiny with these sizes)
-    layers: int = 4  # ViT blocks (shared backbone, CLIP image tower)
+    width: int = 64  # width of the SAM encoder (= merged backbone) and of the SAM-CLIP heads
+    layers: int = 4  # ViT blocks of the SAM encoder (= merged backbone)
+    patch: int = 4  # SAM encoder patch: 4 px -> 8x8 tokens at 32 px, fine enough for 32x32 masks (decoder: 4x up)
+    stem: str = "conv"  # SAM encoder stem: conv (4-2-2 stem, here 1-2-2 for patch 4) | patch (linear patches)
+    clip_width: int = 96  # CLIP towers' width (teacher and zoo CLIP)
+    clip_layers: int = 4  # CLIP image tower blocks
+    clip_patch: int = 8  # CLIP image patch: 8 px conv stem (16 tokens), as common.models.clip_tiny
     text_layers: int = 2  # text transformer blocks
     heads: int = 4  # attention heads
     n_train: int = 3000  # training images held in memory (CLIP data = SAM data pool)
@@ -67,8 +75,8 @@ class Config:
     threads: int = 1  # torch intra-op threads per process (0 = torch default); see main() for why 1
     log_every: int = 25  # log.jsonl row every N steps
     # CLIP teacher (= the plain-CLIP baseline of zoo mode)
-    clip_steps: int = 200  # CLIP teacher / zoo CLIP optimizer steps
-    clip_batch: int = 64  # global contrastive batch
+    clip_steps: int = 300  # CLIP teacher / zoo CLIP optimizer steps
+    clip_batch: int = 128  # global contrastive batch
     clip_lr: float = 2e-3  # peak lr (AdamW, cosine)
     # SAM teacher
     sam_steps: int = 250  # SAM teacher steps
@@ -78,17 +86,21 @@ class Config:
     focal_w: float = 1.0  # focal : dice weight (SAM: 20 : 1; in miniature 20 collapses to empty masks, see docs)
     box_prob: float = 0.5  # probability that a training prompt is a box (else one foreground point)
     # SAM-CLIP merging
+    # D_CLIP (images only, embedded once by the CLIP teacher): the n_train teacher images + unseen world images, since
+    # the paper distills on far more images (40M) than SAM's replay; with --data it is capped at n_train
+    n_distill: int = 6000  # D_CLIP images for CLIP distillation (n_train teacher images + unseen world images)
     head_layers: int = 2  # transformer blocks of the new CLIP head (SAM-CLIP sec. 3: "lightweight")
     stage1_steps: int = 100  # head probing on the frozen backbone
-    stage2_steps: int = 150  # multi-task distillation
+    stage2_steps: int = 300  # multi-task distillation
     batch: int = 32  # global CLIP-distillation batch (images only: distillation needs no text)
     replay_batch: int = 16  # global SAM replay batch per replay step
     head_lr: float = 2e-3  # lr of the heads (stage 1 and 2)
-    backbone_lr_scale: float = 0.1  # stage-2 backbone lr = head_lr * this (paper: smaller lr for the backbone)
+    backbone_lr_scale: float = 0.5  # stage-2 backbone lr = head_lr * this (paper: smaller lr for the backbone)
     lam: float = 1.0  # weight of L_SAM in stage 2 (L = L_CLIP + lam * L_SAM)
     replay_frac: float = 0.1  # replay memory = this fraction of the SAM teacher's images (paper: ~5.7% of SA-1B)
     replay_ratio: float = 1.0  # fraction of stage-2 steps that draw a SAM replay batch (paper: every step)
     prompts_per_image: int = 4  # stored (prompt, teacher mask) pairs per replay image
+    dense_readout: str = "value"  # zero-shot seg per-patch readout: value (MaskCLIP) | attn (plain head output)
     refine: bool = True  # refine zero-shot segmentation with SAM-head point prompts
     n_points: int = 3  # max point prompts per class and image in the refinement
     # model zoo
@@ -100,9 +112,9 @@ class Config:
     smoke: bool = False  # tiny run (< 60 s) for tests
 
 
-SMOKE = dict(width=32, layers=2, n_train=400, n_test=100, clip_steps=40, clip_batch=32, sam_steps=40, sam_batch=16,
-             stage1_steps=10, stage2_steps=10, batch=16, replay_batch=8, n_probe=100, probe_steps=40, log_every=5,
-             clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16)
+SMOKE = dict(width=32, layers=2, clip_width=32, clip_layers=2, n_train=400, n_distill=600, n_test=100, clip_steps=40,
+             clip_batch=32, sam_steps=40, sam_batch=16, stage1_steps=10, stage2_steps=10, batch=16, replay_batch=8,
+             n_probe=100, probe_steps=40, log_every=5, clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16)
 K = len(SHAPES) + 1  # semantic classes: 0 = background, 1 + shape id
 
 
@@ -116,8 +128,11 @@ def norm_images(x):
 
 
 def backbone(cfg):
-    """The shared image encoder: common ViT (patch 4 at 32 px -> 8x8 tokens), no projection (width features)."""
-    return vit_tiny(cfg.image_size, width=cfg.width, layers=cfg.layers, heads=cfg.heads, embed_dim=None)
+    """The SAM encoder (= merged backbone): common ViT, patch 4 at 32 px -> 8x8 tokens (a finer grid than CLIP's 4x4:
+    the mask decoder upscales it only 4x), conv stem by default (it learns shapes far faster than linear patches on
+    CPU budgets; see docs). No projection: returns width features."""
+    return vit_tiny(cfg.image_size, cfg.patch, width=cfg.width, layers=cfg.layers, heads=cfg.heads, embed_dim=None,
+                    stem=cfg.stem)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,9 +267,17 @@ class CLIPHead(nn.Module):
         self.ln = nn.LayerNorm(W)
         self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, E))
 
-    def forward(self, tok):
-        for b in self.blocks:
-            tok = b(tok)
+    def forward(self, tok, value_readout=False):
+        """value_readout=True (MaskCLIP, Zhou et al. 2022, used only for dense zero-shot readout): the last block's
+        attention is replaced by its value path (each patch attends to itself), so a patch's embedding describes
+        that patch rather than the attention-mixed whole image."""
+        for i, b in enumerate(self.blocks):
+            if value_readout and i == len(self.blocks) - 1:
+                C, a = tok.shape[-1], b.attn
+                tok = tok + b.ls_1(a.out_proj(F.linear(b.ln_1(tok), a.in_proj.weight[2 * C:], a.in_proj.bias[2 * C:])))
+                tok = tok + b.ls_2(b.mlp(b.ln_2(tok)))
+            else:
+                tok = b(tok)
         dense = self.ln(tok) @ self.proj
         return dense.mean(1), dense
 
@@ -290,8 +313,9 @@ class ZooCLIP(nn.Module):
 
     def __init__(self, cfg, vocab, dense):
         super().__init__()
-        W, H = cfg.width, cfg.heads
-        self.clip = CLIP(vit_tiny(cfg.image_size, width=W, layers=cfg.layers, heads=H, embed_dim=W),
+        W, H = cfg.clip_width, cfg.heads
+        self.clip = CLIP(vit_tiny(cfg.image_size, cfg.clip_patch, width=W, layers=cfg.clip_layers, heads=H, embed_dim=W,
+                                  stem="conv"),
                          text_tiny(vocab, width=W, layers=cfg.text_layers, heads=H, embed_dim=W))
         self.head = nn.Linear(self.clip.visual.width, K + 4) if dense else None
 
@@ -418,7 +442,8 @@ def si_log_loss(pred_log, target, valid, lam=1.0):
 def tag(cfg, *fields, parent=""):
     """Short hash of the config fields a stage depends on (+ its parent's tag): the checkpoint name, so a changed
     config trains a new stage instead of silently reusing a stale one."""
-    keys = ("seed", "data", "image_size", "n_train", "width", "layers", "heads") + fields
+    keys = ("seed", "data", "image_size", "n_train", "width", "layers", "heads", "patch", "stem", "clip_width",
+            "clip_layers", "clip_patch") + fields
     s = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True) + parent
     return hashlib.sha1(s.encode()).hexdigest()[:8]
 
@@ -501,7 +526,8 @@ def build_replay(cfg, sam, tr, pairs, dev):
 
 
 def merge(cfg, dist, sam, t_emb, tr, mem, stage, replay, init=None):
-    """Stage 1 (stage="stage1"): frozen backbone and SAM head, train the CLIP head with 1 - cos to the teacher.
+    """tr: D_CLIP (its "images" row i pairs with the teacher embedding t_emb[i]); mem: the SAM replay memory.
+    Stage 1 (stage="stage1"): frozen backbone and SAM head, train the CLIP head with 1 - cos to the teacher.
     Stage 2: everything trainable, backbone at backbone_lr_scale x lr; L = L_CLIP + lam * L_SAM on replay batches
     (replay=False: L_CLIP only, the forgetting ablation). Returns the student."""
     seed_all(cfg.seed)
@@ -533,7 +559,10 @@ def merge(cfg, dist, sam, t_emb, tr, mem, stage, replay, init=None):
         return b
 
     def loss_fn(m, b):
-        # stage 1: nothing below the CLIP head requires grad, so autograd builds no graph through the backbone
+        # stage 1: nothing below the CLIP head requires grad, so autograd builds no graph through the backbone; the
+        # conv stem's BatchNorm must not update its running statistics either (fit() puts the model in train mode)
+        if s1:
+            st.enc.eval()
         f, sm = m(b["x"], b.get("xs"), b.get("c"), b.get("l"))
         l_clip = (1 - (f.float() * b["t"]).sum(-1)).mean()  # SAM-CLIP eq. 1: cosine distillation
         if sm is None:
@@ -544,8 +573,9 @@ def merge(cfg, dist, sam, t_emb, tr, mem, stage, replay, init=None):
                                                                                                       b["iou"])
         return l_clip + cfg.lam * l_sam, {"l_clip": l_clip.item(), "l_sam": l_sam.item()}
 
-    p = tag(cfg, "head_layers", "stage1_steps", "batch", "head_lr", parent=tag(cfg, "sam_steps", "sam_batch", "sam_lr",
-            "dec_dim", "focal_w", "box_prob", parent=tag(cfg, "clip_steps", "clip_batch", "clip_lr", "text_layers")))
+    p = tag(cfg, "n_distill", "head_layers", "stage1_steps", "batch", "head_lr", parent=tag(
+        cfg, "sam_steps", "sam_batch", "sam_lr", "dec_dim", "focal_w", "box_prob",
+        parent=tag(cfg, "clip_steps", "clip_batch", "clip_lr", "text_layers")))
     if not s1:
         p = tag(cfg, "stage2_steps", "replay_batch", "backbone_lr_scale", "lam", "replay_frac", "replay_ratio",
                 "prompts_per_image", parent=p) if replay else tag(cfg, "stage2_steps", "backbone_lr_scale", parent=p)
@@ -608,9 +638,10 @@ def eval_prompted(sam_fn, te, pairs, dev):
 
 
 @torch.no_grad()
-def zero_shot_seg(st, clf, te, refine, n_points, dev, bs=128):
+def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, bs=128):
     """SAM-CLIP sec. 4 zero-shot segmentation. Coarse: per-patch CLIP-head embeddings vs the text classifier (K, E)
-    (row 0 = background prompts), upsampled bilinearly, argmax. Refined: for each class found, prompt the SAM head
+    (row 0 = background prompts), upsampled bilinearly, argmax; value_readout: MaskCLIP's per-patch readout of the
+    CLIP head (see CLIPHead). Refined: for each class found, prompt the SAM head
     with the most confident uncovered patch centre (up to n_points per class) and paint the decoded mask with that
     class; pixels no mask claims are background. Returns coarse (n, H, W), refined (n, H, W) uint8."""
     S = te["images"].shape[1]
@@ -618,7 +649,7 @@ def zero_shot_seg(st, clf, te, refine, n_points, dev, bs=128):
     for j in range(0, len(te["images"]), bs):
         x = torch.from_numpy(te["images"][j:j + bs]).to(dev)
         tok, grid = st.enc.patch_tokens(norm_images(x))
-        dense = F.normalize(st.clip(tok)[1].float(), dim=-1)                     # (B, N, E)
+        dense = F.normalize(st.clip(tok, value_readout)[1].float(), dim=-1)      # (B, N, E)
         logit = (dense @ clf.to(dev).T).transpose(1, 2).reshape(len(x), K, *grid)
         prob = F.interpolate(logit * 100, size=(S, S), mode="bilinear", align_corners=False).softmax(1)
         conf, cls = prob.max(1)
@@ -677,6 +708,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
     if cfg.mode not in ("merge", "zoo", "all"):
         raise SystemExit(f"config error: --mode={cfg.mode!r}; expected merge, zoo or all")
+    if cfg.dense_readout not in ("value", "attn"):
+        raise SystemExit(f"config error: --dense_readout={cfg.dense_readout!r}; expected value or attn")
     t0 = time.time()
     if cfg.threads > 0:  # these models are tiny: one thread per process costs little on an idle machine, while two
         torch.set_num_threads(cfg.threads)  # spinning OpenMP threads on a shared/loaded CPU were 20x slower per step
@@ -700,13 +733,16 @@ def main(argv=None):
                                                                   "text_layers"))
     if merge_on:
         sam_t = train_sam(cfg, dist, tr, pairs)
+        # D_CLIP: with --data only the n_train training rows (rows after them may be the test images)
+        more = cfg.n_distill > cfg.n_train and not cfg.data
+        dc = {"images": (load_data(cfg, "train", cfg.n_distill) if more else tr)["images"][:cfg.n_distill]}
         with torch.no_grad():  # CLIP-teacher targets for D_CLIP, computed once (no augmentation in miniature)
-            t_emb = torch.cat([clip_t.clip.encode_image(norm_images(torch.from_numpy(tr["images"][j:j + 256]).to(dev)))
-                               .float().cpu() for j in range(0, cfg.n_train, 256)])
+            t_emb = torch.cat([clip_t.clip.encode_image(norm_images(torch.from_numpy(dc["images"][j:j + 256]).to(dev)))
+                               .float().cpu() for j in range(0, len(dc["images"]), 256)])
         mem = build_replay(cfg, sam_t, tr, pairs, dev)
-        s1 = merge(cfg, dist, sam_t, t_emb, tr, mem, "stage1", False)
-        s2 = merge(cfg, dist, sam_t, t_emb, tr, mem, "stage2", True, init=s1)
-        s2n = merge(cfg, dist, sam_t, t_emb, tr, mem, "stage2", False, init=s1)
+        s1 = merge(cfg, dist, sam_t, t_emb, dc, mem, "stage1", False)
+        s2 = merge(cfg, dist, sam_t, t_emb, dc, mem, "stage2", True, init=s1)
+        s2n = merge(cfg, dist, sam_t, t_emb, dc, mem, "stage2", False, init=s1)
     if zoo_on:
         lab = expert_labels(cfg, tr, dist)
         zoo = train_clip(cfg, dist, tr, tokens, dense_labels=lab, name="zoo_" + tag(
@@ -735,7 +771,11 @@ def main(argv=None):
         for key, m in (("merged_stage1", s1), ("merged", s2), ("merged_noreplay", s2n)):
             res[f"{key}_zeroshot_acc"] = zs(lambda x: m(x)[0])
             res[f"{key}_sam_miou"] = eval_prompted(sp(m), te, tp, dev)[2]
-        coarse, fine = zero_shot_seg(s2, seg_text_classifier(clip_t.clip, tok, dev), te, cfg.refine, cfg.n_points, dev)
+        seg_clf = seg_text_classifier(clip_t.clip, tok, dev)
+        coarse, fine = zero_shot_seg(s2, seg_clf, te, cfg.refine, cfg.n_points, dev, cfg.dense_readout == "value")
+        other = "attn" if cfg.dense_readout == "value" else "value"  # the other readout, reported for comparison
+        res[f"zeroshot_seg_miou_coarse_{other}"] = seg_miou(
+            zero_shot_seg(s2, seg_clf, te, False, 0, dev, other == "value")[0], te["seg"], K)
         rnd = np.random.default_rng(0).integers(0, K, size=te["seg"].shape)
         res.update(zeroshot_seg_miou_coarse=seg_miou(coarse, te["seg"], K),
                    zeroshot_seg_miou_refined=seg_miou(fine, te["seg"], K) if fine is not None else None,
