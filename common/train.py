@@ -484,6 +484,8 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
       atomic. Its "step" = optimizer steps completed; resume=True continues from there (returns at once when the
       checkpoint already has >= steps).
     amp: "auto" (bf16 on CUDA only) | "bf16" | "none". compile: torch.compile the model (saved weights stay clean).
+    Mode: fit() calls model.train() once. A frozen sub-module that holds BatchNorm (e.g. the conv stem of a probed
+      backbone) still updates its running statistics in train mode: put it back in eval() inside loss_fn.
     on_step(step, model, metrics): called after each optimizer step (step = steps completed), e.g. to clamp
       logit_scale or evaluate. A non-finite loss raises RuntimeError before the update, so the checkpoint on disk
       (and the in-memory weights) stay the last good ones.
