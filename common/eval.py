@@ -117,8 +117,8 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=1e-2, wd=1e-4,
     return_head=True returns (acc, head): head(features (M, D)) -> logits (M, C), applying the same standardisation
     (e.g. to label a transfer set with an adapted model)."""
     trf = _t(train_f).float()
-    mu, sd = trf.mean(0, keepdim=True), trf.std(0, keepdim=True).clamp_min(1e-6)
-    Xtr, Xte = _standardise(trf, _t(test_f).float())
+    mu, sd = trf.mean(0, keepdim=True), trf.std(0, keepdim=True).clamp_min(1e-6)  # kept for the returned head
+    Xtr, Xte = (trf - mu) / sd, (_t(test_f).float() - mu) / sd
     ytr, yte = _t(train_y).long(), _t(test_y).long()
     C = num_classes or int(max(ytr.max(), yte.max())) + 1
     W = torch.zeros(Xtr.shape[1], C, requires_grad=True)
