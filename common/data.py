@@ -1,11 +1,23 @@
-"""Real-data loading: webdataset-style tar shards (stdlib tarfile), image folders, dataset/loader helpers.
+"""The one data path of every script: sources (the synthetic world, tar shards, image folders) streamed as
+batches, split over ranks x DataLoader workers, shuffled, in endless epochs, resumable exactly after a kill.
 
-Tar shards follow the img2dataset / webdataset convention (conventions.md): members are grouped by key, where
-key = member path up to the first dot of its basename and the extension is the rest ("000123.seg.png" ->
-key "000123", ext "seg.png"). Members of one sample must be consecutive in the tar (as every writer does).
-Decoding (ext lower-cased):
+    src = open_source(cfg.data, "train", world=lambda split: World(cfg.seed, split, cfg.image_size), n=cfg.n_train)
+    stream = Stream(src, batch_size=B // dist.world_size, transform=fn, seed=cfg.seed,
+                    num_workers=cfg.num_workers, dist=dist)
+    fit(model, loss_fn, stream, ...)              # stream(i) is the batch of step i; fit checkpoints its state
+    test = read_samples(open_source(cfg.data, "test", ...), cfg.n_test)   # one pass, never the training stream
+    results["data"] = data_report([stream], [test], dist)                 # provenance (collective)
 
-    png jpg jpeg webp bmp ppm -> "image"  uint8 (H, W, 3) RGB
+Memory does not grow with the dataset: a consumer holds one shard's read position, a shuffle buffer of undecoded
+samples and one batch. (The world source can cache what it rendered, which is how a miniature stays fast: that is
+n_train samples, not the dataset.) The only per-sample state kept is one int64 hash per distinct training key and
+rank, for the provenance counts.
+
+Tar shards follow the img2dataset / webdataset convention: members are grouped by key, where key = member path up
+to the first dot of its basename and the extension is the rest ("000123.seg.png" -> key "000123", ext "seg.png").
+Members of one sample must be consecutive in the tar (as every writer does). Decoding (ext lower-cased):
+
+    png jpg jpeg webp bmp ppm -> "image"  uint8 (H, W, 3) RGB (grayscale, palette and RGBA converted)
     seg.png                   -> "seg"        uint8 (H, W)  (pixel values as stored: class ids)
     inst.png                  -> "instances"  uint8 (H, W)
     depth.npy                 -> "depth"      np.load(allow_pickle=False)
@@ -16,22 +28,21 @@ Decoding (ext lower-cased):
     anything else             -> raw bytes under its extension (decode_npy / decode_image help)
 
 plus "__key__". A shard exported by `common.world.export_shards` therefore yields exactly the keys of `World[i]`.
+Undecodable members, missing required fields and empty captions skip the sample; truncated or corrupt shards end
+early; everything skipped is counted (Stream.skipped, data_report) and warned about, never fatal.
 
-Distribution: `ShardDataset` splits work over R torchrun ranks x K DataLoader workers (T = R*K consumers, consumer
-id c = worker * R + rank), in the epoch's shard order (identical on every consumer). With S shards, the first
-(S // T) * T shards are split at shard level: consumer c reads shards c, c + T, ... (the cheap common case). The
-S % T left-over shards -- all of them when S < T -- are split at sample level: every consumer reads them and keeps
-sample i iff i % T == c (i counts samples of those shards, corrupt ones included, so the count agrees everywhere):
-no overlap and no loss, ranks stay balanced to within a few samples for equal-size shards, at the cost of each
-consumer reading (not decoding: foreign samples are skipped before decoding) up to T - 1 extra shards. DDP needs the
-same number of batches on every rank: use equal-size shards, or set epoch_length, which makes it exact.
+    python -m common.data bench --data=... [--image_size=224]     # loader images/s per worker + peak RSS
 """
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import re
+import sys
 import tarfile
+import time
 import warnings
 import zlib
 from collections import Counter
@@ -40,7 +51,7 @@ from glob import glob
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -202,7 +213,26 @@ def decode_sample(members, key):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# distribution helpers
+# keys: hashing, held-out fractions
+
+
+def key_hash(key):
+    """Stable 63-bit hash of a sample key (blake2b; Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def key_split(key, holdout):
+    """Which split a key of a single-stream dataset belongs to: u = key_hash / 2^63 in [0, 1); "test" if
+    u < holdout, "val" if holdout <= u < 2 * holdout, else "train". The same key always lands in the same split,
+    on every rank, worker and run, so a held-out sample can never reach training (no slicing, no wrap-around)."""
+    u = key_hash(key) / 2.0**63
+    return "test" if u < holdout else ("val" if u < 2 * holdout else "train")
+
+
+def _mix(*xs):
+    """Deterministic 63-bit seed from ints (SeedSequence hashing; Python's hash() is salted)."""
+    return int(np.random.SeedSequence([int(x) & 0xFFFFFFFF for x in xs]).generate_state(2, np.uint32).view(np.uint64)[0]
+               >> 1)
 
 
 def dist_info(rank=None, world_size=None):
@@ -216,394 +246,309 @@ def dist_info(rank=None, world_size=None):
     return (int(rank) if rank is not None else r), (int(world_size) if world_size is not None else w)
 
 
-def _mix(*xs):
-    """Deterministic 63-bit seed from ints (SeedSequence hashing; Python's hash() is salted)."""
-    return int(np.random.SeedSequence([int(x) & 0xFFFFFFFF for x in xs]).generate_state(2, np.uint32).view(np.uint64)[0]
-               >> 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# tar shards
+# sources: what to read. Each is a small picklable description (no open files), so DataLoader workers get a copy.
+#
+# A source turns (epoch, consumer c of T) into an iterator of raw items -- cheap handles (an index, or a key plus
+# the undecoded tar members) -- and decodes one raw item into a sample dict. Map-style sources (the world, folders,
+# a list of samples) walk a (seed, epoch)-seeded permutation of their n items and consumer c takes positions
+# c, c + T, ...; tar shards are dealt out to consumers per epoch (see ShardSource). Every item is read by exactly
+# one consumer per epoch. Skipping a raw item (resume, foreign samples) never decodes it.
 
 
-class ShardDataset(IterableDataset):
-    """Iterable over webdataset-style tar shards; yields sample dicts (module docstring for decoding/splitting).
+class WorldSource:
+    """The embedded synthetic world. n=None: unbounded -- consumer c renders indices c, c + T, c + 2T, ... forever
+    (no epochs, no memory). n: the first n indices of the world's split, in epochs. cache=True keeps each rendered
+    sample (only the `keep` fields, if given) so later epochs do not render again: the miniature's fast path."""
 
-    urls: pattern / list accepted by expand_urls. shuffle_buffer: sample shuffle buffer size (0 = file order; >0
-    also shuffles the shard order each epoch). seed: all randomness (shard order, buffer, resampling) derives from
-    (seed, epoch, rank, worker). epoch_length: exactly this many samples per epoch per rank (split over the rank's
-    workers); without resampling a pass that runs out starts another pass. resample: shards drawn with replacement
-    per consumer, an infinite stream unless epoch_length is set. require: keys a sample must have, else skipped
-    (e.g. ("image", "caption") for image-text training). rank/world_size: override torch.distributed / env.
-
-    Corrupt samples (undecodable member, missing required key), truncated/corrupt shards are skipped, counted in
-    `self.skipped` (Counter by reason; in DataLoader worker processes the counts live in the worker's copy) and
-    reported in one warning per epoch per consumer naming the shards. Call set_epoch(e) before iterating each
-    epoch (with persistent_workers=True the workers keep the epoch they were started with)."""
-
-    def __init__(self, urls, shuffle_buffer=0, seed=0, epoch_length=None, resample=False, require=("image",),
-                 rank=None, world_size=None):
-        super().__init__()
-        self.pattern = urls
-        self.urls = expand_urls(urls)
-        self.shuffle_buffer, self.seed, self.resample = int(shuffle_buffer), int(seed), bool(resample)
-        self.epoch_length = None if epoch_length is None else int(epoch_length)
-        self.require = tuple(require or ())
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.skipped = Counter()
-        self.yielded = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+    def __init__(self, world, n=None, cache=False, keep=None):
+        self.world, self.n, self.cache = world, (None if n is None else int(n)), bool(cache)
+        self.keep = None if keep is None else tuple(set(keep) | {"__key__"})
+        self.name = f"world(seed={world.seed}, split={world.split}, size={world.size})"
+        self._memo = {}
 
     def __len__(self):
-        """Samples per epoch on this rank; only defined when epoch_length is set."""
-        if self.epoch_length is None:
-            raise TypeError("ShardDataset has no length unless epoch_length is set")
-        return self.epoch_length
+        if self.n is None:
+            raise TypeError("an unbounded WorldSource has no length")
+        return self.n
 
-    # -- reading --
+    def key(self, i):
+        return f"{self.world.split}-{self.world._ykey}{int(i):09d}"
 
-    def _read_shard(self, url, report):
-        """Yield (key, {ext: bytes}) groups of one shard; a corrupt/truncated shard ends with a counted warning."""
-        key, group = None, {}
-        try:
-            with open(url, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                magic = f.read(6)
-                f.seek(0)
-                compressed = magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"
-                with tarfile.open(fileobj=f, mode="r|*") as tf:
-                    for m in tf:
-                        if not m.isfile():
-                            continue
-                        kx = split_name(m.name)
-                        if kx is None:
-                            continue
-                        k, ext = kx
-                        data = tf.extractfile(m).read()
-                        if k != key:
-                            if key is not None:
-                                yield key, group
-                            key, group = k, {}
-                        group[ext] = data
-                    end = tf.offset
-            # tarfile treats a file cut at a header boundary as a normal end; a complete archive has zero blocks
-            # after its last member, so a shorter file is truncated (and its last sample possibly incomplete)
-            if not compressed and size < end + 512:
-                raise tarfile.ReadError(f"truncated archive: {size} bytes, no end-of-archive block after byte {end}")
-            if key is not None:
-                yield key, group
-        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as err:
-            self._skip("bad_shard", url, report)
-            report.setdefault("errors", {})[url] = f"{type(err).__name__}: {err}"
-            if group:  # the sample being read when the shard broke may be incomplete
-                self._skip("truncated_sample", url, report)
-
-    def _skip(self, reason, url, report):
-        self.skipped[reason] += 1
-        report.setdefault(reason, Counter())[url] += 1
-
-    def _samples(self, urls, total, me, report):
-        """Decoded samples of `urls`, keeping every `total`-th group starting at `me` (sample-level split)."""
-        i = 0
-        for url in urls:
-            for key, group in self._read_shard(url, report):
-                mine = i % total == me
-                i += 1
-                if not mine:
-                    continue
-                try:
-                    s = decode_sample(group, key)
-                except ValueError as err:
-                    self._skip(str(err), url, report)
-                    continue
-                miss = [k for k in self.require if k not in s]
-                if miss:
-                    self._skip(f"missing_{miss[0]}", url, report)
-                    continue
-                yield s
-
-    def _stream(self, rank, world, worker, nw, report):
-        """One consumer's (unshuffled-by-buffer) sample stream for this epoch; infinite when resampling."""
-        # consumer id worker-major (shard j -> rank j % world) so ranks differ by at most one shard
-        total, me = world * nw, worker * world + rank
-        n = len(self.urls)
-        if self.resample:
-            g = np.random.default_rng(_mix(self.seed, self.epoch, rank, worker, 1))
-            while True:  # each consumer draws its own shards with replacement, n at a time
-                got = 0
-                for s in self._samples([self.urls[int(j)] for j in g.integers(0, n, size=n)], 1, 0, report):
-                    got += 1
-                    yield s
-                if not got:
-                    return
-                self._report(report, rank, worker, got)  # an infinite stream still reports every n shards
-                report.clear()
-        rep = 0
-        while True:
-            order = list(range(n))
-            if self.shuffle_buffer > 0:  # same shard order on every consumer: seeded by (seed, epoch, pass) only
-                order = [int(j) for j in np.random.default_rng(_mix(self.seed, self.epoch, rep, 2)).permutation(n)]
-            urls = [self.urls[j] for j in order]
-            k = (n // total) * total
-            got = False
-            for s in self._samples(urls[me:k:total], 1, 0, report):  # whole shards
-                got = True
-                yield s
-            for s in self._samples(urls[k:], total, me, report):  # the n % total left over: sample level
-                got = True
-                yield s
-            # another pass only when epoch_length asks for more samples than one pass holds
-            if self.epoch_length is None or not got:
-                return
-            rep += 1
-
-    def __iter__(self):
-        rank, world = dist_info(self.rank, self.world_size)
-        wi = get_worker_info()
-        worker, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
-        report = {}
-        quota = None
-        if self.epoch_length is not None:
-            quota = self.epoch_length // nw + (1 if worker < self.epoch_length % nw else 0)
-        if quota == 0:
-            return
-        src = self._stream(rank, world, worker, nw, report)
-        if self.shuffle_buffer > 0:
-            src = _shuffle(src, self.shuffle_buffer, np.random.default_rng(_mix(self.seed, self.epoch, rank, worker,
-                                                                               3)))
-        count = 0
-        try:
-            for s in src:
-                yield s
-                count += 1
-                self.yielded += 1
-                if quota is not None and count >= quota:
-                    break
-        finally:
-            src.close()
-            self._report(report, rank, worker, count)
-
-    def _report(self, report, rank, worker, count):
-        reasons = {k: v for k, v in report.items() if k != "errors"}
-        if not reasons:
-            return
-        parts = []
-        for reason, per in sorted(reasons.items()):
-            shards = ", ".join(f"{os.path.basename(u)} x{c}" for u, c in list(per.items())[:5])
-            more = f", +{len(per) - 5} shards" if len(per) > 5 else ""
-            parts.append(f"{reason}: {sum(per.values())} ({shards}{more})")
-        errs = "; ".join(f"{u}: {e}" for u, e in list(report.get("errors", {}).items())[:3])
-        warnings.warn(f"ShardDataset epoch {self.epoch} rank {rank} worker {worker}: yielded {count}, skipped "
-                      + "; ".join(parts) + (f"; shard errors: {errs}" if errs else ""), RuntimeWarning,
-                      stacklevel=2)
+    def decode(self, i):
+        if i in self._memo:
+            return self._memo[i]
+        s = self.world.sample(int(i))
+        if self.keep is not None:
+            s = {k: v for k, v in s.items() if k in self.keep}
+        if self.cache:
+            self._memo[i] = s
+        return s
 
 
-def _shuffle(src, size, g):
-    """Reservoir-style shuffle buffer: fill to `size`, then emit a random buffered sample per incoming one."""
-    buf = []
-    try:
-        for s in src:
-            if len(buf) < size:
-                buf.append(s)
-                continue
-            j = int(g.integers(0, size))
-            buf[j], s = s, buf[j]
-            yield s
-        while buf:
-            j = int(g.integers(0, len(buf)))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
-    finally:
-        src.close()
+class SampleSource:
+    """A list of ready sample dicts (each with "__key__"): for data a script built in memory."""
+
+    def __init__(self, samples, name="samples"):
+        self.samples, self.name = list(samples), name
+
+    def __len__(self):
+        return len(self.samples)
+
+    def key(self, i):
+        return self.samples[i]["__key__"]
+
+    def decode(self, i):
+        return self.samples[i]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# folders
+class FolderSource:
+    """Image folders, as a map-style source of n files.
 
+    root/CLASS/*.jpg       -> {"image", "label", "__key__": "CLASS/stem"}; .classes = sorted folder names
+    root/*.jpg + captions.jsonl lines {"file", "caption", ...} -> {"image", "caption", "__key__", ...extra}
 
-class _FolderBase(Dataset):
-    """Map-style dataset over image files that skips (counts, warns once per file) unreadable images."""
+    split: with holdout > 0, each class's files are ranked by key hash and the first round(holdout * n_class) are
+    "test", the next as many "val", the rest "train" -- a per-class split, so train and eval share every class
+    (a class-sorted "first n" cut would not). holdout=0 keeps every file."""
 
-    def __init__(self):
-        self.skipped = Counter()
-        self._bad = set()
-
-    def _load(self, i):
-        raise NotImplementedError
+    def __init__(self, root, split="train", holdout=0.0, extensions=FOLDER_EXTS):
+        self.root, self.split, self.holdout = os.fspath(root), split, float(holdout)
+        self.name = f"folder({self.root}, {split})"
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder {self.root!r} is not a directory")
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        index = os.path.join(self.root, "captions.jsonl")
+        groups = {}
+        self.classes, self.skipped = None, Counter()
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                for ln, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        d = json.loads(line)
+                        name, cap = d["file"], d["caption"]
+                        if not isinstance(cap, str):
+                            raise TypeError
+                    except Exception:  # noqa: BLE001 - any malformed line is skipped and counted
+                        self.skipped["bad_line"] += 1
+                        continue
+                    path = os.path.join(self.root, name)
+                    if not os.path.isfile(path):
+                        self.skipped["missing_file"] += 1
+                        continue
+                    extra = {k: v for k, v in d.items() if k not in ("file", "caption")}
+                    groups.setdefault(None, []).append((path, os.path.splitext(name)[0], {"caption": cap, **extra}))
+        else:
+            self.classes = sorted(d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)))
+            for c, cname in enumerate(self.classes):
+                d = os.path.join(self.root, cname)
+                for f in sorted(os.listdir(d)):
+                    if f.lower().endswith(exts):
+                        groups.setdefault(c, []).append((os.path.join(d, f), f"{cname}/{os.path.splitext(f)[0]}",
+                                                         {"label": c}))
+        if not groups:
+            raise FileNotFoundError(f"image folder {self.root!r}: no images; expected root/CLASS/*.jpg class folders "
+                                    "or root/*.jpg + captions.jsonl lines {\"file\": ..., \"caption\": ...}")
+        self.items = []
+        for _, its in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            if self.holdout > 0:
+                its = sorted(its, key=lambda it: key_hash(it[1]))
+                k = int(round(self.holdout * len(its)))
+                its = {"test": its[:k], "val": its[k:2 * k], "train": its[2 * k:]}[split]
+            self.items += its
+        if not self.items:
+            raise FileNotFoundError(f"image folder {self.root!r}: no {split!r} images with holdout={holdout}")
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
-        n = len(self.items)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {type(self).__name__} of {n} items at {self.root!r}")
-        i %= n
-        for j in range(n):  # return the next valid item rather than crash the run
-            k = (i + j) % n
-            path = self.items[k][0]
-            if path in self._bad:
+    def key(self, i):
+        return self.items[i][1]
+
+    def decode(self, i):
+        path, key, extra = self.items[i]
+        with open(path, "rb") as f:
+            b = f.read()
+        try:
+            img = decode_image(b)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError("bad_image") from err
+        return {"__key__": key, "image": img, **extra}
+
+
+class ShardSource:
+    """webdataset tar shards (module docstring for the layout and decoding).
+
+    Dealing shards to T = ranks x workers consumers, per epoch: every consumer computes the same (seed, epoch)
+    shard permutation; with S shards the first (S // T) * T go whole to consumers (c, c + T, ...), the S % T left
+    over (all of them when S < T) are split at sample level (sample j of those shards -> consumer j % T; foreign
+    samples are skipped before decoding). Every sample is read once per epoch, and ranks stay balanced to within a
+    shard. split/holdout: for a single stream without its own eval data, keep only keys whose key_split is `split`.
+    require: a sample lacking one of these fields (or with an empty caption) is skipped and counted."""
+
+    def __init__(self, urls, split=None, holdout=0.0, require=("image",)):
+        self.pattern, self.urls = urls, expand_urls(urls)
+        self.split, self.holdout, self.require = split, float(holdout), tuple(require or ())
+        self.name = f"shards({urls}{', ' + split if split and holdout else ''})"
+
+    def raw(self, epoch, c, T, seed, shuffle):
+        """(key, {ext: bytes}) groups of consumer c's share of `epoch`, in read order. Bad shards are counted in
+        the generator's .report (a dict reason -> count) by _read_shard."""
+        n = len(self.urls)
+        order = list(range(n))
+        if shuffle:  # the same shard order on every consumer
+            order = [int(j) for j in np.random.default_rng(_mix(seed, epoch, 2)).permutation(n)]
+        urls = [self.urls[j] for j in order]
+        k = (n // T) * T
+        for u in urls[c:k:T]:
+            yield from self._keep(_read_shard(u, self.report), 1, 0)
+        yield from self._keep((g for u in urls[k:] for g in _read_shard(u, self.report)), T, c)
+
+    def _keep(self, groups, T, c):
+        for j, (key, members) in enumerate(groups):
+            if j % T != c:
                 continue
-            try:
-                with open(path, "rb") as f:
-                    img = decode_image(f.read())
-            except Exception as err:  # noqa: BLE001
-                self._bad.add(path)
-                self.skipped["bad_image"] += 1
-                warnings.warn(f"{type(self).__name__}: skipping unreadable image {path!r} ({type(err).__name__}: "
-                              f"{err})", RuntimeWarning, stacklevel=2)
+            if self.holdout and key_split(key, self.holdout) != self.split:
                 continue
-            return self._make(k, img)
-        raise RuntimeError(f"{type(self).__name__} at {self.root!r}: none of its {n} images can be decoded")
+            yield key, members
+
+    def key(self, item):
+        return item[0]
+
+    def decode(self, item):
+        key, members = item
+        s = decode_sample(members, key)
+        for k in self.require:
+            if k not in s:
+                raise ValueError(f"missing_{k}")
+            if k in ("caption", "alt_text") and not str(s[k]).strip():
+                raise ValueError(f"empty_{k}")
+        return s
+
+    report = None  # set per consumer by the stream: Counter of shard-level problems
 
 
-class ImageFolder(_FolderBase):
-    """root/CLASS/*.{jpg,png,...} -> {"image": uint8 (H, W, 3), "label": int, "__key__": "CLASS/stem"}.
-    .classes: sorted class folder names (label = index). n: keep only the first n files (sorted order)."""
-
-    def __init__(self, root, extensions=FOLDER_EXTS, n=None):
-        super().__init__()
-        self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"ImageFolder: {self.root!r} is not a directory")
-        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        self.classes = sorted(d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)))
-        self.items = []
-        for c, name in enumerate(self.classes):
-            d = os.path.join(self.root, name)
-            for f in sorted(os.listdir(d)):
-                if f.lower().endswith(exts):
-                    self.items.append((os.path.join(d, f), c, f"{name}/{os.path.splitext(f)[0]}"))
-        if n is not None:
-            self.items = self.items[:n]
-        if not self.items:
-            raise FileNotFoundError(f"ImageFolder: no images with extensions {exts} in class folders under "
-                                    f"{self.root!r} (expected root/CLASS/*.jpg)")
-
-    def _make(self, k, img):
-        _, c, key = self.items[k]
-        return {"__key__": key, "image": img, "label": c}
-
-
-class CaptionFolder(_FolderBase):
-    """root/*.jpg + root/captions.jsonl lines {"file": name, "caption": str, ...extra keys} ->
-    {"image", "caption", "__key__", ...extra}. Lines naming missing files or unparsable lines are skipped and
-    counted (self.skipped["missing_file"], ["bad_line"]) with one warning."""
-
-    def __init__(self, root, n=None):
-        super().__init__()
-        self.root = os.fspath(root)
-        index = os.path.join(self.root, "captions.jsonl")
-        if not os.path.isfile(index):
-            raise FileNotFoundError(f"CaptionFolder: {index!r} does not exist (expected root/*.jpg + captions.jsonl "
-                                    "with lines {\"file\": ..., \"caption\": ...})")
-        self.items, bad = [], []
-        with open(index, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    name, cap = d["file"], d["caption"]
-                    if not isinstance(cap, str):
-                        raise TypeError("caption is not a string")
-                except Exception:  # noqa: BLE001
-                    self.skipped["bad_line"] += 1
-                    bad.append(f"line {ln}")
-                    continue
-                path = os.path.join(self.root, name)
-                if not os.path.isfile(path):
-                    self.skipped["missing_file"] += 1
-                    bad.append(name)
-                    continue
-                extra = {k: v for k, v in d.items() if k not in ("file", "caption")}
-                self.items.append((path, cap, os.path.splitext(name)[0], extra))
-        if bad:
-            warnings.warn(f"CaptionFolder {index!r}: skipped {len(bad)} entries ({dict(self.skipped)}), e.g. "
-                          f"{bad[:5]}", RuntimeWarning, stacklevel=2)
-        if n is not None:
-            self.items = self.items[:n]
-        if not self.items:
-            raise FileNotFoundError(f"CaptionFolder: no usable entries in {index!r}")
-
-    def _make(self, k, img):
-        _, cap, key, extra = self.items[k]
-        return {"__key__": key, "image": img, "caption": cap, **extra}
+def _read_shard(url, report):
+    """Yield (key, {ext: bytes}) groups of one shard; a corrupt/truncated shard ends early, counted in `report`."""
+    key, group = None, {}
+    try:
+        with open(url, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            magic = f.read(6)
+            f.seek(0)
+            compressed = magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"
+            with tarfile.open(fileobj=f, mode="r|*") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    kx = split_name(m.name)
+                    if kx is None:
+                        continue
+                    k, ext = kx
+                    data = tf.extractfile(m).read()
+                    if k != key:
+                        if key is not None:
+                            yield key, group
+                        key, group = k, {}
+                    group[ext] = data
+                end = tf.offset
+        # tarfile treats a file cut at a header boundary as a normal end; a complete archive has zero blocks after
+        # its last member, so a shorter file is truncated (and its last sample possibly incomplete)
+        if not compressed and size < end + 512:
+            raise tarfile.ReadError(f"truncated archive: {size} bytes, no end-of-archive block after byte {end}")
+        if key is not None:
+            yield key, group
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as err:
+        if report is not None:
+            report["bad_shard"] += 1
+            if group:
+                report["truncated_sample"] += 1
+        warnings.warn(f"skipping the rest of shard {url!r}: {type(err).__name__}: {err}", RuntimeWarning,
+                      stacklevel=2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# entry points
+def open_source(data, split="train", *, world=None, n=None, val_data="", holdout=0.0, require=("image",),
+                cache=True, keep=None):
+    """The source for one split of `--data` (or the world when data is empty).
 
-
-def make_dataset(data=None, split="train", seed=0, size=64, n=None, **kw):
-    """Pick the dataset for `--data`.
-
-    None / ""                          -> common.world.World(seed, split, size, n)  (the embedded default)
-    shard pattern, .tar, '::' list,
-    or a directory holding *.tar       -> ShardDataset(urls, seed=seed, **kw); n (if given and no epoch_length in
-                                          kw) -> epoch_length = ceil(n / world_size) samples per rank
-    directory with captions.jsonl      -> CaptionFolder(dir, n)
-    directory with class subfolders    -> ImageFolder(dir, n=n)
-    "{split}" in data is replaced by the split name (e.g. "data/{split}/shard-{000..009}.tar").
-    kw: ShardDataset options (shuffle_buffer, epoch_length, resample, require, rank, world_size) and ImageFolder's
-    extensions; options that do not apply to the chosen kind are ignored, so scripts can pass them blindly.
-    size is only used by the world (real images keep their size; resize with common.transforms)."""
-    if data is None or (isinstance(data, str) and not data.strip()):
-        from common.world import World  # lazy: keeps data.py importable on its own
-
-        return World(seed=seed, split=split, size=size, n=n)
-    data = os.fspath(data).replace("{split}", split)
+    data ""            -> WorldSource(world(split), n, cache, keep): world is a callable split -> World
+    "{split}" in data  -> that split's own files (data.replace("{split}", split))
+    val_data           -> the eval splits ("val", "test") read it; train reads data
+    otherwise          -> one stream split by key hash: holdout is the fraction for "test" and again for "val"
+                          (key_split); holdout=0 with a single stream is an error for eval splits, since the
+                          eval set would be the training set.
+    Shards: "dir/shard-{000..099}.tar", "a.tar::b.tar", globs, or a directory of *.tar. Folders: class folders or
+    captions.jsonl. Raises FileNotFoundError / ValueError naming the path and the accepted layouts."""
+    if not data:
+        if world is None:
+            raise ValueError("open_source: no --data and no world given")
+        return WorldSource(world(split), n=n, cache=cache, keep=keep)
+    data = os.fspath(data)
+    h = 0.0
+    if "{split}" in data:
+        data = data.replace("{split}", split)
+    elif split != "train" and val_data:
+        data = val_data.replace("{split}", split)
+        h = holdout if holdout > 0 else 0.0
+        if h == 0:  # a separate eval stream: val and test halves by hash unless the user holds out nothing
+            h = 0.5
+    else:
+        h = holdout
+        if split != "train" and h <= 0:
+            raise ValueError(f"--data {data!r} has no '{{split}}' and no --val_data is given, so the {split!r} split "
+                             "must be held out by key hash: set --holdout to a fraction in (0, 0.5), e.g. 0.05")
+    if h and not 0 < h <= 0.5:
+        raise ValueError(f"--holdout={h}: expected a fraction in (0, 0.5]")
     layouts = ("accepted layouts: tar shards ('dir/shard-{000..099}.tar', 'a.tar::b.tar', or a directory of *.tar), "
                "root/CLASS/*.jpg class folders, or root/*.jpg + root/captions.jsonl")
-    if os.path.isdir(data):
-        if glob(os.path.join(data, "*.tar")):
-            return _shards(data, seed, n, kw)
-        if os.path.isfile(os.path.join(data, "captions.jsonl")):
-            return CaptionFolder(data, n=n)
-        subs = [d for d in sorted(os.listdir(data)) if os.path.isdir(os.path.join(data, d))]
-        exts = tuple(kw.get("extensions", FOLDER_EXTS))
-        if any(f.lower().endswith(exts) for d in subs for f in os.listdir(os.path.join(data, d))):
-            return ImageFolder(data, extensions=exts, n=n)
-        raise ValueError(f"--data {data!r}: directory has no *.tar, no captions.jsonl and no class folders of "
-                         f"images; {layouts}")
-    if "::" in data or _RANGE.search(data) or any(c in data for c in "*?[") or data.endswith((".tar", ".tar.gz",
-                                                                                               ".tgz")):
-        return _shards(data, seed, n, kw)
+    if os.path.isdir(data) and not glob(os.path.join(data, "*.tar")):
+        return FolderSource(data, split=split, holdout=h)
+    if os.path.isdir(data) or "::" in data or _RANGE.search(data) or any(c in data for c in "*?[") \
+            or data.endswith((".tar", ".tar.gz", ".tgz")):
+        return ShardSource(data, split=split, holdout=h, require=require)
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data!r} does not exist; {layouts}")
     raise ValueError(f"--data {data!r} is not a recognised dataset; {layouts}")
 
 
-def _shards(data, seed, n, kw):
-    kw = {k: v for k, v in kw.items() if k != "extensions"}
-    if n is not None and "epoch_length" not in kw:
-        _, w = dist_info(kw.get("rank"), kw.get("world_size"))
-        kw = dict(kw, epoch_length=math.ceil(n / w))
-    return ShardDataset(data, seed=seed, **kw)
+def class_names_of(source, default=None):
+    """Class names that label ids index: a folder's class folder names ('_' -> ' '), a `classes.txt` (one name per
+    line) beside the shards, or `default` (the world's names for the world). Raises FileNotFoundError saying what
+    would supply them when there are none."""
+    if isinstance(source, FolderSource) and source.classes:
+        return [c.replace("_", " ") for c in source.classes]
+    if isinstance(source, ShardSource):
+        cands = [os.path.join(os.path.dirname(u), "classes.txt") for u in source.urls[:1]]
+        for p in cands:
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    names = [ln.strip() for ln in f if ln.strip()]
+                if names:
+                    return names
+        if default is None:
+            raise FileNotFoundError(f"{source.name}: no class names: put a classes.txt (one name per line, line i = "
+                                    f"label i) in {os.path.dirname(source.urls[0])!r}")
+    if default is None:
+        raise FileNotFoundError(f"{getattr(source, 'name', source)}: no class names known")
+    return list(default)
 
 
 def collate(samples, keys=None):
     """List of sample dicts -> dict of batched values: numpy arrays / tensors stacked into tensors (B, ...), ints ->
     int64, floats -> float32, bools -> bool tensors; strings, bytes, dicts, lists and ragged arrays stay lists.
-    keys: only these keys (KeyError naming a missing one). Tuples/lists of samples are collated per position."""
+    keys: only these keys (KeyError naming a missing one)."""
     if not samples:
         raise ValueError("collate: empty batch")
-    s0 = samples[0]
-    if isinstance(s0, (tuple, list)) and not isinstance(s0, str):
-        return type(s0)(collate([s[i] for s in samples]) for i in range(len(s0)))
-    if not isinstance(s0, dict):
-        return _stack([s for s in samples])
-    keys = list(s0.keys()) if keys is None else list(keys)
+    keys = list(samples[0].keys()) if keys is None else list(keys)
     out = {}
     for k in keys:
         try:
             vals = [s[k] for s in samples]
         except KeyError:
             bad = next(s.get("__key__", "?") for s in samples if k not in s)
-            raise KeyError(f"collate: sample {bad!r} has no key {k!r} (keys: {sorted(s0)})") from None
+            raise KeyError(f"collate: sample {bad!r} has no key {k!r} (keys: {sorted(samples[0])})") from None
         out[k] = _stack(vals)
     return out
 
@@ -626,54 +571,409 @@ def _stack(vals):
     return list(vals)
 
 
-class DistributedOrder(Sampler):
-    """Deterministic DistributedSampler: a permutation seeded by (seed, epoch) (or 0..N-1 when shuffle=False),
-    truncated (drop_last) or wrap-padded to a multiple of world_size, then indices[rank::world_size]."""
+# ----------------------------------------------------------------------------------------------------------------
+# the stream: batches for a training loop
 
-    def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, epoch=0, drop_last=True):
-        self.n, self.rank, self.world_size = int(n), int(rank), int(world_size)
-        self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, int(seed), int(epoch), drop_last
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+def _consumer_items(src, epoch, c, T, seed, shuffle):
+    """Raw items of consumer c in `epoch` for any source."""
+    if isinstance(src, ShardSource):
+        return src.raw(epoch, c, T, seed, shuffle)
+    if isinstance(src, WorldSource) and src.n is None:  # unbounded: one endless "epoch"
+        return itertools.count(c, T)
+    n = len(src)
+    if shuffle:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 4))).tolist()
+    else:
+        perm = list(range(n))
+    return iter(perm[c::T])
 
-    def indices(self):
-        if self.shuffle:
-            idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 4)))
-            idx = idx.tolist()
-        else:
-            idx = list(range(self.n))
-        W = self.world_size
-        if self.drop_last:
-            idx = idx[:len(idx) - len(idx) % W]
-        elif len(idx) % W:
-            pad = W - len(idx) % W
-            idx += (idx * (pad // max(len(idx), 1) + 1))[:pad]
-        return idx[self.rank::W]
+
+def _shuffled(src, size, g):
+    """Shuffle buffer: fill to `size`, then emit a random buffered item per incoming one; drain at the end (so an
+    epoch ends with an empty buffer, which is what makes (epoch, position) a complete resume state)."""
+    buf = []
+    for s in src:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = int(g.integers(0, size))
+        buf[j], s = s, buf[j]
+        yield s
+    while buf:
+        j = int(g.integers(0, len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+class _Batches(IterableDataset):
+    """One rank's batches; in a DataLoader each worker w builds whole batches from its own consumer stream
+    (consumer c = w * R + rank of T = R * K). Batch j of worker w is step w + j * K of the rank (DataLoader
+    returns its workers' batches round-robin, and these streams never end)."""
+
+    def __init__(self, src, batch_size, transform, seed, rank, world, shuffle, shuffle_buffer):
+        self.src, self.B, self.transform, self.seed = src, int(batch_size), transform, int(seed)
+        self.rank, self.world, self.shuffle, self.shuffle_buffer = rank, world, bool(shuffle), int(shuffle_buffer)
+        self.start = {}  # logical worker -> state to resume from
+        self.offset = 0  # first step of this iteration, mod K
 
     def __iter__(self):
-        return iter(self.indices())
+        wi = get_worker_info()
+        p, K = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        # DataLoader asks its workers 0, 1, ... in turn from the first batch on; a rank resumed at step s needs
+        # logical worker s % K first, so physical worker p plays logical worker (p + s) % K
+        yield from self.worker_batches((p + self.offset) % K, K)
 
-    def __len__(self):
-        return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+    def worker_batches(self, w, K):
+        T, c = self.world * K, w * self.world + self.rank
+        st = dict(self.start.get(w) or {"epoch": 0, "pos": 0, "count": 0, "skipped": {}})
+        skipped = Counter(st["skipped"])
+        src = self.src
+        epoch, pos, count = st["epoch"], st["pos"], st["count"]
+        batch = []
+        while True:
+            if isinstance(src, ShardSource):
+                src.report = skipped
+            items = _consumer_items(src, epoch, c, T, self.seed, self.shuffle)
+            if self.shuffle_buffer > 0 and isinstance(src, ShardSource) and self.shuffle:
+                items = _shuffled(items, self.shuffle_buffer, np.random.default_rng(_mix(self.seed, epoch, c, 3)))
+            items = itertools.islice(items, pos, None)  # resume: skip without decoding
+            first, raw, good = pos, 0, 0
+            for item in items:
+                pos += 1
+                raw += 1
+                try:
+                    s = src.decode(item)
+                except ValueError as err:
+                    skipped[str(err).split(":")[0] or "bad_sample"] += 1
+                    continue
+                # per-sample generator: augmentation depends only on (seed, consumer, sample count), never on
+                # how the run was split into sessions
+                g = torch.Generator().manual_seed(_mix(self.seed, c, count, 6))
+                count += 1
+                good += 1
+                key = s["__key__"]
+                s = self.transform(s, g) if self.transform is not None else s
+                s.setdefault("__key__", key)
+                batch.append(s)
+                if len(batch) == self.B:
+                    state = {"epoch": epoch, "pos": pos, "count": count, "skipped": dict(skipped)}
+                    yield collate(batch), state
+                    batch = []
+            if good == 0 and first == 0:
+                raise RuntimeError(f"{src.name}: consumer {c} of {T} (rank {self.rank}, worker {w}) got no usable "
+                                   f"sample in epoch {epoch}: fewer shards/samples than ranks x workers, or every "
+                                   f"sample was skipped ({dict(skipped)})")
+            epoch, pos = epoch + 1, 0
 
 
-def make_loader(dataset, batch_size, collate_fn=None, num_workers=0, shuffle=True, seed=0, drop_last=True, epoch=0,
-                rank=None, world_size=None, **kw):
-    """DataLoader for a map-style (World, folders) or iterable (ShardDataset) dataset.
+def default_workers(source, world=1):
+    """0 for in-memory / rendered sources (the world renders faster in-process than it pickles to a worker);
+    for files min(4, cores per rank) -- decoding and augmentation then overlap the training step."""
+    if isinstance(source, (WorldSource, SampleSource)):
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, min(4, (os.cpu_count() or 1) // max(local, 1)))
 
-    Map-style: DistributedOrder sampler (rank split of a (seed, epoch)-seeded permutation); change epochs with
-    loader.sampler.set_epoch(e) or a new make_loader(..., epoch=e). Iterable: dataset.set_epoch(epoch) and a plain
-    DataLoader (the dataset splits itself over ranks and workers; shuffle is its shuffle_buffer). Worker RNGs (for
-    augmentation drawn with g=None) are seeded from (seed, epoch, rank). collate_fn defaults to `collate`.
-    Extra kw go to DataLoader (e.g. pin_memory, persistent_workers)."""
-    r, w = dist_info(rank, world_size)
-    gen = torch.Generator().manual_seed(_mix(seed, epoch, r, 5))
-    common = dict(batch_size=batch_size, collate_fn=collate_fn or collate, num_workers=num_workers,
-                  drop_last=drop_last, generator=gen, **kw)
-    if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        return DataLoader(dataset, **common)
-    sampler = DistributedOrder(len(dataset), r, w, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-    return DataLoader(dataset, sampler=sampler, **common)
+
+def _identity(x):
+    return x
+
+
+class Stream:
+    """Training batches from a source, split over ranks and DataLoader workers, resumable exactly.
+
+        stream = Stream(source, batch_size=B_local, transform=fn, seed=cfg.seed, num_workers=2, dist=dist)
+        batch = stream(i)        # the batch of step i: a dict of stacked tensors (+ "__key__" list), on device
+
+    transform(sample, g) -> dict runs inside the workers (decode -> resize/augment -> tokenize), with a torch
+    Generator g seeded by (seed, consumer, sample count); post(batch) -> anything runs in the training process on
+    the device batch (e.g. to return the (images, tokens) tuple a loss wants). num_workers < 0: default_workers. The stream never ends: epochs follow each other, each with
+    a fresh (seed, epoch) permutation (and shuffle buffer for shards). `stream(i)` must be called for i = start,
+    start + 1, ... (fit does); state_dict() after step i and load_state_dict() before it make a killed run continue
+    with the same batches (fit saves and restores it with its checkpoints). Resuming needs the same number of
+    ranks and workers. The stream also counts what it gave (samples, unique key hashes, skipped samples) for the
+    results' provenance block (data_report)."""
+
+    def __init__(self, source, batch_size, transform=None, *, seed=0, num_workers=-1, shuffle=True,
+                 shuffle_buffer=1000, dist=None, device="cpu", name="train", prefetch=2, post=None):
+        self.source, self.B, self.name, self.post = source, int(batch_size), name, post
+        self.rank, self.world = (dist.rank, dist.world_size) if dist is not None else dist_info()
+        self.device = str(dist.device if dist is not None else device)
+        self.K = default_workers(source, self.world) if num_workers is None or num_workers < 0 else int(num_workers)
+        self.prefetch = int(prefetch)
+        self.ds = _Batches(source, batch_size, transform, seed, self.rank, self.world, shuffle, shuffle_buffer)
+        self.step = 0
+        self.workers = {}     # worker -> state after its last consumed batch
+        self.seen = 0
+        self._keys = []       # key hashes of consumed samples (int64 arrays), merged by unique_keys()
+        self._it = None
+
+    # -- batches --
+
+    def _iterator(self):
+        self.ds.start = dict(self.workers)
+        self.ds.offset = self.step % max(self.K, 1)
+        if self.K == 0:
+            return self.ds.worker_batches(0, 1)
+        loader = DataLoader(self.ds, batch_size=None, collate_fn=_identity, num_workers=self.K,
+                            pin_memory=self.device.startswith("cuda"), prefetch_factor=self.prefetch,
+                            persistent_workers=False, generator=torch.Generator().manual_seed(0))
+        return iter(loader)  # own generator: starting workers must not draw from the training RNG (dropout)
+
+    def __call__(self, i):
+        if self._it is None:
+            if i != self.step:
+                raise RuntimeError(f"Stream {self.name!r}: asked for step {i} but the stream is at step {self.step} "
+                                   "(resume through fit's checkpoint, which restores the stream state)")
+            self._it = self._iterator()
+        elif i != self.step:
+            raise RuntimeError(f"Stream {self.name!r}: steps must be consecutive: expected {self.step}, got {i}")
+        batch, state = next(self._it)
+        w = self.step % max(self.K, 1)
+        self.workers[w] = state
+        self.step += 1
+        keys = batch.get("__key__", [])
+        self.seen += len(keys)
+        self._keys.append(np.array([key_hash(k) for k in keys], np.int64))
+        batch = _to_device(batch, self.device)
+        return self.post(batch) if self.post is not None else batch
+
+    def close(self):
+        self._it = None
+
+    # -- state --
+
+    def unique_keys(self):
+        """Sorted unique key hashes this rank has trained on (int64)."""
+        if len(self._keys) > 1 or (self._keys and not getattr(self, "_merged", False)):
+            self._keys = [np.unique(np.concatenate(self._keys))]
+            self._merged = True
+        return self._keys[0] if self._keys else np.zeros(0, np.int64)
+
+    def skipped(self):
+        tot = Counter()
+        for st in self.workers.values():
+            tot.update(st.get("skipped", {}))
+        return dict(tot)
+
+    def state_dict(self):
+        """JSON-able state plus one int64 tensor of key hashes: {"meta": {...}, "keys": tensor}."""
+        return {"meta": {"step": self.step, "rank": self.rank, "world": self.world, "num_workers": self.K,
+                         "seen": self.seen, "workers": {str(w): s for w, s in self.workers.items()}},
+                "keys": torch.from_numpy(self.unique_keys().copy())}
+
+    def load_state_dict(self, sd):
+        m = sd["meta"]
+        if (m["world"], m["num_workers"]) != (self.world, self.K):
+            raise ValueError(f"Stream {self.name!r}: the checkpoint's data state was saved with {m['world']} ranks x "
+                             f"{m['num_workers']} workers, this run has {self.world} x {self.K}; resume with the "
+                             "same number of processes and --num_workers")
+        self.step, self.seen = int(m["step"]), int(m["seen"])
+        self.workers = {int(w): s for w, s in m["workers"].items()}
+        self._keys = [sd["keys"].numpy().astype(np.int64)]
+        self._merged = True
+        self._it = None
+
+
+def _to_device(batch, device):
+    if device == "cpu":
+        return batch
+    nb = device.startswith("cuda")
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one pass: evaluation sets, pre-passes (counting), artifacts built shard by shard
+
+
+class SampleList(list):
+    """A list of samples that also says where they came from and how many were skipped."""
+    name = ""
+    skipped = None
+
+
+def iter_samples(source, rank=0, world=1, n=None, seed=0):
+    """One pass over `source` in its natural order, this rank's share only (consumer rank of world), decoded;
+    yields at most n samples. Natural order: world / sample lists by index, tar shards as listed, folders in a
+    seed-0 permutation (class-sorted order would make "the first n" a few classes). Never wraps around. For a count
+    of skipped samples use read_samples."""
+    yield from _one_pass(source, rank, world, n, seed, Counter())
+
+
+def _one_pass(source, rank, world, n, seed, skipped):
+    if isinstance(source, ShardSource):
+        source.report = skipped
+        items = source.raw(0, rank, world, seed, shuffle=False)
+    elif isinstance(source, WorldSource) and source.n is None:
+        if n is None:
+            raise ValueError("iter_samples: an unbounded world needs n")
+        items = itertools.count(rank, world)
+    else:
+        items = iter(_consumer_items(source, 0, rank, world, seed, shuffle=isinstance(source, FolderSource)))
+    got = 0
+    for item in items:
+        if n is not None and got >= n:
+            return
+        try:
+            s = source.decode(item)
+        except ValueError as err:
+            skipped[str(err).split(":")[0] or "bad_sample"] += 1
+            continue
+        got += 1
+        yield s
+
+
+def read_samples(source, n=None, transform=None, rank=0, world=1):
+    """Up to n samples of `source` (all of it when n is None; one pass, see iter_samples), optionally mapped by
+    transform(sample) -> dict. Returns a SampleList with .skipped (Counter) and .name. Fewer than n samples is
+    allowed (with a warning): an evaluation set is what the data holds, never padded by wrapping around."""
+    skipped = Counter()
+    out = SampleList()
+    for s in _one_pass(source, rank, world, n, 0, skipped):
+        out.append(transform(s) if transform is not None else s)
+    out.skipped, out.name = skipped, getattr(source, "name", "")
+    if n is not None and len(out) < n:
+        warnings.warn(f"{out.name}: only {len(out)} samples (asked for {n}); using them all", RuntimeWarning,
+                      stacklevel=2)
+    if not out:
+        raise ValueError(f"{out.name}: no usable samples (skipped: {dict(skipped)})")
+    return out
+
+
+def stack(samples, key, dtype=None):
+    """samples[i][key] stacked into one tensor (images, labels, masks), or a list for strings."""
+    vals = [s[key] for s in samples]
+    if isinstance(vals[0], str):
+        return vals
+    out = _stack(vals)
+    return out.to(dtype) if dtype is not None and torch.is_tensor(out) else out
+
+
+def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part", progress=True):
+    """Build a per-sample artifact by streaming: input units (a tar shard each, or shard_size indices of a map-style
+    source) are dealt to ranks round-robin; for each unit whose output `{out_dir}/{prefix}-{unit:06d}.tar` does
+    not exist yet, fn(samples) -> iterable of (key, {ext: bytes}) is written to it atomically (tmp + rename). So a
+    killed build resumes at the first missing shard, and no rank ever holds more than one unit. Returns all output
+    paths, after a barrier."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(source, ShardSource):
+        units = [(j, u) for j, u in enumerate(source.urls)]
+    else:
+        n = len(source)
+        units = [(j, range(a, min(n, a + shard_size))) for j, a in enumerate(range(0, n, shard_size))]
+    paths = [os.path.join(out_dir, f"{prefix}-{j:06d}.tar") for j, _ in units]
+    mine = [(j, u) for j, u in units if j % world == rank and not os.path.exists(paths[j])]
+    skipped = Counter()
+    from tqdm import tqdm
+    for j, u in tqdm(mine, desc=f"{prefix} shards (rank {rank})", disable=not progress or rank != 0,
+                     mininterval=1.0, leave=False):
+        if isinstance(source, ShardSource):
+            source.report = skipped
+            raw = source._keep(_read_shard(u, skipped), 1, 0)
+        else:
+            raw = iter(u)
+
+        def samples(raw=raw):
+            for item in raw:
+                try:
+                    yield source.decode(item)
+                except ValueError as err:
+                    skipped[str(err).split(":")[0] or "bad_sample"] += 1
+
+        tmp = paths[j] + ".tmp"
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, members in fn(samples()):
+                for ext, data in members.items():
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+                    tf.addfile(ti, io.BytesIO(data))
+        os.replace(tmp, paths[j])
+    if skipped:
+        warnings.warn(f"for_each_shard {out_dir!r} rank {rank}: skipped {dict(skipped)}", RuntimeWarning,
+                      stacklevel=2)
+    if dist is not None:
+        dist.barrier()
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# provenance
+
+
+def _all_sum(x, dist):
+    t = torch.tensor([float(v) for v in x], dtype=torch.float64)
+    if dist is not None and dist.distributed:
+        t = t.to(dist.device)
+        torch.distributed.all_reduce(t)
+    return [int(v) for v in t.cpu().tolist()]
+
+
+def _global_unique(keys, dist):
+    """Number of distinct hashes over all ranks: bucket by hash % world, gather bucket r on rank r, count there."""
+    if dist is None or not dist.distributed:
+        return len(np.unique(keys))
+    R, dev = dist.world_size, dist.device
+    td = torch.distributed
+    mine = 0
+    lens = torch.tensor([int(np.sum(keys % R == r)) for r in range(R)], dtype=torch.int64, device=dev)
+    L = lens.clone()
+    td.all_reduce(L, op=td.ReduceOp.MAX)
+    for r in range(R):
+        b = keys[keys % R == r]
+        buf = torch.full((int(L[r]) + 1,), -1, dtype=torch.int64)
+        buf[:len(b)] = torch.from_numpy(b)
+        buf = buf.to(dev)
+        got = [torch.empty_like(buf) for _ in range(R)] if dist.rank == r else None
+        td.gather(buf, got, dst=r)
+        if dist.rank == r:
+            allb = torch.cat(got).cpu().numpy()
+            mine = len(np.unique(allb[allb >= 0]))
+    return _all_sum([mine], dist)[0]
+
+
+SKIP_REASONS = ("bad_image", "bad_shard", "truncated_sample", "missing_image", "missing_caption", "missing_alt_text",
+                "empty_caption", "empty_alt_text", "bad_seg_png", "bad_inst_png", "bad_depth_npy", "bad_json",
+                "bad_txt", "bad_sample")
+
+
+def data_report(streams, eval_samples=(), dist=None, source=None, eval_source=None):
+    """The `data` block of results.json (collective: call it on every rank).
+
+    streams: this rank's training Streams; eval_samples: rank 0's SampleLists used for evaluation (ignored on other
+    ranks). Returns {"source", "eval_source", "train_samples_seen", "train_unique_keys" (per-rank unique keys summed
+    over ranks), "train_keys_on_several_ranks" (0 while ranks read disjoint samples, i.e. within the first epoch),
+    "eval_samples", "eval_keys_in_train" (must be 0), "skipped_corrupt" (train + eval, by reason and total)}."""
+    streams = [s for s in streams if s is not None]
+    keys = np.unique(np.concatenate([s.unique_keys() for s in streams])) if streams else np.zeros(0, np.int64)
+    seen = sum(s.seen for s in streams)
+    skipped = Counter()
+    for s in streams:
+        skipped.update(s.skipped())
+    master = dist is None or dist.is_master
+    ev = [x for x in (eval_samples if master else ())]
+    if master:
+        for x in ev:
+            skipped.update(x.skipped or {})
+    eh = np.array([key_hash(s["__key__"]) for x in ev for s in x], np.int64)
+    n_eval = len(eh)
+    if dist is not None and dist.distributed:  # rank 0's eval hashes to everyone
+        n = torch.tensor([len(eh)], dtype=torch.int64, device=dist.device)
+        torch.distributed.broadcast(n, 0)
+        buf = torch.zeros(int(n.item()), dtype=torch.int64)
+        if master:
+            buf[:] = torch.from_numpy(eh)
+        buf = buf.to(dist.device)
+        torch.distributed.broadcast(buf, 0)
+        eh = buf.cpu().numpy()
+    hits = int(np.isin(np.unique(eh), keys).sum())
+    other = sum(v for r, v in skipped.items() if r not in SKIP_REASONS)
+    tot = _all_sum([seen, len(keys), hits, n_eval, other] + [skipped[r] for r in SKIP_REASONS], dist)
+    uniq = _global_unique(keys, dist)
+    by = {r: v for r, v in zip(("other",) + SKIP_REASONS, tot[4:]) if v}
+    return {"source": source or ", ".join(sorted({s.source.name for s in streams})),
+            "eval_source": eval_source or ", ".join(sorted({x.name for x in ev})),
+            "train_samples_seen": tot[0], "train_unique_keys": tot[1],
+            "train_keys_on_several_ranks": tot[1] - uniq, "eval_samples": tot[3], "eval_keys_in_train": tot[2],
+            "skipped_corrupt": sum(by.values()), "skipped_by_reason": by}

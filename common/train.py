@@ -248,13 +248,16 @@ def gather_rng_states(dist=None):
     return out
 
 
-def save_checkpoint(path, model, optimizer=None, step=0, config=None, extra=None, rng=None):
+def save_checkpoint(path, model, optimizer=None, step=0, config=None, extra=None, rng=None, arrays=None):
     """Atomic safetensors checkpoint.
 
     tensors: "model.<name>", "optim.<i>.<key>" (exp_avg, exp_avg_sq, step, ... per param index i), "rng.<rank>.torch"
     (+ ".cuda"). JSON header: step, config, extra, optimizer param_groups and non-tensor state, numpy/python RNG.
-    rng: list of per-rank rng_state() tuples (default: this process's only)."""
+    rng: list of per-rank rng_state() tuples (default: this process's only). arrays: extra tensors stored as
+    "arrays.<name>" (fit keeps the loss history there, so results after a resume cover every step)."""
     tensors = _state_tensors(model, "model.")
+    for k, v in (arrays or {}).items():
+        tensors[f"arrays.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"format": "clipbook-checkpoint-v1", "step": str(int(step)),
             "config": json.dumps(_plain(config)), "extra": json.dumps(_plain(extra))}
     if optimizer is not None:
@@ -350,6 +353,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False, rank=0, stri
                   file=sys.stderr)
         set_rng_state(tensors[f"rng.{r}.torch"], tensors.get(f"rng.{r}.cuda"), js[r])
     return {"step": int(meta.get("step", 0)), "config": json.loads(meta.get("config", "null")),
+            "arrays": {k[len("arrays."):]: v for k, v in tensors.items() if k.startswith("arrays.")},
             "extra": json.loads(meta.get("extra", "null"))}
 
 
@@ -366,6 +370,32 @@ def load_weights(path, model, strict=True):
         tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _load_model_tensors(model, {_clean_key(k): v for k, v in tensors.items()}, path, strict=strict)
     return meta
+
+
+def _data_state_path(ckpt, rank):
+    return f"{os.path.splitext(str(ckpt))[0]}.data{rank}.safetensors"
+
+
+def save_data_state(ckpt, rank, step, sd):
+    """One rank's Stream.state_dict() beside checkpoint `ckpt`, atomic. The previous file is kept as `.prev`, so a
+    kill between this write and the checkpoint's own still leaves the state that matches the checkpoint on disk."""
+    path = _data_state_path(ckpt, rank)
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    _atomic_save({"keys": sd["keys"]}, path, {"step": str(int(step)), "meta": sd["meta"]})
+
+
+def load_data_state(ckpt, rank, step):
+    """The data state of `rank` saved with the checkpoint of `step` (the current file or the .prev one)."""
+    path = _data_state_path(ckpt, rank)
+    for p in (path, path + ".prev"):
+        if os.path.isfile(p):
+            tensors, meta = _read(p)
+            if int(meta.get("step", -1)) == int(step):
+                return {"meta": json.loads(meta["meta"]), "keys": tensors["keys"]}
+    raise FileNotFoundError(f"{ckpt} is at step {step} but no data state of rank {rank} at that step exists "
+                            f"({path}); resume needs the files written with the checkpoint")
+
 
 
 # -----------------------------------------------------------------------------
@@ -495,13 +525,17 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
     ckpt = os.path.join(out_dir, f"{name}.safetensors")
     raw = unwrap(model)
     opt = optimizer or make_optimizer(raw, lr, weight_decay, betas, eps)
-    start = 0
+    stream = get_batch if hasattr(get_batch, "state_dict") else None  # a common.data.Stream: checkpoint it too
+    start, past = 0, []
     if resume and os.path.exists(ckpt):
         info = load_checkpoint(ckpt, raw, opt, restore_rng=True, rank=dist.rank)
         start = info["step"]
+        past = info["arrays"]["loss"].tolist()[:start] if "loss" in info["arrays"] else []
         if start >= steps:
             dist.print(f"{desc}: {ckpt} is complete ({start} >= {steps} steps); nothing to do")
-            return {"loss": [], "steps": start, "seconds": 0.0, "start": start, "resumed": True, "complete": True}
+            return {"loss": past, "steps": start, "seconds": 0.0, "start": start, "resumed": True, "complete": True}
+        if stream is not None:
+            stream.load_state_dict(load_data_state(ckpt, dist.rank, start))
         dist.print(f"{desc}: resumed from {ckpt} at step {start}/{steps}")
     logger = Logger(out_dir, dist.is_master, run=name, keep_until=start if start else None)
     if dist.is_master:
@@ -514,9 +548,12 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
     fwd.train()
 
     def save(step):
+        if stream is not None:  # each rank's data state first: a checkpoint never points at a missing one
+            save_data_state(ckpt, dist.rank, step, stream.state_dict())
         states = gather_rng_states(dist)  # collective: every rank calls save()
         if dist.is_master:
-            save_checkpoint(ckpt, raw, opt, step, config, {"name": name, "total_steps": steps}, rng=states)
+            save_checkpoint(ckpt, raw, opt, step, config, {"name": name, "total_steps": steps}, rng=states,
+                            arrays={"loss": torch.tensor(past + losses, dtype=torch.float64)})
         dist.barrier()
 
     from tqdm import tqdm
@@ -579,5 +616,5 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
         if (ckpt_every and done % ckpt_every == 0) or (done == steps and save_final):
             save(done)
     bar.close()
-    return {"loss": losses, "steps": steps, "start": start, "seconds": time.time() - t0, "resumed": start > 0,
+    return {"loss": past + losses, "steps": steps, "start": start, "seconds": time.time() - t0, "resumed": start > 0,
             "complete": True}

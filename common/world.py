@@ -641,12 +641,15 @@ def sample_members(s):
 
 
 def export_shards(world, out_dir, n=None, shard_size=1000, start=0, progress=None):
-    """Write world[start:start+n] to out_dir/shard-000000.tar ... (webdataset layout); returns the shard paths.
+    """Write world[start:start+n] to out_dir/shard-000000.tar ... (webdataset layout) and the label names to
+    out_dir/classes.txt; returns the shard paths.
     Each shard is written to a temporary name and renamed, so an interrupted export never leaves a broken shard."""
     n = len(world) - start if n is None else int(n)
     if n <= 0 or shard_size <= 0:
         raise ValueError(f"export_shards: n={n}, shard_size={shard_size}; expected positive ints")
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "classes.txt"), "w") as f:  # label i = line i, as real datasets ship it
+        f.write("".join(c + "\n" for c in SHAPES))
     paths = []
     if progress is None:
         progress = n >= 5000

@@ -1,5 +1,5 @@
-"""common.data: url expansion, tar-shard decoding and round trip, rank/worker split, shuffling, epoch length,
-resampling, corrupt-data skipping, folder datasets, make_dataset / make_loader / collate."""
+"""common.data: url expansion, tar-shard decoding and round trip, the Stream's rank x worker split, shuffling,
+endless epochs, exact resume, corrupt-data skipping, folders, held-out splits without leakage, provenance."""
 import io
 import itertools
 import json
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
-from common.data import (CaptionFolder, ImageFolder, ShardDataset, collate, decode_npy, expand_urls, make_dataset,
-                         make_loader, split_name)
+from common.data import (FolderSource, SampleSource, ShardSource, Stream, WorldSource, class_names_of, collate,
+                         data_report, decode_npy, expand_urls, for_each_shard, iter_samples, key_split, open_source,
+                         read_samples, split_name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,11 +103,19 @@ def shards2(tmp_path_factory):
     return d
 
 
-def _keys(ds_or_loader):
-    out = []
-    for b in ds_or_loader:
-        out += b["__key__"] if isinstance(b["__key__"], list) else [b["__key__"]]
-    return out
+def _keys(src, **kw):
+    """Keys of one natural-order pass."""
+    return [s["__key__"] for s in iter_samples(src, **kw)]
+
+
+class _D:  # the fields of common.train.Dist that a Stream reads
+    def __init__(self, rank=0, world_size=1):
+        self.rank, self.world_size, self.device, self.distributed, self.is_master = rank, world_size, "cpu", False, True
+
+
+def _stream_keys(src, steps, B, rank=0, world=1, K=0, **kw):
+    st = Stream(src, B, None, num_workers=K, dist=_D(rank, world), **kw)
+    return [k for i in range(steps) for k in st(i)["__key__"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +148,7 @@ def test_expand_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="empty"):
         expand_urls(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        ShardDataset(str(tmp_path / "does-not-exist-{0..3}.tar"))
+        open_source(str(tmp_path / "does-not-exist-{0..3}.tar"))
 
 
 def test_decode_npy_fast_path_and_no_pickle():
@@ -179,7 +186,7 @@ def _assert_same(a, b):
 
 
 def test_shard_decode_exact(shards6):
-    got = list(ShardDataset(shards6))
+    got = list(iter_samples(ShardSource(shards6)))
     assert [s["__key__"] for s in got] == [f"s-{k:06d}" for k in range(30)]  # file order without shuffling
     for k, s in enumerate(got):
         _assert_same(s, _sample(k))
@@ -192,7 +199,7 @@ def test_world_export_round_trip(tmp_path):
     w = world.World(seed=3, split="val", size=32)
     paths = world.export_shards(w, str(tmp_path), 12, shard_size=5)
     assert len(paths) == 3
-    got = {s["__key__"]: s for s in ShardDataset(str(tmp_path))}
+    got = {s["__key__"]: s for s in iter_samples(ShardSource(str(tmp_path)))}
     assert len(got) == 12
     for i in range(12):
         ref = w[i]
@@ -206,11 +213,10 @@ def test_world_export_round_trip(tmp_path):
                 assert s[k] == pytest.approx(ref[k], abs=0), k
             else:
                 assert json.loads(json.dumps(ref[k])) == s[k], k
-    # and through make_dataset with a brace pattern
-    base = os.path.basename(paths[0])  # e.g. shard-000000.tar
-    digits = "".join(c for c in base if c.isdigit())
-    ds = make_dataset(str(tmp_path / base.replace(digits, "{" + digits + ".." + str(2).zfill(len(digits)) + "}")))
-    assert isinstance(ds, ShardDataset) and len(list(ds)) == 12
+    # and through open_source with a brace pattern; the export names its classes
+    src = open_source(str(tmp_path / "shard-{000000..000002}.tar"))
+    assert isinstance(src, ShardSource) and len(_keys(src)) == 12
+    assert class_names_of(src) == world.SHAPES
 
 
 def test_caption_from_json_and_cls_and_extras(tmp_path):
@@ -224,7 +230,7 @@ def test_caption_from_json_and_cls_and_extras(tmp_path):
         _add(tf, "k2.webp", _webp(img))
         _add(tf, "k2.txt", b"from txt")
         _add(tf, "k2.json", json.dumps({"caption": "ignored", "label": 3}).encode())
-    s1, s2 = list(ShardDataset(str(p), require=("image", "caption")))
+    s1, s2 = list(iter_samples(ShardSource(str(p), require=("image", "caption"))))
     assert s1["caption"] == "from json" and s1["x"] == 1 and s1["label"] == 7
     assert isinstance(s1["emb.npy"], bytes)  # unknown members: raw bytes under their extension
     assert s2["caption"] == "from txt" and s2["label"] == 3 and s2["image"].shape == (4, 4, 3)
@@ -237,65 +243,70 @@ def _webp(a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# rank x worker split
-
-
-def _two_ranks(d, **kw):
-    """Keys seen by each (rank) with a real DataLoader of 2 workers per rank."""
-    out = []
-    for rank in range(2):
-        ds = ShardDataset(d, rank=rank, world_size=2, **kw)
-        out.append(_keys(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate)))
-    return out
+# the stream: rank x worker split, shuffling, endless epochs
 
 
 @pytest.mark.parametrize("fixture,n", [("shards6", 30), ("shards2", 14)])
 def test_rank_worker_split_exactly_once(fixture, n, request):
-    d = request.getfixturevalue(fixture)
-    r0, r1 = _two_ranks(d)
-    allk = r0 + r1
-    assert len(allk) == n and Counter(allk) == Counter(f"s-{k:06d}" for k in range(n))
-    assert set(r0).isdisjoint(r1) and len(r0) == len(r1) == n // 2  # balanced ranks (left-over shards by sample)
+    """2 ranks x 2 workers read every sample exactly once per epoch (whole shards, then left-overs by sample)."""
+    src = ShardSource(request.getfixturevalue(fixture))
+    per = [_stream_keys(src, steps=n // 2 // 1, B=1, rank=r, world=2, K=2, shuffle_buffer=0) for r in range(2)]
+    assert set(per[0]).isdisjoint(per[1])
+    assert Counter(per[0] + per[1]) == Counter(f"s-{k:06d}" for k in range(n))
 
 
-def test_rank_split_with_shuffle_and_env(shards2, monkeypatch):
-    allk = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        allk += _keys(ShardDataset(shards2, shuffle_buffer=4, seed=1))  # env decides the rank
-    assert sorted(allk) == [f"s-{k:06d}" for k in range(14)]
+def test_world_stream_epochs_cover_and_reshuffle():
+    src = WorldSource(__import__("common.world", fromlist=["World"]).World(0, "train", 32), n=12, cache=True)
+    k = _stream_keys(src, steps=6, B=4)  # two epochs of 12
+    assert sorted(k[:12]) == sorted(k[12:]) == [f"train-{i:09d}" for i in range(12)]
+    assert k[:12] != k[12:]  # a fresh permutation each epoch
+    assert _stream_keys(src, steps=6, B=4) == k  # deterministic in the seed
+    assert _stream_keys(src, steps=6, B=4, seed=1) != k
+    inf = WorldSource(src.world)  # unbounded: consumer c renders c, c + T, ...
+    assert _stream_keys(inf, 2, 3, rank=1, world=2) == [f"train-{i:09d}" for i in (1, 3, 5, 7, 9, 11)]
 
 
-def test_shuffle_buffer_permutes(shards6):
-    base = _keys(ShardDataset(shards6))
-    ds = ShardDataset(shards6, shuffle_buffer=8, seed=0)
-    e0 = _keys(ds)
-    ds.set_epoch(1)
-    e1 = _keys(ds)
-    assert e0 != base and e1 != e0
-    assert sorted(e0) == sorted(e1) == sorted(base)
-    assert _keys(ShardDataset(shards6, shuffle_buffer=8, seed=0)) == e0  # deterministic in (seed, epoch)
+def test_shuffle_buffer_and_shard_order(shards6):
+    src = ShardSource(shards6)
+    base = [f"s-{k:06d}" for k in range(30)]
+    e = _stream_keys(src, 10, 6, shuffle_buffer=8)
+    assert sorted(e[:30]) == base and e[:30] != base and e[30:] != e[:30]
+    assert _stream_keys(src, 5, 6, shuffle=False) == base  # no shuffling: file order
 
 
-def test_epoch_length_and_resample(shards6):
-    ds = ShardDataset(shards6, epoch_length=12)
-    assert len(ds) == 12 and len(_keys(ds)) == 12
-    ds = ShardDataset(shards6, epoch_length=45, shuffle_buffer=4)  # more than one pass: repeats to define it
-    k = _keys(ds)
-    assert len(k) == 45 and len(set(k)) == 30
-    # with 2 workers the rank's epoch_length is split between them, still exact
-    k = _keys(DataLoader(ShardDataset(shards6, epoch_length=21), batch_size=None, num_workers=2))
-    assert len(k) == 21
-    rs = ShardDataset(shards6, resample=True, seed=5)
-    inf = [s["__key__"] for s in itertools.islice(iter(rs), 100)]  # infinite stream
-    assert len(inf) == 100 and set(inf) <= {f"s-{k:06d}" for k in range(30)}
-    a = _keys(ShardDataset(shards6, resample=True, seed=5, epoch_length=25))
-    b = _keys(ShardDataset(shards6, resample=True, seed=5, epoch_length=25))
-    assert len(a) == 25 and a == b
-    c = ShardDataset(shards6, resample=True, seed=5, epoch_length=25)
-    c.set_epoch(1)
-    assert _keys(c) != a
+def test_stream_transform_gets_per_sample_generator(shards6):
+    """Augmentation randomness depends on (seed, consumer, sample count): two ranks draw different values."""
+    def tf(s, g):
+        return {"u": torch.rand(1, generator=g)}
+    a = Stream(ShardSource(shards6), 4, tf, dist=_D(0, 2))(0)["u"]
+    b = Stream(ShardSource(shards6), 4, tf, dist=_D(1, 2))(0)["u"]
+    c = Stream(ShardSource(shards6), 4, tf, dist=_D(0, 2))(0)["u"]
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_stream_state_resumes_exactly(shards6, K):
+    """state_dict after step s + load_state_dict in a new Stream = the same batches, with 0 or 2 workers, at
+    checkpoint steps that are and are not multiples of the worker count, across an epoch boundary."""
+    def tf(s, g):
+        return {"x": torch.from_numpy(s["image"]).float().mean() + torch.rand((), generator=g)}
+    src = ShardSource(shards6)
+    ref = Stream(src, 4, tf, num_workers=K, shuffle_buffer=5)
+    full = [ref(i) for i in range(12)]  # 48 samples: crosses the 30-sample epoch
+    for s in (3, 8):
+        a = Stream(src, 4, tf, num_workers=K, shuffle_buffer=5)
+        for i in range(s):
+            a(i)
+        b = Stream(src, 4, tf, num_workers=K, shuffle_buffer=5)
+        b.load_state_dict(a.state_dict())
+        rest = [b(i) for i in range(s, 12)]
+        assert [r["__key__"] for r in rest] == [f["__key__"] for f in full[s:]]
+        assert all(torch.equal(r["x"], f["x"]) for r, f in zip(rest, full[s:]))
+        assert b.seen == ref.seen and np.array_equal(b.unique_keys(), ref.unique_keys())
+    with pytest.raises(ValueError, match="workers"):
+        Stream(src, 4, tf, num_workers=K + 1).load_state_dict(ref.state_dict())
+    with pytest.raises(RuntimeError, match="step"):
+        Stream(src, 4, tf, num_workers=K)(3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,15 +321,21 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
         _write_sample(tf, _sample(2), skip=("txt",))  # missing caption
         _write_sample(tf, _sample(3), skip=("png",))  # missing image
         _write_sample(tf, _sample(4), broken=("seg.png",))  # corrupt annotation
+        e = _sample(6)
+        e["caption"] = "  "
+        _write_sample(tf, e)  # empty caption
         _write_sample(tf, _sample(5))
-    ds = ShardDataset(str(p), require=("image", "caption"))
-    with pytest.warns(RuntimeWarning, match="bad-000.tar"):
-        got = _keys(ds)
-    assert got == ["s-000000", "s-000005"]
-    assert ds.skipped == Counter(bad_image=1, missing_caption=1, missing_image=1, bad_seg_png=1)
+    src = ShardSource(str(p), require=("image", "caption"))
+    got = read_samples(src)
+    assert [s["__key__"] for s in got] == ["s-000000", "s-000005"]
+    assert got.skipped == Counter(bad_image=1, missing_caption=1, missing_image=1, bad_seg_png=1, empty_caption=1)
+    st = Stream(src, 2, None, shuffle=False, num_workers=0)
+    assert st(0)["__key__"] == ["s-000000", "s-000005"]
+    assert st.skipped() == dict(got.skipped)
+    rep = data_report([st], [got])
+    assert rep["skipped_corrupt"] == 10 and rep["skipped_by_reason"]["empty_caption"] == 2
     # caption not required -> the caption-less sample is kept
-    with pytest.warns(RuntimeWarning):
-        assert "s-000002" in _keys(ShardDataset(str(p), require=("image",)))
+    assert "s-000002" in _keys(ShardSource(str(p), require=("image",)))
 
 
 def test_corrupt_and_truncated_shards(tmp_path):
@@ -326,14 +343,21 @@ def test_corrupt_and_truncated_shards(tmp_path):
     good = (tmp_path / "shard-001.tar").read_bytes()
     (tmp_path / "shard-001.tar").write_bytes(good[:len(good) // 2 + 100])  # truncated mid-member
     (tmp_path / "shard-002.tar").write_bytes(b"this is not a tar file" * 40)
-    ds = ShardDataset(str(tmp_path))
-    with pytest.warns(RuntimeWarning, match="bad_shard"):
-        got = _keys(ds)
-    assert got[:4] == [f"s-{k:06d}" for k in range(4)]  # the intact shard fully
-    assert 4 <= len(got) < 8 and len(set(got)) == len(got)  # part of the truncated one, never a crash
-    assert ds.skipped["bad_shard"] == 2
-    # also inside DataLoader workers
-    assert len(_keys(DataLoader(ShardDataset(str(tmp_path)), batch_size=None, num_workers=2))) == len(got)
+    with pytest.warns(RuntimeWarning, match="shard-00"):
+        got = read_samples(ShardSource(str(tmp_path)))
+    keys = [s["__key__"] for s in got]
+    assert keys[:4] == [f"s-{k:06d}" for k in range(4)]  # the intact shard fully
+    assert 4 <= len(keys) < 8 and len(set(keys)) == len(keys)  # part of the truncated one, never a crash
+    assert got.skipped["bad_shard"] == 2
+    st = Stream(ShardSource(str(tmp_path)), 2, None, num_workers=2, shuffle=False)  # inside workers too
+    ks = [k for i in range(8) for k in st(i)["__key__"]]
+    assert set(ks) <= set(keys) and st.skipped()["bad_shard"] >= 1
+
+
+def test_stream_with_no_usable_sample_raises(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"junk" * 200)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no usable sample"):
+        Stream(ShardSource(str(tmp_path / "x.tar")), 2, None, num_workers=0)(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,23 +377,16 @@ def test_image_folder(tmp_path):
             (tmp_path / name / f"{j}.jpg").write_bytes(_jpg(np.full((5, 6, 3), 40 * c, np.uint8)))
     (tmp_path / "bee" / "1.jpg").write_bytes(b"garbage")  # corrupt
     (tmp_path / "bee" / "notes.txt").write_text("not an image")
-    ds = ImageFolder(str(tmp_path))
-    assert ds.classes == ["ant", "bee", "cat"] and len(ds) == 6
-    s = ds[0]
-    assert s["label"] == 0 and s["__key__"] == "ant/0" and s["image"].shape == (5, 6, 3)
-    assert s["image"].dtype == np.uint8
-    with pytest.warns(RuntimeWarning, match="1.jpg"):
-        s = ds[3]  # bee/1.jpg is corrupt -> next valid item (cat/0)
-    assert s["__key__"] == "cat/0" and ds.skipped["bad_image"] == 1
-    assert [ds[i]["label"] for i in range(6)] == [0, 0, 1, 2, 2, 2]
-
-
-def test_image_folder_all_corrupt(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.jpg").write_bytes(b"nope")
-    ds = ImageFolder(str(tmp_path))
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="none of its 1 images"):
-        ds[0]
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "ant" / "gray.png")        # grayscale
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8), "RGBA").save(tmp_path / "ant" / "rgba.png")  # alpha
+    src = FolderSource(str(tmp_path))
+    assert src.classes == ["ant", "bee", "cat"] and len(src) == 8 and class_names_of(src) == ["ant", "bee", "cat"]
+    got = read_samples(src)
+    assert got.skipped == Counter(bad_image=1) and len(got) == 7
+    by = {s["__key__"]: s for s in got}
+    assert by["ant/0"]["label"] == 0 and by["cat/1"]["label"] == 2 and by["ant/0"]["image"].shape == (5, 6, 3)
+    assert by["ant/gray"]["image"].shape == (4, 4, 3) and by["ant/rgba"]["image"].shape == (4, 4, 3)
+    assert [s["__key__"] for s in got] != sorted(by)  # natural order is not class-sorted
 
 
 def test_caption_folder(tmp_path):
@@ -379,91 +396,87 @@ def test_caption_folder(tmp_path):
     lines = [{"file": "0.png", "caption": "zero", "year": 2015}, {"file": "1.png", "caption": "one"},
              {"file": "2.png", "caption": "two"}, {"file": "missing.png", "caption": "gone"}]
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
-    with pytest.warns(RuntimeWarning, match="skipped 2"):
-        ds = CaptionFolder(str(tmp_path))
-    assert len(ds) == 3 and ds.skipped == Counter(missing_file=1, bad_line=1)
-    s = ds[0]
-    assert set(s) == {"image", "caption", "__key__", "year"} and s["image"].shape == (4, 4, 3)
-    assert (s["caption"], s["__key__"], s["year"]) == ("zero", "0", 2015)
-    with pytest.warns(RuntimeWarning):
-        assert ds[2]["caption"] == "zero"  # broken 2.png -> wraps to the next valid item
-    with pytest.raises(FileNotFoundError, match="captions.jsonl"):
-        CaptionFolder(str(tmp_path / "nowhere"))
+    src = FolderSource(str(tmp_path))
+    assert len(src) == 3 and src.skipped == Counter(missing_file=1, bad_line=1)
+    got = {s["__key__"]: s for s in read_samples(src)}
+    assert set(got) == {"0", "1"} and set(got["0"]) == {"image", "caption", "__key__", "year"}
+    assert (got["0"]["caption"], got["0"]["year"]) == ("zero", 2015)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# make_dataset / make_loader / collate
+# splits without leakage
 
 
-def test_make_dataset_dispatch(tmp_path, shards6):
-    assert isinstance(make_dataset(shards6), ShardDataset)
-    assert isinstance(make_dataset(os.path.join(shards6, "shard-{000..005}.tar")), ShardDataset)
-    ds = make_dataset(os.path.join(shards6, "shard-{000..001}.tar") + "::" + os.path.join(shards6, "shard-005.tar"),
-                      n=7, shuffle_buffer=2)
-    assert isinstance(ds, ShardDataset) and len(ds.urls) == 3 and len(_keys(ds)) == 7
+def test_holdout_splits_are_disjoint_and_stable(shards6, tmp_path):
+    """A single --data stream: train, val and test come from disjoint key-hash ranges, whatever the rank, worker
+    or number of epochs; train never wraps into eval."""
+    pat = os.path.join(shards6, "shard-{000..005}.tar")
+    tr, va, te = (open_source(pat, sp, holdout=0.2) for sp in ("train", "val", "test"))
+    k_tr = set(_stream_keys(tr, 20, 3, rank=0, world=2, K=2)) | set(_stream_keys(tr, 20, 3, rank=1, world=2))
+    k_va, k_te = set(_keys(va)), set(_keys(te))
+    assert k_tr | k_va | k_te == {f"s-{k:06d}" for k in range(30)}
+    assert not (k_tr & k_va) and not (k_tr & k_te) and not (k_va & k_te) and k_te and k_va
+    assert all(key_split(k, 0.2) == "test" for k in k_te)
+    ev = read_samples(te)
+    st = Stream(tr, 3, None)
+    for i in range(20):  # several epochs of the training keys
+        st(i)
+    rep = data_report([st], [ev])
+    assert rep["eval_keys_in_train"] == 0 and rep["eval_samples"] == len(k_te)
+    assert rep["train_unique_keys"] == len(k_tr) and rep["train_samples_seen"] == 60
+    # the bad way this replaced: with the eval set drawn from the training stream the count is not 0
+    leak = SampleSource([{"__key__": k} for k in sorted(k_tr)[:3]])
+    assert data_report([st], [read_samples(leak, 3)])["eval_keys_in_train"] == 3
+    with pytest.raises(ValueError, match="holdout"):
+        open_source(pat, "test")  # no {split}, no --val_data, no holdout: refused, never a slice
+
+
+def test_folder_holdout_is_per_class(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        for j in range(10):
+            (tmp_path / name / f"{j}.png").write_bytes(_png(np.zeros((2, 2, 3), np.uint8)))
+    tr, te = open_source(str(tmp_path), "train", holdout=0.2), open_source(str(tmp_path), "test", holdout=0.2)
+    ytr, yte = Counter(s["label"] for s in read_samples(tr)), Counter(s["label"] for s in read_samples(te))
+    assert ytr == {0: 6, 1: 6, 2: 6} and yte == {0: 2, 1: 2, 2: 2}
+    assert not set(_keys(tr)) & set(_keys(te))
+
+
+def test_open_source_dispatch(tmp_path, shards6):
+    assert isinstance(open_source(shards6), ShardSource)
+    src = open_source(os.path.join(shards6, "shard-{000..001}.tar") + "::" + os.path.join(shards6, "shard-005.tar"))
+    assert len(src.urls) == 3
     for split in ("train", "val"):
         _write_shards(str(tmp_path / "sp" / split), 1, 2, name=split)
-    ds = make_dataset(str(tmp_path / "sp" / "{split}"), split="val")
-    assert ds.urls == [str(tmp_path / "sp" / "val" / "val-000.tar")]
-    (tmp_path / "cls" / "a").mkdir(parents=True)
-    (tmp_path / "cls" / "a" / "x.png").write_bytes(_png(np.zeros((3, 3, 3), np.uint8)))
-    assert isinstance(make_dataset(str(tmp_path / "cls"), shuffle_buffer=8, epoch_length=3), ImageFolder)
-    (tmp_path / "cap").mkdir()
-    (tmp_path / "cap" / "x.png").write_bytes(_png(np.zeros((3, 3, 3), np.uint8)))
-    (tmp_path / "cap" / "captions.jsonl").write_text(json.dumps({"file": "x.png", "caption": "c"}) + "\n")
-    assert isinstance(make_dataset(str(tmp_path / "cap")), CaptionFolder)
+    assert open_source(str(tmp_path / "sp" / "{split}"), "val").urls == [str(tmp_path / "sp" / "val" / "val-000.tar")]
+    v = open_source(shards6, "test", val_data=str(tmp_path / "sp" / "val"))
+    assert v.urls == [str(tmp_path / "sp" / "val" / "val-000.tar")]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="accepted layouts"):
-        make_dataset(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="empty"):
+        open_source(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
-        make_dataset(str(tmp_path / "no-such-dir"))
+        open_source(str(tmp_path / "no-such-dir"))
+    with pytest.raises(FileNotFoundError, match="classes.txt"):
+        class_names_of(ShardSource(shards6))
 
 
-def test_make_dataset_world():
-    world = pytest.importorskip("common.world")
-    ds = make_dataset(None, split="val", seed=1, size=32, n=10)
-    assert isinstance(ds, world.World) and len(ds) == 10
-    assert ds[0]["image"].shape == (32, 32, 3)
+def test_for_each_shard_resumes_per_shard(shards6, tmp_path):
+    calls = []
 
+    def fn(samples):
+        for s in samples:
+            calls.append(s["__key__"])
+            yield s["__key__"], {"cls": str(s["label"]).encode()}
 
-class _Range(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"i": i, "x": np.full((2,), i, np.float32), "s": f"n{i}"}
-
-
-def test_make_loader_map_style_rank_split():
-    ds = _Range(23)
-    seen = []
-    for r in range(2):
-        ld = make_loader(ds, 4, seed=3, rank=r, world_size=2, drop_last=False)
-        seen.append([int(i) for b in ld for i in b["i"]])
-    assert set(seen[0]).isdisjoint(seen[1]) or len(seen[0] + seen[1]) == 24  # 23 padded to 24 with one repeat
-    assert set(seen[0]) | set(seen[1]) == set(range(23))
-    e0 = [int(i) for b in make_loader(ds, 4, seed=3, rank=0, world_size=2) for i in b["i"]]
-    e0b = [int(i) for b in make_loader(ds, 4, seed=3, rank=0, world_size=2) for i in b["i"]]
-    e1 = [int(i) for b in make_loader(ds, 4, seed=3, rank=0, world_size=2, epoch=1) for i in b["i"]]
-    assert e0 == e0b and e0 != e1 and len(e0) == 8  # 11 per rank, drop_last -> 2 batches of 4
-    plain = [int(i) for b in make_loader(ds, 5, shuffle=False, rank=0, world_size=1) for i in b["i"]]
-    assert plain == list(range(20))
-    # two ranks with drop_last cover 22 distinct samples
-    a = [int(i) for b in make_loader(ds, 1, seed=0, rank=0, world_size=2) for i in b["i"]]
-    b = [int(i) for b in make_loader(ds, 1, seed=0, rank=1, world_size=2) for i in b["i"]]
-    assert len(set(a + b)) == 22
-
-
-def test_make_loader_iterable(shards6):
-    ld = make_loader(ShardDataset(shards6, shuffle_buffer=4), 4, num_workers=2, epoch=2)
-    batches = list(ld)
-    assert len(batches) == 6  # 15 samples per worker, drop_last drops each worker's partial batch
-    b = batches[0]
-    assert b["image"].shape == (4, 6, 7, 3) and b["image"].dtype == torch.uint8
-    assert b["depth"].dtype == torch.float32 and b["label"].dtype == torch.int64
+    out = str(tmp_path / "out")
+    paths = for_each_shard(ShardSource(shards6), out, fn)
+    assert len(paths) == 6 and len(calls) == 30
+    os.remove(paths[2])
+    calls.clear()
+    for_each_shard(ShardSource(shards6), out, fn)
+    assert calls == [f"s-{k:06d}" for k in range(10, 15)]  # only the missing shard is rebuilt
+    back = read_samples(ShardSource(out + "/*.tar", require=()))
+    assert [s["label"] for s in back] == [k % 5 for k in range(30)]
 
 
 def test_collate():
@@ -475,7 +488,4 @@ def test_collate():
     assert set(collate(ss, keys=("image", "label"))) == {"image", "label"}
     with pytest.raises(KeyError, match="nope"):
         collate(ss, keys=("nope",))
-    ragged = collate([{"a": np.zeros(2)}, {"a": np.zeros(3)}])
-    assert isinstance(ragged["a"], list)
-    t = collate([(torch.zeros(2), 1), (torch.ones(2), 2)])
-    assert t[0].shape == (2, 2) and t[1].tolist() == [1, 2]
+    assert isinstance(collate([{"a": np.zeros(2)}, {"a": np.zeros(3)}])["a"], list)
