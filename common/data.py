@@ -275,7 +275,7 @@ class WorldSource:
     def key(self, i):
         return f"{self.world.split}-{self.world._ykey}{int(i):09d}"
 
-    def decode(self, i):
+    def decode(self, i, images=True):
         if i in self._memo:
             return self._memo[i]
         s = self.world.sample(int(i))
@@ -298,7 +298,7 @@ class SampleSource:
     def key(self, i):
         return self.samples[i]["__key__"]
 
-    def decode(self, i):
+    def decode(self, i, images=True):
         return self.samples[i]
 
 
@@ -367,8 +367,10 @@ class FolderSource:
     def key(self, i):
         return self.items[i][1]
 
-    def decode(self, i):
+    def decode(self, i, images=True):
         path, key, extra = self.items[i]
+        if not images:
+            return {"__key__": key, **extra}
         with open(path, "rb") as f:
             b = f.read()
         try:
@@ -417,10 +419,14 @@ class ShardSource:
     def key(self, item):
         return item[0]
 
-    def decode(self, item):
+    def decode(self, item, images=True):
         key, members = item
+        if not images:  # a text pass (counting captions): skip the expensive member
+            members = {e: b for e, b in members.items() if e.lower() not in IMAGE_EXTS}
         s = decode_sample(members, key)
         for k in self.require:
+            if k == "image" and not images:
+                continue
             if k not in s:
                 raise ValueError(f"missing_{k}")
             if k in ("caption", "alt_text") and not str(s[k]).strip():
@@ -489,6 +495,8 @@ def open_source(data, split="train", *, world=None, n=None, val_data="", holdout
     h = 0.0
     if "{split}" in data:
         data = data.replace("{split}", split)
+    elif val_data and split == "train":
+        pass  # eval data lives elsewhere: train on all of --data
     elif split != "train" and val_data:
         data = val_data.replace("{split}", split)
         h = holdout if holdout > 0 else 0.0
@@ -793,15 +801,16 @@ class SampleList(list):
     skipped = None
 
 
-def iter_samples(source, rank=0, world=1, n=None, seed=0):
+def iter_samples(source, rank=0, world=1, n=None, seed=0, images=True):
     """One pass over `source` in its natural order, this rank's share only (consumer rank of world), decoded;
     yields at most n samples. Natural order: world / sample lists by index, tar shards as listed, folders in a
     seed-0 permutation (class-sorted order would make "the first n" a few classes). Never wraps around. For a count
-    of skipped samples use read_samples."""
-    yield from _one_pass(source, rank, world, n, seed, Counter())
+    of skipped samples use read_samples. images=False: text and metadata only (tar image members and folder files
+    are not read), for cheap pre-passes such as counting caption words."""
+    yield from _one_pass(source, rank, world, n, seed, Counter(), images)
 
 
-def _one_pass(source, rank, world, n, seed, skipped):
+def _one_pass(source, rank, world, n, seed, skipped, images=True):
     if isinstance(source, ShardSource):
         source.report = skipped
         items = source.raw(0, rank, world, seed, shuffle=False)
@@ -816,7 +825,7 @@ def _one_pass(source, rank, world, n, seed, skipped):
         if n is not None and got >= n:
             return
         try:
-            s = source.decode(item)
+            s = source.decode(item) if images else source.decode(item, images=False)
         except ValueError as err:
             skipped[str(err).split(":")[0] or "bad_sample"] += 1
             continue
@@ -971,9 +980,133 @@ def data_report(streams, eval_samples=(), dist=None, source=None, eval_source=No
     other = sum(v for r, v in skipped.items() if r not in SKIP_REASONS)
     tot = _all_sum([seen, len(keys), hits, n_eval, other] + [skipped[r] for r in SKIP_REASONS], dist)
     uniq = _global_unique(keys, dist)
+    eval_source = eval_source or ", ".join(sorted({x.name for x in ev}))
+    if dist is not None and dist.distributed:  # rank 0 knows the eval sets
+        b = torch.zeros(4096, dtype=torch.uint8)
+        enc = eval_source.encode()[:4096]
+        b[:len(enc)] = torch.frombuffer(bytearray(enc), dtype=torch.uint8) if enc else b[:0]
+        b = b.to(dist.device)
+        torch.distributed.broadcast(b, 0)
+        eval_source = bytes(b.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
     by = {r: v for r, v in zip(("other",) + SKIP_REASONS, tot[4:]) if v}
     return {"source": source or ", ".join(sorted({s.source.name for s in streams})),
-            "eval_source": eval_source or ", ".join(sorted({x.name for x in ev})),
+            "eval_source": eval_source,
             "train_samples_seen": tot[0], "train_unique_keys": tot[1],
             "train_keys_on_several_ranks": tot[1] - uniq, "eval_samples": tot[3], "eval_keys_in_train": tot[2],
             "skipped_corrupt": sum(by.values()), "skipped_by_reason": by}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loader benchmark: python -m common.data bench --data=...
+
+
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _bench_transform(image_size):
+    from common.transforms import train_transform
+    aug = train_transform(image_size, kind="rrc")
+
+    def tf(s, g):
+        return {"image": aug(s["image"], g)}
+    return tf
+
+
+def bench(data, image_size=224, n=512, batch_size=32, workers=(1, 2), rss_factor=10):
+    """Loader throughput and memory on real files.
+
+    decode: PIL decode alone, one process (the per-core ceiling). stream K: a Stream with K workers doing decode +
+    RandomResizedCrop(image_size) + flip + normalise, n images after one warm-up batch; images/s in total and per
+    worker. rss: a child process trains a linear probe on the stream until the decoded float32 pixels it has
+    streamed exceed rss_factor x its own peak RSS, and reports both (memory must not grow with what is streamed)."""
+    src = ShardSource(data) if not os.path.isdir(data) or glob(os.path.join(data, "*.tar")) else FolderSource(data)
+    out = {"data": data, "image_size": image_size, "cores": os.cpu_count()}
+    raw = []
+    if isinstance(src, ShardSource):
+        for u in src.urls:
+            for key, members in _read_shard(u, Counter()):
+                b = next((members[e] for e in members if e.lower() in IMAGE_EXTS), None)
+                if b is not None:
+                    raw.append(b)
+                if len(raw) >= n:
+                    break
+            if len(raw) >= n:
+                break
+    else:
+        for path, _, _ in src.items[:n]:
+            with open(path, "rb") as f:
+                raw.append(f.read())
+    t = time.perf_counter()
+    for b in raw:
+        decode_image(b)
+    out["decode_images_per_s"] = len(raw) / (time.perf_counter() - t)
+    out["decoded_image_px"] = list(decode_image(raw[0]).shape[:2])
+    for K in workers:
+        st = Stream(src, batch_size, _bench_transform(image_size), num_workers=K, shuffle_buffer=0)
+        st(0)
+        steps = max(1, n // batch_size)
+        t = time.perf_counter()
+        for i in range(1, steps + 1):
+            st(i)
+        rate = steps * batch_size / (time.perf_counter() - t)
+        out[f"stream_{K}w_images_per_s"] = rate
+        out[f"stream_{K}w_images_per_s_per_worker"] = rate / K
+        st.close()
+    import subprocess
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+            "from common.data import _rss_child\n"
+            f"_rss_child({data!r}, {image_size}, {batch_size}, {rss_factor})\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench rss child failed: {p.stderr[-2000:]}")
+    out.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _rss_child(data, image_size, batch_size, factor):
+    """Train a linear model on the stream until the pixels streamed exceed factor x this process's peak RSS."""
+    src = ShardSource(data) if not os.path.isdir(data) or glob(os.path.join(data, "*.tar")) else FolderSource(data)
+    st = Stream(src, batch_size, _bench_transform(image_size), num_workers=2)
+    model = torch.nn.Linear(3 * 16 * 16, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    px = 3 * image_size * image_size * 4
+    streamed, i = 0, 0
+    while True:
+        x = torch.nn.functional.adaptive_avg_pool2d(st(i)["image"], 16).flatten(1)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        streamed += x.shape[0] * px
+        i += 1
+        rss = _peak_rss_mb()  # the training process; the workers hold one shard reader + a shuffle buffer each
+        if streamed / 2**20 > factor * rss and i > 20:
+            break
+    print(json.dumps({"rss_samples_streamed": i * batch_size, "rss_pixels_streamed_mb": streamed / 2**20,
+                      "rss_unique_samples": len(st.unique_keys()), "rss_peak_mb": rss,
+                      "rss_streamed_over_peak": streamed / 2**20 / rss}))
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m common.data", description="loader benchmark")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="images/s per worker (decode + RandomResizedCrop + normalise) and peak RSS")
+    b.add_argument("--data", required=True, help="tar shards or an image folder")
+    b.add_argument("--image_size", type=int, default=224)
+    b.add_argument("--n", type=int, default=512, help="images timed per configuration")
+    b.add_argument("--batch_size", type=int, default=32)
+    b.add_argument("--out", default="", help="also write the numbers to this JSON file")
+    a = ap.parse_args(argv)
+    res = bench(a.data, a.image_size, a.n, a.batch_size)
+    for k, v in res.items():
+        print(f"{k:40s} {v:.1f}" if isinstance(v, float) else f"{k:40s} {v}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -533,6 +533,11 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
         past = info["arrays"]["loss"].tolist()[:start] if "loss" in info["arrays"] else []
         if start >= steps:
             dist.print(f"{desc}: {ckpt} is complete ({start} >= {steps} steps); nothing to do")
+            if stream is not None:  # its counts still describe what the stage trained on (results' data block)
+                try:
+                    stream.load_state_dict(load_data_state(ckpt, dist.rank, start))
+                except (FileNotFoundError, ValueError) as e:
+                    dist.print(f"{desc}: the data counts of {ckpt} are not known here ({e})")
             return {"loss": past, "steps": start, "seconds": 0.0, "start": start, "resumed": True, "complete": True}
         if stream is not None:
             stream.load_state_dict(load_data_state(ckpt, dist.rank, start))

@@ -489,3 +489,47 @@ def test_collate():
     with pytest.raises(KeyError, match="nope"):
         collate(ss, keys=("nope",))
     assert isinstance(collate([{"a": np.zeros(2)}, {"a": np.zeros(3)}])["a"], list)
+
+
+DDP_REPORT = """
+import json, sys, torch
+from common.train import setup_distributed
+from common.data import ShardSource, Stream, data_report, open_source, read_samples
+dist = setup_distributed("cpu")
+pat, out = sys.argv[1], sys.argv[2]
+st = Stream(open_source(pat, "train", holdout=0.2), 2, None, num_workers=2, dist=dist)
+for i in range(2):
+    st(i)
+ev = [read_samples(open_source(pat, "test", holdout=0.2))] if dist.is_master else []
+rep = data_report([st], ev, dist)
+class Same:  # the bug this guards against: every rank reading as rank 0
+    rank, world_size, device = 0, 2, "cpu"
+same = Stream(open_source(pat, "train", holdout=0.2), 2, None, num_workers=0, dist=Same())
+for i in range(2):
+    same(i)
+rep["same_on_both"] = data_report([same], [], dist)["train_keys_on_several_ranks"]
+json.dump(rep, open(out + f"/rep{dist.rank}.json", "w"))
+dist.cleanup()
+"""
+
+
+def test_data_report_two_gloo_ranks(tmp_path):
+    """2 ranks x 2 workers: the collective report sums per-rank counts, finds no key on both ranks within an
+    epoch, and checks rank 0's eval keys against every rank's training keys."""
+    import subprocess
+    import sys
+    (tmp_path / "r.py").write_text(DDP_REPORT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    _write_shards(str(tmp_path / "d"), 4, 10)  # a whole shard per consumer (2 ranks x 2 workers)
+    pat = str(tmp_path / "d" / "shard-{000..003}.tar")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "r.py"), pat, str(tmp_path)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"rep{r}.json")) for r in range(2))
+    assert r0 == r1  # every rank gets the same block
+    assert r0["train_samples_seen"] == 8 and r0["train_unique_keys"] == 8
+    assert r0["train_keys_on_several_ranks"] == 0 and r0["eval_keys_in_train"] == 0
+    assert r0["same_on_both"] == 4  # and the count does see ranks that read the same samples
+    assert r0["eval_samples"] == sum(key_split(f"s-{k:06d}", 0.2) == "test" for k in range(40)) > 0
