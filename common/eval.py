@@ -288,3 +288,227 @@ def dense_probe(patch_fn, train_images, train_seg, train_depth, test_images, tes
     if test_depth is not None and dep_tr is not None:
         out["depth_rmse"] = depth_rmse(torch.cat(deps) * sd + mu, _t(test_depth).float())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# zero-shot classification of an image folder with a checkpoint:
+#   python -m common.eval zeroshot --checkpoint=model.safetensors --data=root/ --bpe=bpe_simple_vocab_16e6.txt.gz
+
+# CLIP's 80 ImageNet prompts (Radford et al. 2021, notebooks/Prompt_Engineering_for_ImageNet.ipynb; open_clip's
+# OPENAI_IMAGENET_TEMPLATES), in the published order.
+OPENAI_IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)
+FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+def list_image_folder(root):
+    """root/CLASS/*.{jpg,png,...} -> (paths, labels, folder names); classes are the sorted sub-folder names, as
+    torchvision's ImageFolder numbers them. Sub-folders without images are an error (a class that cannot be
+    scored)."""
+    from pathlib import Path
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for c, name in enumerate(folders):
+        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in FOLDER_EXTS)
+        if not files:
+            raise ValueError(f"--data {root}: class folder {name!r} has no images ({', '.join(FOLDER_EXTS)})")
+        paths += files
+        labels += [c] * len(files)
+    if not folders:
+        raise ValueError(f"--data {root}: no class sub-folders; expected root/CLASS/*.jpg")
+    return paths, labels, folders
+
+
+def read_classnames(path, folders):
+    """Class names for the sorted folders: a file with one name a line in folder order, or `folder<TAB>name`
+    lines (any order, every folder named once). path None -> folder names with '_' read as spaces."""
+    if path is None:
+        return [f.replace("_", " ") for f in folders]
+    lines = [ln.rstrip("\n") for ln in open(path, encoding="utf-8") if ln.strip()]
+    if lines and all("\t" in ln for ln in lines):
+        names = dict(ln.split("\t", 1) for ln in lines)
+        missing = [f for f in folders if f not in names]
+        if missing:
+            raise ValueError(f"--classes {path}: no name for folders {missing[:10]}")
+        return [names[f].strip() for f in folders]
+    if len(lines) != len(folders):
+        raise ValueError(f"--classes {path}: {len(lines)} names for {len(folders)} class folders (one name a line, "
+                         "in sorted folder order, or 'folder<TAB>name' lines)")
+    return [ln.strip() for ln in lines]
+
+
+def read_templates(path):
+    """Prompt templates, one a line, each with one '{}' where the class name goes."""
+    if path is None:
+        return OPENAI_IMAGENET_TEMPLATES
+    ts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    bad = [t for t in ts if t.count("{}") != 1]
+    if not ts or bad:
+        raise ValueError(f"--templates {path}: every line needs exactly one '{{}}' for the class name"
+                         + (f", e.g. not {bad[0]!r}" if bad else " (file is empty)"))
+    return tuple(ts)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """(preprocessed image, readable?) per path; an unreadable file gives zeros and False instead of stopping."""
+
+    def __init__(self, paths, prep, size):
+        self.paths, self.prep, self.size = paths, prep, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.prep(im.convert("RGB")), True
+        except (OSError, ValueError, SyntaxError):      # what PIL raises for corrupt / truncated / unknown files
+            return torch.zeros(3, self.size, self.size), False
+
+
+@torch.no_grad()
+def zero_shot_folder(model, tokenizer, root, classnames=None, templates=OPENAI_IMAGENET_TEMPLATES, batch_size=64,
+                     device="cpu", workers=0, mean=None, std=None, interpolation="bicubic", class_batch=10):
+    """Zero-shot top-1 / top-5 accuracy of a CLIP on root/CLASS/* images.
+
+    The classifier is zero_shot_classifier (mean of normalised template embeddings, renormalised), built
+    `class_batch` classes at a time as open_clip does; images go through eval_transform at the model's image size
+    (PIL bicubic shorter side, center crop, CLIP mean/std unless given). Returns {"top1", "top5" (top-min(5, C)),
+    "n_images", "n_classes", "n_templates", "n_unreadable", "per_class_top1": {name: acc}}; unreadable files are
+    left out of the accuracies and counted."""
+    from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+    paths, labels, folders = list_image_folder(root)
+    names = list(classnames) if classnames is not None else [f.replace("_", " ") for f in folders]
+    if len(names) != len(folders):
+        raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
+    model = model.to(device).eval()
+    cls = torch.cat([zero_shot_classifier(model, tokenizer, names[i:i + class_batch], templates, device)
+                     for i in range(0, len(names), class_batch)])                       # (C, D)
+    size = model.visual.image_size
+    prep = eval_transform(size, mean or CLIP_MEAN, std or CLIP_STD, interpolation)
+    loader = torch.utils.data.DataLoader(FolderImages(paths, prep, size), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    k = min(5, len(names))
+    y = torch.tensor(labels)
+    top, ok = [], []
+    for x, good in loader:
+        f = F.normalize(model.encode_image(x.to(device), normalize=False).float(), dim=-1).cpu()
+        top.append((100.0 * f @ cls.T).topk(k, dim=-1).indices)
+        ok.append(good)
+    top, ok = torch.cat(top)[torch.cat(ok)], torch.cat(ok)
+    y = y[ok]
+    if len(y) == 0:
+        raise ValueError(f"--data {root}: none of the {len(paths)} images could be read")
+    hit1, hitk = top[:, 0] == y, (top == y[:, None]).any(-1)
+    per = {names[c]: hit1[y == c].float().mean().item() for c in range(len(names)) if (y == c).any()}
+    return {"top1": hit1.float().mean().item(), "top5": hitk.float().mean().item(), "n_images": len(y),
+            "n_classes": len(names), "n_templates": len(templates), "n_unreadable": int((~ok).sum()),
+            "per_class_top1": per}
+
+
+def _zeroshot_cli(args):
+    import json
+    import os
+    import time
+    from common.models import load_clip_checkpoint
+    from common.tokenizer import Tokenizer, world_tokenizer
+    t0 = time.time()
+    parse3 = (lambda s: tuple(float(v) for v in s.split(",")) if s else None)  # noqa: E731
+    mean, std = parse3(args.mean), parse3(args.std)
+    if (mean and len(mean) != 3) or (std and len(std) != 3):
+        raise ValueError("--mean / --std take three comma-separated numbers")
+    if args.tokenizer == "clip" and not args.bpe:
+        raise ValueError("--bpe=PATH is required: CLIP's merges file bpe_simple_vocab_16e6.txt.gz (it ships in the "
+                         "open-clip-torch wheel and OpenAI's CLIP repository)")
+    qg = {"auto": None, "true": True, "false": False}[args.quick_gelu]
+    model = load_clip_checkpoint(args.checkpoint, quick_gelu=qg, vision_heads=args.vision_heads,
+                                 text_heads=args.text_heads, device=args.device)
+    ctx = model.text.context_length
+    tok = world_tokenizer(ctx) if args.tokenizer == "world" else Tokenizer.from_file(args.bpe, context_length=ctx)
+    if tok.vocab_size > model.text.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the checkpoint's token_embedding has "
+                         f"{model.text.vocab_size} rows: wrong --bpe / --tokenizer for this checkpoint")
+    _, _, folders = list_image_folder(args.data)
+    names = read_classnames(args.classes, folders)
+    templates = read_templates(args.templates)
+    r = zero_shot_folder(model, tok, args.data, names, templates, args.batch_size, args.device, args.workers,
+                         mean, std, args.interpolation)
+    r.update(checkpoint=str(args.checkpoint), data=str(args.data), seconds=round(time.time() - t0, 2),
+             device=str(args.device), model=model.config)
+    print(f"zero-shot {args.data}: {r['n_classes']} classes, {r['n_images']} images, {r['n_templates']} templates"
+          f" | top-1 {r['top1']:.4f}  top-{min(5, r['n_classes'])} {r['top5']:.4f}"
+          + (f" | {r['n_unreadable']} unreadable images skipped" if r["n_unreadable"] else ""))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = f"{args.out}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=1)
+        os.replace(tmp, args.out)
+    return r
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    from common.convert import CheckpointError
+    ap = argparse.ArgumentParser(prog="python -m common.eval", description="evaluation commands")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    z = sub.add_parser("zeroshot", help="zero-shot top-1/top-5 of a CLIP checkpoint on an image folder root/CLASS/*")
+    z.add_argument("--checkpoint", required=True, help="open_clip / OpenAI ViT CLIP weights (.safetensors)")
+    z.add_argument("--data", required=True, help="image folder root/CLASS/*.jpg (classes = sorted sub-folders)")
+    z.add_argument("--classes", default=None, help="class names: one a line in folder order, or folder<TAB>name "
+                                                   "(default: folder names, '_' -> ' ')")
+    z.add_argument("--templates", default=None, help="prompt templates, one a line with '{}' (default: CLIP's 80)")
+    z.add_argument("--bpe", default=None,
+                   help="CLIP merges file bpe_simple_vocab_16e6.txt.gz (needed for --tokenizer=clip)")
+    z.add_argument("--tokenizer", default="clip", choices=("clip", "world"),
+                   help="clip: CLIP's BPE from --bpe; world: the synthetic world's vocabulary (tests, world models)")
+    z.add_argument("--batch_size", type=int, default=64)
+    z.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for reading images")
+    z.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    z.add_argument("--quick_gelu", default="auto", choices=("auto", "true", "false"),
+                   help="auto: QuickGELU only for OpenAI-format checkpoints (bookkeeping keys present)")
+    z.add_argument("--vision_heads", type=int, default=None, help="default width // 64 (ViT-H/g/bigG-14: 16)")
+    z.add_argument("--text_heads", type=int, default=None, help="default width // 64")
+    z.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
+    z.add_argument("--mean", default=None, help="r,g,b normalisation mean (default CLIP's)")
+    z.add_argument("--std", default=None, help="r,g,b normalisation std (default CLIP's)")
+    z.add_argument("--out", default=None, help="write the results JSON here")
+    z.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = ap.parse_args(argv)
+    try:
+        _zeroshot_cli(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,13 +139,18 @@ class ConvStem(nn.Module):
 
 
 def resize_pos_embed(pos, grid, new_grid):
-    """pos: (gh*gw, C) for grid (gh, gw) -> (nh*nw, C), bicubic (as open_clip/timm when the image size changes)."""
+    """pos: (gh*gw, C) for grid (gh, gw) -> (nh*nw, C); the patch rows only (callers keep the class token's row).
+
+    As open_clip's `resize_pos_embed`: F.interpolate(mode="bicubic", antialias=True, align_corners=False) on the
+    (1, C, gh, gw) grid. With antialias PyTorch uses PIL's separable cubic (a = -0.5, support widened by the
+    downscale factor, weights renormalised at the borders): shrinking a grid low-pass filters it instead of reading
+    4 source rows per output row (antialias=False, a = -0.75, clamped borders), as PIL resizes images."""
     if tuple(grid) == tuple(new_grid):
         return pos
     C = pos.shape[-1]
     p = pos.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2)
-    p = F.interpolate(p.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(pos.dtype)
-    return p.permute(0, 2, 3, 1).reshape(-1, C)
+    p = F.interpolate(p.float(), size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    return p.to(pos.dtype).permute(0, 2, 3, 1).reshape(-1, C)
 
 
 class VisionTransformer(nn.Module):
@@ -330,13 +335,18 @@ def clip_tiny(vocab_size, image_size=32, embed_dim=128, patch_size=8, stem="conv
 # open_clip / OpenAI checkpoints
 
 _TEXT_TOP = ("token_embedding.", "positional_embedding", "ln_final.", "text_projection")
-_IGNORED = ("input_resolution", "context_length", "vocab_size", "attn_mask")   # OpenAI bookkeeping / mask buffers
+_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")  # bookkeeping tensors in OpenAI's state dicts
+_IGNORED = _OPENAI_KEYS + ("attn_mask",)                            # ... and mask buffers: no weights
 
 
 def openclip_key(k):
-    """open_clip / OpenAI state-dict key -> this model's key (None for bookkeeping keys that carry no weights)."""
-    if k.startswith("module."):
-        k = k[len("module."):]
+    """open_clip / OpenAI state-dict key -> this model's key (None for bookkeeping keys that carry no weights).
+
+    Accepted layouts: OpenAI's and open_clip's `CLIP` (text tower at the top level: `transformer.resblocks.*`,
+    `token_embedding.*`, ...), open_clip's `CustomTextCLIP` (text tower under `text.`), and DDP / torch.compile
+    wrappers (`module.`, `_orig_mod.` prefixes)."""
+    while k.startswith(("module.", "_orig_mod.")):
+        k = k.split(".", 1)[1]
     if k.split(".")[-1] in _IGNORED:
         return None
     if k.startswith(_TEXT_TOP) or k.startswith("transformer."):
@@ -345,11 +355,23 @@ def openclip_key(k):
     return k.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias")
 
 
+def _openclip_name(k):
+    """This model's key -> the open_clip / OpenAI name a checkpoint would use (for error messages)."""
+    k = k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+    k = k.replace("blocks.", "transformer.resblocks.")
+    return k[len("text."):] if k.startswith("text.") else k
+
+
+def _listing(keys, n=12):
+    keys = sorted(keys)
+    return str(keys[:n])[:-1] + (f", ... +{len(keys) - n} more]" if len(keys) > n else "]")
+
+
 def convert_openclip_state_dict(model, sd):
     """Rename an open_clip / OpenAI state dict to this model's keys; raise a KeyError listing missing and
-    unexpected keys and a ValueError listing shape mismatches."""
+    unexpected keys and a ValueError listing shape mismatches (checkpoint key, checkpoint shape, model shape)."""
     own = model.state_dict()
-    out, unexpected = {}, []
+    out, src, unexpected = {}, {}, []
     for k, v in sd.items():
         k2 = openclip_key(k)
         if k2 is None:
@@ -359,15 +381,17 @@ def convert_openclip_state_dict(model, sd):
             continue
         if k2 in ("logit_scale", "logit_bias"):
             v = v.reshape(())                       # open_clip may store shape [1]
-        out[k2] = v
-    missing = sorted(k for k in own if k not in out and not k.endswith("num_batches_tracked"))
+        out[k2], src[k2] = v, k
+    missing = [_openclip_name(k) for k in own if k not in out and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise KeyError(f"open_clip state dict does not match the model: missing (model keys with no checkpoint "
-                       f"entry) {missing}; unexpected (checkpoint keys) {sorted(unexpected)}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
+        raise KeyError(f"open_clip state dict does not match the model: missing (keys the model needs) "
+                       f"{_listing(missing)}; unexpected (checkpoint keys the model does not have) "
+                       f"{_listing(unexpected)}")
+    bad = [f"{src[k]}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
            if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError("open_clip state dict shape mismatch: " + "; ".join(bad))
+        raise ValueError("open_clip state dict shape mismatch: " + "; ".join(bad[:12])
+                         + (f"; ... +{len(bad) - 12} more" if len(bad) > 12 else ""))
     return out
 
 
@@ -380,7 +404,132 @@ def load_openclip_state_dict(model, sd):
         model.load_state_dict(out, strict=False)   # strictness already checked, minus BN counters
 
 
+def _n_blocks(keys, prefix):
+    """Number of blocks `prefix{i}.` in keys; they must be numbered 0..L-1."""
+    idx = {int(k[len(prefix):].split(".")[0]) for k in keys
+           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    if idx != set(range(len(idx))):
+        raise ValueError(f"blocks {prefix}* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
+    return len(idx)
+
+
+def infer_clip_config(sd, vision_heads=None, text_heads=None):
+    """Hyper-parameters of an open_clip / OpenAI ViT CLIP, read off the state dict's tensor shapes (works on meta
+    tensors; no table of model sizes).
+
+    -> dict: image_size, patch_size, vision_width, vision_layers, vision_heads, vision_mlp (hidden width),
+    vocab_size, context_length, text_width, text_layers, text_heads, text_mlp, embed_dim, layer_scale (ls_1/ls_2
+    present), logit_bias (present), openai (OpenAI's bookkeeping keys present).
+
+    Shapes used: conv1 (W, 3, P, P); visual positional_embedding (1 + g*g, W) -> image_size g * P; visual.proj
+    (W, E); token_embedding (V, Wt); positional_embedding (ctx, Wt); text_projection (Wt, E); c_fc (hidden, w).
+    Heads cannot be seen in the shapes (in_proj is (3w, w) however it is split): the default is width // 64,
+    OpenAI's rule and open_clip's default head_width. open_clip's ViT-H-14, ViT-g-14 and ViT-bigG-14 configs set
+    head_width 80 / 88 / 104, i.e. 16 vision heads: pass vision_heads=16 for those."""
+    keys = {}
+    for k, v in sd.items():
+        k2 = openclip_key(k)
+        if k2 is not None:
+            keys[k2] = v
+    if "visual.conv1.weight" not in keys:
+        vis = sorted({".".join(k.split(".")[:2]) for k in keys if k.startswith("visual.")})[:6]
+        hint = ("a timm image tower (visual.trunk.*)" if any(k.startswith("visual.trunk.") for k in keys) else
+                "a ModifiedResNet image tower (RN50-style)" if "visual.layer1" in vis else
+                f"image-tower keys {vis}" if vis else f"keys like {sorted(keys)[:4]}")
+        raise ValueError(f"not an open_clip / OpenAI ViT CLIP state dict: no visual.conv1.weight ({hint}; only "
+                         "ViT towers with a linear patch embedding load here)")
+    need = ["visual.class_embedding", "visual.positional_embedding", "visual.proj", "text.token_embedding.weight",
+            "text.positional_embedding", "text.text_projection", "visual.blocks.0.mlp.c_fc.weight",
+            "text.blocks.0.mlp.c_fc.weight"]
+    missing = [_openclip_name(k) for k in need if k not in keys]
+    if missing:
+        raise KeyError(f"ViT CLIP state dict lacks {missing}")
+    W, c, P, P2 = keys["visual.conv1.weight"].shape
+    if c != 3 or P != P2:
+        raise ValueError(f"visual.conv1.weight has shape {tuple(keys['visual.conv1.weight'].shape)}, "
+                         "expected (width, 3, patch, patch)")
+    n_pos = keys["visual.positional_embedding"].shape[0]
+    g = math.isqrt(max(n_pos - 1, 0))
+    if g * g != n_pos - 1:
+        raise ValueError(f"visual.positional_embedding has {n_pos} rows: not 1 class token + a square grid")
+    V, Wt = keys["text.token_embedding.weight"].shape
+    E = keys["visual.proj"].shape[1]
+    if tuple(keys["text.text_projection"].shape) != (Wt, E):
+        raise ValueError(f"text_projection has shape {tuple(keys['text.text_projection'].shape)}, expected "
+                         f"(text width {Wt}, embed dim {E} from visual.proj)")
+    cfg = dict(image_size=g * P, patch_size=P, vision_width=W, vision_layers=_n_blocks(keys, "visual.blocks."),
+               vision_heads=vision_heads or max(W // 64, 1),
+               vision_mlp=keys["visual.blocks.0.mlp.c_fc.weight"].shape[0],
+               vocab_size=V, context_length=keys["text.positional_embedding"].shape[0], text_width=Wt,
+               text_layers=_n_blocks(keys, "text.blocks."), text_heads=text_heads or max(Wt // 64, 1),
+               text_mlp=keys["text.blocks.0.mlp.c_fc.weight"].shape[0], embed_dim=E,
+               layer_scale="visual.blocks.0.ls_1.gamma" in keys, logit_bias="logit_bias" in keys,
+               openai=any(k.split(".")[-1] in _OPENAI_KEYS for k in sd))
+    for tower, w, h in (("vision", W, cfg["vision_heads"]), ("text", Wt, cfg["text_heads"])):
+        if w % h:
+            raise ValueError(f"{tower} width {w} is not divisible by {h} heads")
+    return cfg
+
+
+def _mlp_ratio(hidden, width):
+    """The mlp_ratio that gives `hidden` units: MLP takes int(width * ratio), and (hidden + 0.5) / width keeps
+    float rounding from landing one below (e.g. bigG's 8192 / 1664)."""
+    return (hidden + 0.5) / width
+
+
+def clip_from_state_dict(sd, quick_gelu=None, vision_heads=None, text_heads=None, dtype=torch.float32):
+    """Build the CLIP that an open_clip / OpenAI ViT state dict describes (infer_clip_config) and load it.
+
+    quick_gelu: None -> True when OpenAI's bookkeeping keys (input_resolution / context_length / vocab_size) are in
+    sd (OpenAI's models were trained with QuickGELU), else False (open_clip's default GELU). OpenAI weights that
+    open_clip re-saved carry no such marker (open_clip's `-quickgelu` model names say it instead): pass True.
+    dtype: floating tensors are cast to it (OpenAI's weights are fp16); None keeps the checkpoint's dtypes.
+    The parameters are sd's tensors themselves (after the cast), not copies. Returns the model in eval mode, with
+    `model.config` = the inferred hyper-parameters plus the quick_gelu used."""
+    cfg = infer_clip_config(sd, vision_heads, text_heads)
+    cfg["quick_gelu"] = cfg["openai"] if quick_gelu is None else bool(quick_gelu)
+    act = "quick_gelu" if cfg["quick_gelu"] else "gelu"
+    ls = 1e-5 if cfg["layer_scale"] else None               # the value is overwritten by the checkpoint's gamma
+    with torch.device("meta"):                              # no memory for weights that are replaced right away
+        visual = VisionTransformer(cfg["image_size"], cfg["patch_size"], cfg["vision_width"], cfg["vision_layers"],
+                                   cfg["vision_heads"], _mlp_ratio(cfg["vision_mlp"], cfg["vision_width"]),
+                                   cfg["embed_dim"], act=act, ls_init=ls)
+        text = TextTransformer(cfg["vocab_size"], cfg["context_length"], cfg["text_width"], cfg["text_layers"],
+                               cfg["text_heads"], cfg["embed_dim"], act=act, ls_init=ls,
+                               mlp_ratio=_mlp_ratio(cfg["text_mlp"], cfg["text_width"]))
+        model = CLIP(visual, text, init_logit_bias=0.0 if cfg["logit_bias"] else None)
+    out = convert_openclip_state_dict(model, sd)            # names and shapes, every block
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    model.load_state_dict(out, strict=True, assign=True)
+    model.config = cfg
+    return model.eval()
+
+
+def _reason(e):
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
+def load_clip_checkpoint(path, quick_gelu=None, vision_heads=None, text_heads=None, dtype=torch.float32,
+                         device="cpu"):
+    """safetensors file of an open_clip / OpenAI ViT CLIP -> the model built by clip_from_state_dict, on `device`.
+    Any problem (missing, truncated or non-safetensors file, missing keys, wrong shapes) raises
+    common.convert.CheckpointError whose message starts with the path."""
+    from common.convert import CheckpointError, read_safetensors
+    sd, _ = read_safetensors(path)
+    try:
+        model = clip_from_state_dict(sd, quick_gelu, vision_heads, text_heads, dtype)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_reason(e)}") from None
+    return model.to(device)
+
+
 def load_clip_safetensors(model, path):
-    """Read an open_clip checkpoint saved as safetensors (e.g. open_clip_model.safetensors) and load it."""
-    from safetensors.torch import load_file
-    load_openclip_state_dict(model, load_file(str(path)))
+    """Read an open_clip checkpoint saved as safetensors (e.g. open_clip_model.safetensors) into an existing model;
+    errors are common.convert.CheckpointError naming the path."""
+    from common.convert import CheckpointError, read_safetensors
+    sd, _ = read_safetensors(path)
+    try:
+        load_openclip_state_dict(model, sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_reason(e)}") from None

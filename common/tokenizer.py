@@ -20,10 +20,11 @@ standard slice `merges[1:49152-256-2+1]` (48,894 merges) that is 49,408 ids, SOT
 
 Known deviations from CLIP (which needs the `ftfy` and `regex` packages, neither allowed here):
 - ftfy.fix_text is replaced by a stdlib subset of its default fixes: html unescape (when the text has no '<'), ANSI
-  terminal escapes removed, C1 controls read as Windows-1252, Latin ligatures split (U+FB01 -> "fi"), full-width
-  characters made half-width, curly quotes straightened, lone surrogates -> U+FFFD, control characters removed, NFC.
-  NOT done: ftfy's mojibake repair (e.g. "cafÃ©" stays as is, ftfy would give "café") and its other heuristics, so
-  text with broken encodings can tokenize differently. Clean ASCII/UTF-8 text is unaffected.
+  terminal escapes removed, mojibake repair for UTF-8 mis-decoded as cp1252/Latin-1 ("cafÃ©" -> "café", "itâ€™s" ->
+  "it's"; `fix_mojibake` says which cases), C1 controls read as Windows-1252, Latin ligatures split (U+FB01 -> "fi"),
+  full-width characters made half-width, curly quotes straightened, lone surrogates -> U+FFFD, control characters
+  removed, NFC. NOT done: ftfy's badness scoring, other codecs and its rarer heuristics, so some broken text can
+  tokenize differently. Clean ASCII/UTF-8 text is unaffected.
 - `\\p{L}` / `\\p{N}` / `\\s` (the `regex` package) are rebuilt for stdlib `re` as explicit character classes from
   `unicodedata` general categories (L* and N*) and the Unicode White_Space list. The naive `[^\\W\\d_]` would count
   No/Nl characters ('²', '½', 'Ⅻ') as letters and `\\d` misses them as numbers; `re`'s `\\s` also matches U+001C-U+001F.
@@ -127,17 +128,86 @@ def _fix_table():
     return _compose([c1, lig, width, quotes, {i: None for i in ctrl}])
 
 
+# ------------------------------------------------------------------------------------------ mojibake repair
+# UTF-8 text decoded as Windows-1252 (or Latin-1) turns each multi-byte character into 2-4 characters: "é" (C3 A9)
+# becomes "Ã©", "’" (E2 80 99) becomes "â€™". A lead byte C2-DF / E0-EF / F0-F4 then shows as Â-ß / à-ï / ð-ô and a
+# continuation byte 80-BF as one of 64 cp1252 characters ("sloppy" cp1252: the 5 bytes cp1252 leaves undefined,
+# 81 8D 8F 90 9D, and Latin-1 decoding give C1 controls U+0080-U+009F instead).
+
+def _sloppy_cp1252():
+    """char -> byte for the decoders that make mojibake: cp1252 where defined, Latin-1 (C1 controls) as well."""
+    enc = {chr(b): b for b in range(256)}                   # Latin-1
+    for b in range(0x80, 0xA0):
+        try:
+            enc[bytes([b]).decode("cp1252")] = b
+        except UnicodeDecodeError:
+            pass
+    return enc
+
+
+_TO_BYTE = _sloppy_cp1252()
+_CONT = "".join(sorted(re.escape(c) for c, b in _TO_BYTE.items() if 0x80 <= b <= 0xBF))
+_SEQ = f"[\u00c2-\u00df][{_CONT}]|[\u00e0-\u00ef][{_CONT}]{{2}}|[\u00f0-\u00f4][{_CONT}]{{3}}"  # 2/3/4-byte forms
+_SEQ_RE = re.compile(_SEQ)
+_MOJIBAKE_RE = re.compile(f"(?:{_SEQ})+")  # runs of them: several in a row mark a mis-decoded word
+
+
+def _repair_run(m):
+    """One run of consecutive mojibake-shaped sequences -> repaired text, sequence by sequence.
+
+    A sequence is replaced only when its bytes are valid UTF-8 (Python's strict decoder: no overlong forms, no
+    surrogates) and the character is not a control / private-use one. Two-byte sequences are where
+    real text can look like mojibake (an upper-case Latin-1 letter before a symbol: "CAFÉ…", "«ÉTÉ»", "Fuß“"):
+    they are replaced when the lead is Â/Ã/Ä/Å (UTF-8 for U+0080-U+017F: Latin-1 letters and symbols, Latin
+    Extended-A, by far the common case) or when the run holds several sequences (Greek, Cyrillic, Hebrew,
+    Arabic words: "ÐŸÑ€Ð¸Ð²ÐµÑ‚"). A legitimate Latin-1 text would need Â-Å right before one of the 64 symbol/C1
+    characters to be touched."""
+    run = m.group()
+    seqs = _SEQ_RE.findall(run)
+    out = []
+    for q in seqs:
+        try:
+            c = bytes(_TO_BYTE[ch] for ch in q).decode("utf-8")
+        except UnicodeDecodeError:
+            out.append(q)
+            continue
+        # controls, private use and surrogates are never the intended text; unassigned is allowed for 4 bytes only
+        # (emoji newer than Python's Unicode tables); format characters (BOM, zero-width joiner) are kept
+        bad = ("Cc", "Co", "Cs") if len(q) == 4 else ("Cc", "Co", "Cs", "Cn")
+        ok = unicodedata.category(c) not in bad and (len(q) > 2 or q[0] in "ÂÃÄÅ" or len(seqs) > 1)
+        out.append(c if ok else q)
+    return "".join(out)
+
+
+def fix_mojibake(text):
+    """Undo UTF-8 read as cp1252 / Latin-1 (what ftfy.fix_text's fix_encoding does in the common cases):
+    "cafÃ©" -> "café", "itâ€™s" -> "it’s", "Ã¼ber" -> "über", "ðŸ˜€" -> "😀", "Ð¿Ñ€Ð¸Ð²ÐµÑ‚" -> "привет". Repeated
+    (at most 3 times) for text that was mis-decoded twice ("ÃƒÂ©" -> "Ã©" -> "é"). Text without such sequences is
+    returned unchanged. Not done (ftfy does them): mojibake whose non-breaking space became a plain space ("Ã "
+    for "à"), other codecs (MacRoman, cp437, ...), and ftfy's badness scoring for the ambiguous cases."""
+    if text.isascii():
+        return text
+    for _ in range(3):
+        new = _MOJIBAKE_RE.sub(_repair_run, text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
 _ANSI_RE = re.compile("\x1b\\[((?:\\d|;)*)([a-zA-Z])")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _WS_RE = re.compile(f"[{_WS}]+")
 
 
 def fix_text(text):
-    """Stdlib stand-in for ftfy.fix_text (no mojibake repair; see the module docstring)."""
+    """Stdlib stand-in for ftfy.fix_text (see the module docstring), in ftfy's order: html, terminal escapes,
+    encoding (mojibake), then the character-level fixes."""
     if "<" not in text:  # ftfy's unescape_html="auto"
         text = html.unescape(text)
     if "\x1b" in text:
         text = _ANSI_RE.sub("", text)
+    text = fix_mojibake(text)  # before the C1-control fix: "â€\x9d" (a mis-decoded ”) still holds U+009D here
     text = text.translate(_fix_table())
     if _SURROGATE_RE.search(text):  # join valid pairs, lone surrogates -> U+FFFD (they cannot be UTF-8 encoded)
         text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")

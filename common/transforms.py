@@ -647,9 +647,70 @@ def train_transform(size, kind="rrc", mean=CLIP_MEAN, std=CLIP_STD, scale=None):
     return Compose(ts)
 
 
-def eval_transform(size, mean=CLIP_MEAN, std=CLIP_STD):
-    """Resize(shorter side) + CenterCrop + Normalize (mean None -> none)."""
-    ts = [ToTensor(), Resize(size), CenterCrop(size)]
+def pil_resize(img, hw, interpolation="bicubic"):
+    """Resize to (h, w) with PIL's own resampling, as torchvision's Resize does on a PIL image.
+
+    img: PIL image (resized in its own mode), uint8 (H, W[, C]) numpy array or uint8 tensor (CHW or HWC, as
+    to_tensor reads it). PIL's bicubic (a = -0.5) and bilinear filters widen their support by the downscale factor,
+    i.e. they are antialiased, and work on 8-bit values in fixed point with rounding to uint8. Returns a PIL image
+    for PIL input, else a uint8 (h, w, C) numpy array. Float tensors have no 8-bit PIL path: they are resized with
+    PyTorch's antialiased kernel of the same name (same filter, float arithmetic, no 8-bit rounding)."""
+    from PIL import Image
+    modes = getattr(Image, "Resampling", Image)
+    resample = {"bicubic": modes.BICUBIC, "bilinear": modes.BILINEAR, "nearest": modes.NEAREST}[interpolation]
+    h, w = hw
+    if isinstance(img, Image.Image):
+        return img if img.size == (w, h) else img.resize((w, h), resample)
+    if isinstance(img, torch.Tensor):
+        if img.is_floating_point():
+            return _resize(img, (h, w), interpolation)
+        if img.dtype != torch.uint8:
+            raise TypeError(f"pil_resize: expected a uint8 or float tensor, got {img.dtype}")
+        if img.ndim == 3 and not _is_hwc(img):
+            img = img.permute(1, 2, 0)                  # CHW -> HWC
+        img = img.contiguous().numpy()
+    if img.dtype != np.uint8:
+        raise TypeError(f"pil_resize: expected a uint8 array, got dtype {img.dtype}")
+    if img.shape[:2] == (h, w):
+        return img
+    a = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((w, h), resample))
+    return out[..., None] if a.ndim < img.ndim else out
+
+
+def _is_hwc(t):
+    """to_tensor's reading of a 3-D tensor: HWC only when it cannot be CHW."""
+    return t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4)
+
+
+def _image_hw(img):
+    """(H, W) of a PIL image, an (H, W[, C]) array, or a tensor read as to_tensor reads it."""
+    if isinstance(img, torch.Tensor):
+        return (int(img.shape[0]), int(img.shape[1])) if _is_hwc(img) else (int(img.shape[-2]), int(img.shape[-1]))
+    if isinstance(img, np.ndarray):
+        return int(img.shape[0]), int(img.shape[1])
+    return img.size[1], img.size[0]                     # PIL: (width, height)
+
+
+class PILResize(Resize):
+    """Resize (shorter side -> size, or exact (h, w)) with PIL's resampling on the 8-bit image: torchvision's
+    Resize on a PIL image, which is what open_clip's preprocessing runs. Put it before ToTensor. An image already at
+    the output size is not resampled (torchvision returns it as is too)."""
+
+    def __init__(self, size, interpolation="bicubic"):
+        super().__init__(size, interpolation, antialias=True)
+
+    def apply(self, img, params):
+        return pil_resize(img, self.out_size(*_image_hw(img)), self.interpolation)
+
+
+def eval_transform(size, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic"):
+    """open_clip's eval preprocessing: PIL resize of the shorter side to `size` (bicubic; "bilinear" is MobileCLIP
+    v1's), center crop size x size (top = round((H - size) / 2), zero padding if smaller), to float / 255,
+    Normalize (mean None -> none). Input: PIL / uint8 array / uint8 tensor (the 8-bit PIL path, exact) or float
+    tensor (torch antialiased resize). Images already at the model size skip the resize, so their output is the
+    same as to_tensor + crop + normalize bit for bit."""
+    ts = [PILResize(size, interpolation), ToTensor(), CenterCrop(size)]
     if mean is not None:
         ts.append(Normalize(mean, std))
     return Compose(ts)

@@ -282,3 +282,67 @@ def test_learn_cli_matches_library(tmp_path, capsys):
     T.main(["encode", "--bpe", str(out), "--context-length", "6", "red circle"])
     ids = [int(v) for v in capsys.readouterr().out.split()]
     assert ids == Tokenizer.from_file(out)("red circle", context_length=6)[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------- mojibake repair
+
+def sloppy_cp1252(b):
+    """bytes -> str as a cp1252 decoder that keeps undefined bytes (81 8D 8F 90 9D) as C1 controls: how UTF-8 text
+    read as Windows-1252 comes out. Used only to check that the hand-written mojibake below is what it claims."""
+    out = []
+    for x in b:
+        try:
+            out.append(bytes([x]).decode("cp1252"))
+        except UnicodeDecodeError:
+            out.append(chr(x))
+    return "".join(out)
+
+
+MOJIBAKE = [  # (as it arrives, what was meant)
+    ("cafÃ©", "café"), ("itâ€™s", "it’s"), ("Ã¼ber", "über"), ("â€œquotedâ€\x9d", "“quoted”"),
+    ("naÃ¯ve", "naïve"), ("SÃ£o Paulo", "São Paulo"), ("piÃ±a colada", "piña colada"), ("GrÃ¶ÃŸe", "Größe"),
+    ("Ã‰cole", "École"), ("FranÃ§ais", "Français"), ("â‚¬20", "€20"), ("50Â°C", "50°C"), ("Â© 2020", "© 2020"),
+    ("waitâ€¦", "wait…"), ("2â€“3", "2–3"), ("aâ€”b", "a—b"), ("â€˜hiâ€™", "‘hi’"), ("ðŸ˜€ smile", "😀 smile"),
+    ("ÐŸÑ€Ð¸Ð²ÐµÑ‚", "Привет"), ("Î±Î²Î³", "αβγ"), ("æ—¥æœ¬èªž", "日本語"), ("ZaÅ¼Ã³Å‚Ä‡", "Zażółć"),
+    ("ÄŸÃ¼ÅŸ", "ğüş"), ("1Â½ cups", "1½ cups"), ("Ã…ngstrÃ¶m", "Ångström"), ("a\u00c2\u00a0b", "a\u00a0b"),
+    ("ï»¿BOM", "\ufeffBOM"), ("×©×œ×•×\x9d", "שלום"), ("Ù…Ø±Ø\xadØ¨Ø§", "مرحبا"), ("â„¢", "™"),
+]
+MOJIBAKE_OTHER = [
+    ("itâ\x80\x99s", "it’s"),                            # read as Latin-1 (C1 controls) rather than cp1252
+    ("cafÃƒÂ©", "café"),                                # mis-decoded twice
+    ("naïve cafÃ©", "naïve café"),                       # real UTF-8 and mojibake in one string
+]
+LEGIT = ["Ã", "Â", "São Paulo", "naïve café", "CAFÉ…", "«ÉTÉ»", "„Fuß“", "ROMÂNIA", "¿Qué?", "50 °C ± 2",
+         "© 2024 Ünïcödé", "Œuvre complète", "ÀÁÂÃÄÅ", "½ cup", "Straße", "Ñandú", "日本語", "Привет", "😀 emoji",
+         "Ærøskøbing", "MÜNCHEN·BERLIN", "Þórður", "plain ascii text", "ÉTÉ™"]
+
+
+def test_mojibake_cases_are_real_mojibake():
+    for bad, good in MOJIBAKE:
+        assert sloppy_cp1252(good.encode("utf-8")) == bad, (bad, good)
+    assert "it’s".encode("utf-8").decode("latin-1") == MOJIBAKE_OTHER[0][0]
+    assert sloppy_cp1252(sloppy_cp1252("café".encode("utf-8")).encode("utf-8")) == MOJIBAKE_OTHER[1][0]
+
+
+def test_fix_mojibake_repairs():
+    assert len(MOJIBAKE) >= 25
+    for bad, good in MOJIBAKE + MOJIBAKE_OTHER:
+        assert T.fix_mojibake(bad) == good, (bad, T.fix_mojibake(bad), good)
+    # then the rest of CLIP's cleaning (ftfy uncurls quotes, removes the BOM; lower-case)
+    assert clean_text("itâ€™s") == "it's"
+    assert clean_text("â€œquotedâ€\x9d") == '"quoted"'
+    assert clean_text("Ã¼ber cafÃ©") == "über café"
+    assert clean_text("ï»¿BOM") == "bom"
+    assert clean_text("GrÃ¶ÃŸe &amp; ÐŸÑ€Ð¸Ð²ÐµÑ‚") == "größe & привет"
+
+
+def test_fix_mojibake_leaves_real_text_alone():
+    assert len(LEGIT) >= 10
+    for t in LEGIT:
+        assert T.fix_mojibake(t) == t, t
+        assert T.fix_mojibake(t.lower()) == t.lower(), t
+    assert clean_text("CAFÉ… Ã") == "café… ã"
+
+
+def test_fix_mojibake_changes_tokens(tiny):
+    assert tiny.encode("cafÃ©") == tiny.encode("café") != tiny.encode("cafe")

@@ -217,3 +217,114 @@ def test_generators_and_determinism():
     with pytest.raises(TypeError, match="Generator"):
         tf.sample_apply(x, "seed")
     assert math.isclose(T.RandAugment(magnitude=30).magnitude_of("Rotate", 8, 8), 30.0)
+
+
+# ----------------------------------------------------------------------------------------------- open_clip eval
+# An independent re-implementation of Pillow's 8-bit resampling (Resample.c: precompute_coeffs,
+# normalize_coeffs_8bpc, ResampleHorizontal/Vertical_8bpc) for the bicubic filter, to check eval_transform against.
+
+def _cubic(x, a=-0.5):
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def _pil_coeffs(n_in, n_out):
+    """Per output pixel: first input index and integer weights with 22 fractional bits."""
+    scale = n_in / n_out
+    fs = max(scale, 1.0)                          # downscaling widens the filter: PIL's antialiasing
+    support = 2.0 * fs
+    rows = []
+    for i in range(n_out):
+        c = (i + 0.5) * scale
+        lo = max(int(c - support + 0.5), 0)       # int() truncates toward zero like C's (int)
+        hi = min(int(c + support + 0.5), n_in)
+        w = [_cubic((x - c + 0.5) / fs) for x in range(lo, hi)]
+        s = sum(w)
+        w = [v / s for v in w] if s else w
+        rows.append((lo, [int(v * (1 << 22) + (0.5 if v >= 0 else -0.5)) for v in w]))
+    return rows
+
+
+def _pil_pass(a, n_out, axis):
+    a = np.moveaxis(a, axis, 0).astype(np.int64)
+    if a.shape[0] == n_out:                       # PIL skips a pass whose size does not change
+        return np.moveaxis(a.astype(np.uint8), 0, axis)
+    out = []
+    for lo, w in _pil_coeffs(a.shape[0], n_out):
+        acc = np.full(a.shape[1:], 1 << 21, np.int64)   # + 0.5 in fixed point: round to nearest
+        for j, wj in enumerate(w):
+            acc += a[lo + j] * wj
+        out.append(np.clip(acc >> 22, 0, 255))
+    return np.moveaxis(np.stack(out).astype(np.uint8), 0, axis)
+
+
+def pil_bicubic_reference(a, h, w):
+    """uint8 (H, W[, C]) -> (h, w[, C]): horizontal pass then vertical pass, each rounded to uint8, as Pillow."""
+    return _pil_pass(_pil_pass(a, w, 1), h, 0)
+
+
+def test_pil_resize_hand_computed():
+    # one row [0, 100, 200, 255] -> 2 pixels (scale 2: support 4, taps at f((x + 0.5 - centre) / 2)):
+    # out 0, centre 1: f(-.25), f(.25), f(.75), f(1.25) = .8671875, .8671875, .2265625, -.0703125 (sum 1.890625)
+    #   -> (100 * .8671875 + 200 * .2265625 - 255 * .0703125) / 1.890625 = 60.35 -> 60
+    # out 1, centre 3: the mirrored weights -> (100 * .2265625 + (200 + 255) * .8671875) / 1.890625 = 220.68 -> 221
+    row = np.array([[0, 100, 200, 255]], np.uint8)
+    img = np.repeat(row[..., None], 3, axis=2)
+    out = T.PILResize((1, 2)).apply(img, {})
+    assert out.dtype == np.uint8 and out[..., 0].tolist() == [[60, 221]] and (out == out[..., :1]).all()
+    assert pil_bicubic_reference(img, 1, 2)[..., 0].tolist() == [[60, 221]]
+
+
+@pytest.mark.parametrize("shape, size", [((7, 11, 3), 5), ((5, 9, 3), 8), ((30, 20, 3), 13), ((9, 6), 4),
+                                         ((64, 48, 3), 32)])
+def test_pil_resize_matches_pillow_reference(shape, size):
+    from PIL import Image
+    a = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    H, W = shape[:2]
+    h, w = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)   # torchvision's shorter side
+    want = pil_bicubic_reference(a, h, w)
+    got = T.PILResize(size).apply(a, {})
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert np.array_equal(np.asarray(T.PILResize(size).apply(Image.fromarray(a), {})), want)   # PIL in, PIL out
+    if a.ndim == 3:
+        assert np.array_equal(T.PILResize(size).apply(torch.from_numpy(a).permute(2, 0, 1), {}), want)  # CHW uint8
+
+
+def test_eval_transform_is_open_clip_preprocessing():
+    a = np.random.default_rng(5).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    # shorter side 30 -> 16: (16, int(16 * 45 / 30) = 24); center crop left = int(round((24 - 16) / 2)) = 4
+    r = pil_bicubic_reference(a, 16, 24)[:, 4:20]
+    x = torch.from_numpy(r.copy()).permute(2, 0, 1).float() / 255
+    m, s = torch.tensor(T.CLIP_MEAN).view(3, 1, 1), torch.tensor(T.CLIP_STD).view(3, 1, 1)
+    assert torch.equal(T.eval_transform(16)(a), (x - m) / s)
+    assert torch.equal(T.eval_transform(16, mean=None)(a), x)
+    # bilinear (MobileCLIP v1's convention) is a different filter
+    assert not torch.equal(T.eval_transform(16, mean=None, interpolation="bilinear")(a), x)
+
+
+@pytest.mark.parametrize("H, W, top, left", [(16, 29, 0, 6), (16, 31, 0, 8), (19, 16, 2, 0), (21, 16, 2, 0)])
+def test_eval_center_crop_offsets_round_half_even(H, W, top, left):
+    # torchvision: top = int(round((H - h) / 2.0)): Python rounds halves to even, round(6.5) = 6, round(7.5) = 8
+    a = np.random.default_rng(H * W).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    out = T.eval_transform(16, mean=None)(a)                     # shorter side already 16: no resize
+    want = torch.from_numpy(a[top:top + 16, left:left + 16].copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(out, want)
+
+
+def test_eval_transform_bit_identical_at_model_size():
+    from PIL import Image
+    a = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)   # the world renders at model size
+    before = T.Compose([T.ToTensor(), T.Resize(32), T.CenterCrop(32), T.Normalize()])   # the previous eval pipeline
+    for img in (a, Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1)):
+        assert torch.equal(T.eval_transform(32)(img), before(a))
+    assert torch.equal(T.eval_transform(32, mean=None)(a), T.to_tensor(a))
+    # float tensors take the torch antialiased bicubic, the same filter in float: close to the 8-bit PIL path on
+    # average (PIL also rounds and clips to uint8 between its two passes, which matters on noise), not equal
+    big = np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    f = T.eval_transform(32, mean=None)(T.to_tensor(big))
+    u = T.eval_transform(32, mean=None)(big)
+    assert f.shape == u.shape == (3, 32, 32) and (f - u).abs().mean() < 0.5 / 255 and not torch.equal(f, u)
