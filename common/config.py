@@ -9,6 +9,13 @@ nanoGPT's configurator idea (globals + `--key=value` + literal_eval), but typed 
         lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     cfg = parse_config(Config)    # python x.py --steps=100 --lr 3e-4 --smoke
 
+Field types: bool, int, float, str, and tuple/list of those (`betas: tuple[float, float]`, `lrs: tuple[float, ...]`);
+parse_config raises TypeError naming any other field type (an empty string or 0 serves where None would).
+
+Every entry point ends with `if __name__ == "__main__": run_cli(main)`: bad input (a missing shard pattern, a truncated
+checkpoint) then ends the run with one line `error: <message>` and exit status 2 instead of a 25-line traceback;
+`--debug` on the command line shows the traceback.
+
 Also: `save_json` (atomic, numpy/torch/dataclass aware) and `print_table` (aligned table of nested results).
 """
 import ast
@@ -17,6 +24,7 @@ import difflib
 import inspect
 import io
 import json
+import linecache
 import math
 import os
 import sys
@@ -40,28 +48,14 @@ def _convert(s, tp, key):
         raise SystemExit(f"config error: bad value for --{key}: {s!r} is not a valid {_type_name(tp)}{why}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is typing.Any or tp is None:
+    if tp is typing.Any:  # the items of a bare tuple / list
         try:
             return ast.literal_eval(s)
         except (ValueError, SyntaxError):
             return s
-    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
-        if type(None) in args and s.strip().lower() in ("none", "null", ""):
-            return None
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _convert(s, a, key)
-            except SystemExit:
-                pass
-        bad()
-    if origin is typing.Literal:
-        for a in args:
-            if str(a) == s:
-                return a
-        bad(f" (choose from {', '.join(map(str, args))})")
-    if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
+    if origin in (tuple, list) or tp in (tuple, list):
         t = s.strip()
-        if t[:1] in "([{":
+        if t.startswith(("(", "[", "{")):   # a Python literal; else comma-separated (--lrs= gives ())
             try:
                 items = list(ast.literal_eval(t))
             except (ValueError, SyntaxError, TypeError):
@@ -99,14 +93,15 @@ def _convert(s, tp, key):
             return float(s)
         except ValueError:
             bad()
-    if tp is str:
-        return s
-    if tp is Path:
-        return Path(s)
-    try:
-        return tp(s)
-    except Exception:  # noqa: BLE001 - any constructor failure is a bad value
-        bad()
+    return s  # str: parse_config admits no other type
+
+
+def _supported(tp):
+    """The field types _convert parses: bool, int, float, str, and tuple/list of them (or bare tuple / list)."""
+    scalars = (bool, int, float, str)
+    if tp in scalars or tp in (tuple, list):
+        return True
+    return typing.get_origin(tp) in (tuple, list) and all(a in scalars or a is Ellipsis for a in typing.get_args(tp))
 
 
 def _comment_help(cls):
@@ -170,7 +165,7 @@ def format_help(cls, commands=None, prog=None):
         out += ["", doc.splitlines()[0]]
     if commands:
         out += ["", "commands: " + ", ".join(commands)]
-    out += ["", "options (bools: --flag, --flag=false):"]
+    out += ["", "options (bools: --flag, --flag=false; --debug: a traceback instead of a one-line error):"]
     w = [max(len(r[i]) for r in rows) if rows else 0 for i in range(3)]
     for r in rows:
         out.append(f"  {r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
@@ -189,6 +184,10 @@ def parse_config(cls, argv=None, commands=None, presets=None):
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name: (f, tp) for f, tp in _fields(cls)}
+    for name, (_, tp) in fields.items():   # a mistake in the script, not in the command line: TypeError
+        if not _supported(tp):
+            raise TypeError(f"parse_config: {cls.__name__}.{name} has type {_type_name(tp)}; supported: bool, int, "
+                            "float, str, and tuple/list of them")
     valid = ", ".join(fields)
     command = None
     if "-h" in argv or "--help" in argv:
@@ -238,6 +237,76 @@ def parse_config(cls, argv=None, commands=None, presets=None):
     if commands is not None:
         object.__setattr__(cfg, "_command", command)
     return cfg
+
+
+def run_cli(main):
+    """A script's entry point: `if __name__ == "__main__": run_cli(main)`. Runs main() (which reads sys.argv).
+
+    Bad input ends the process with one line on stderr, `error: <message>`, and exit status 2, no traceback; the
+    messages of our own checks name the file or key and what was expected. `--debug` anywhere on the command line is
+    removed from sys.argv before main() runs (so parse_config never sees it) and re-raises instead, for the full
+    traceback. KeyboardInterrupt: one line, status 130. SystemExit (--help, parse_config's errors) passes unchanged.
+
+    What counts as bad input, i.e. gets one line:
+    - OSError (FileNotFoundError, PermissionError, IsADirectoryError, ...): a path that cannot be read or written;
+    - safetensors' SafetensorError: a truncated file, or not a safetensors file;
+    - ValueError, KeyError, RuntimeError raised by a `raise` statement of the program itself, i.e. outside the
+      standard library and installed packages: our own checks. The same types raised inside torch or numpy are most
+      often a bug of ours (a matmul's shape mismatch, a bad unpacking), so they keep their traceback, as do TypeError,
+      IndexError, AttributeError, AssertionError and everything else: hiding a bug is worse than a long message.
+    torch re-raises a DataLoader worker's exception from its own code: of those only OSError and SafetensorError
+    count, shown as the original's last line.
+    """
+    debug = "--debug" in sys.argv[1:]
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    try:
+        return main()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - filtered by _bad_input, everything else re-raised
+        if debug or not _bad_input(e):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _safetensors_error(e):
+    st = sys.modules.get("safetensors")   # not imported by the program: cannot be its error
+    return st is not None and isinstance(e, getattr(st, "SafetensorError", ()))
+
+
+def _bad_input(e):
+    """run_cli's rule (see there): True when `e` is bad input, False when it may be a bug."""
+    if isinstance(e, OSError) or _safetensors_error(e):
+        return True
+    if not isinstance(e, (ValueError, KeyError, RuntimeError)):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:   # down to the frame that raised it
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path = tb.tb_frame.f_code.co_filename
+    stdlib = os.path.dirname(os.__file__)   # site-packages of a plain install lie under it too
+    if path.startswith(stdlib + os.sep) or "site-packages" in path or "dist-packages" in path:
+        return False
+    # a `raise` statement, not a failed operation (a multi-line raise reports its first line)
+    return linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def _one_line(e):
+    """The exception's message on one line; a KeyError's message without the quotes its str() adds."""
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if any(ln.endswith("Traceback (most recent call last):") for ln in lines):
+        lines = lines[-1:]   # torch re-raising a DataLoader worker's error: the original's last line says it
+    msg = " ".join(lines) or type(e).__name__
+    if _safetensors_error(e):   # its messages name no file
+        msg = f"safetensors: {msg} (a truncated file, or not a safetensors file?)"
+    return msg
 
 
 def _jsonable(obj):

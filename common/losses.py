@@ -6,6 +6,16 @@ B local rows against the W*B gathered columns. The gather's backward sums the co
 loss and hands each rank the slice of its own features, so after DDP averages parameter gradients over the W ranks
 they equal the gradients of the single-process loss on the concatenated batch (tests/test_losses.py checks this on
 2 gloo processes). All ranks must use the same local batch size B.
+
+Precision: every loss here computes its logits in fp32 (fp64 stays fp64), inside a torch.autocast region too.
+Features that arrive in bf16 are upcast (exact), and the matmul runs with autocast disabled, since autocast would cast
+it straight back to bf16: 8 significant bits, an error of up to 0.25 at CLIP's logit scale of 100, which the softmax
+sees as noise.
+Method scripts get the same for their own (e.g. distillation) logits from two helpers:
+
+    z = fp32_logits(img_f, txt_f, scale)             # scale * img_f @ txt_f^T, (N, M) fp32 even under autocast
+    z = fp32_logits(f, head.weight, bias=head.bias)  # a linear head's logits, the same way
+    loss = distill_kl(student_z, teacher_z, T)       # T^2 KL(softmax(teacher_z / T) || softmax(student_z / T))
 """
 import torch
 import torch.distributed as dist
@@ -15,6 +25,28 @@ import torch.nn.functional as F
 def _fp32(x):
     """Upcast half/bf16 features to fp32 for the logits; keep fp32/fp64 as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def fp32_logits(a, b, scale=1.0, bias=None):
+    """scale * a @ b^T + bias in (at least) fp32: a (N, D), b (M, D) -> (N, M). scale: float or scalar tensor; bias:
+    None, a scalar (SigLIP) or (M,) (a linear head). Inputs are upcast and autocast is off for the matmul, which
+    autocast would otherwise run in bf16; gradients flow back to a and b in their own dtypes."""
+    dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    up = lambda v: v.to(dt) if torch.is_tensor(v) else v  # noqa: E731 - python floats stay as they are
+    with torch.autocast(a.device.type, enabled=False):
+        z = up(scale) * up(a) @ up(b).T
+        return z if bias is None else z + up(bias)
+
+
+def distill_kl(student_logits, teacher_logits, T=1.0):
+    """Knowledge distillation (Hinton et al., arXiv:1503.02531): T^2 KL(softmax(t / T) || softmax(s / T)), mean over
+    the N rows. student_logits, teacher_logits: (N, C); the teacher gets no gradient. T^2 keeps the gradient's size
+    independent of T (their §2). Computed in fp32 with autocast off; logits that were themselves computed in bf16 stay
+    as rounded as they came, so compute them with fp32_logits."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        s = _fp32(student_logits) / T
+        t = _fp32(teacher_logits.detach()) / T
+        return T * T * F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -47,14 +79,14 @@ def gather_features(x, gather=True):
 def clip_loss(img_f, txt_f, logit_scale, gather=True):
     """img_f, txt_f: (B, D) L2-normalised local features; logit_scale: the temperature multiplier exp(t) (scalar).
     Mean of image->text and text->image cross-entropy; local rows vs gathered columns, labels offset by rank*B.
-    Logits in at least fp32 (autocast-safe). gather=False: this rank's batch only (no collective)."""
-    img_f, txt_f = _fp32(img_f), _fp32(txt_f)
+    Logits in at least fp32, under autocast too. gather=False: this rank's batch only (no collective)."""
+    img_f, txt_f = _fp32(img_f), _fp32(txt_f)   # before the gather: the gradient's all-reduce then runs in fp32 too
     all_img, rank = gather_features(img_f, gather)
     all_txt, _ = gather_features(txt_f, gather)
     B = img_f.shape[0]
     labels = torch.arange(B, device=img_f.device) + rank * B
-    logits_i = logit_scale * img_f @ all_txt.T                          # (B, W*B)
-    logits_t = logit_scale * txt_f @ all_img.T
+    logits_i = fp32_logits(img_f, all_txt, logit_scale)                # (B, W*B)
+    logits_t = fp32_logits(txt_f, all_img, logit_scale)
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
@@ -65,7 +97,7 @@ def siglip_loss(img_f, txt_f, logit_scale, logit_bias, gather=True):
     img_f, txt_f = _fp32(img_f), _fp32(txt_f)
     all_txt, rank = gather_features(txt_f, gather)
     B = img_f.shape[0]
-    logits = logit_scale * img_f @ all_txt.T + logit_bias              # (B, W*B)
+    logits = fp32_logits(img_f, all_txt, logit_scale, logit_bias)      # (B, W*B)
     z = -torch.ones_like(logits)
     idx = torch.arange(B, device=img_f.device)
     z[idx, idx + rank * B] = 1.0

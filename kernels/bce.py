@@ -15,8 +15,11 @@ Preconditions (what makes the fusion legal)
 - targets: dense multi-hot (B, V) float/bool, or sparse positive indices (B, K) int padded with -1. In the sparse path the
   dense target never exists. Duplicate indices in a row count once (a label is either positive or not): the torch path
   dedupes, the Triton path tests membership, which is idempotent. Rows with no positive label are fine.
-- x (B, D) and W (V, D) share a dtype (fp32, fp16, bf16); b is None or (V,). The loss comes back in fp32.
-  Under torch.autocast the inputs are cast to the autocast dtype first (grads flow back through the casts).
+- x (B, D) and W (V, D) share a dtype (fp32, fp16, bf16); b is None or (V,). The logits are accumulated and kept in
+  fp32 on every path (a bf16 logit has 8 significant bits; the loss and dZ are computed from fp32 z), and the loss
+  comes back in fp32. Under torch.autocast, x, W and b are first cast to the autocast dtype, as autocast does for a
+  linear layer's operands, so bf16 activations from an autocast trunk meet the head's fp32 weights; the checks run
+  after that cast, and the gradients flow back through it in each input's own dtype.
 - Chunks are sized by a memory budget (CHUNK_MB of fp32 logits on CUDA, CPU_CHUNK_MB on CPU), not by Liger's
   cdiv(V, D) rule (which gives 32-row chunks, too thin for a GEMM, at CatLIP shapes). Vocabulary chunks are preferred:
   dW[chunk] is then written once and only dX (B x D, small) is accumulated; rows are split as well when one vocabulary
@@ -40,13 +43,16 @@ Paths (switch: kernels.bce.IMPL = "auto" | "triton" | "torch")
 - "triton": per chunk one Triton kernel computes the logits tile (tl.dot over D) and its epilogue in registers: BCE value
   partial sums (one per program, no atomics, deterministic), dZ tile (targets from a dense tile load or from a loop over the
   row's K sparse indices). dX and dW are then cuBLAS GEMMs of the dZ chunk. TRITON_GEMM = False instead runs a cuBLAS
-  addmm for the logits chunk and the Triton kernel only as the fused epilogue (dZ written in place over z).
+  addmm for the logits chunk and the Triton kernel only as the fused epilogue (dZ written in place over z); that addmm
+  is fp32 on upcast operands, for fp32 logits (a half-in, fp32-out GEMM, torch.mm(out_dtype=), is CUDA-only and
+  recent), so this variant pays fp32 GEMM speed.
 - "auto": Triton on CUDA when triton imports and dtype is fp32/fp16/bf16, torch otherwise.
 Under TRITON_INTERPRET=1 the Triton path runs on CPU tensors (tests): operands are cast to fp32 before tl.dot (the
 interpreter's bf16 dot is wrong, reference §A5), all offsets are int64 and every load/store is masked.
 
 Run `python -m kernels.bench bce` (or bench() below) for the naive vs fused table.
 """
+import contextlib
 import math
 import os
 
@@ -197,8 +203,8 @@ def _tile_triton(xc, Wc, bc, tc, idxc, v0, scale, need_grad):
     dt = xc.dtype
     gemm = TRITON_GEMM
     z = None
-    if not gemm:  # cuBLAS logits chunk (bias included), Triton epilogue overwrites it with dZ
-        z = torch.addmm(bc, xc, Wc.t()) if bc is not None else xc @ Wc.t()
+    if not gemm:  # cuBLAS logits chunk (bias included), Triton epilogue overwrites it with dZ (fp32, as z)
+        z = _logits_f32(xc, Wc, bc)
     dz = (z if z is not None else torch.empty((R, Vc), dtype=dt, device=xc.device)) if need_grad else None
     grid = (triton.cdiv(R, BLOCK_M), triton.cdiv(Vc, BLOCK_N))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=xc.device)
@@ -221,12 +227,20 @@ def _tile_triton(xc, Wc, bc, tc, idxc, v0, scale, need_grad):
 
 # ----------------------------------------------------------------------------- torch chunk
 
+def _logits_f32(xc, Wc, bc):
+    """z = xc Wc^T + bc of one chunk: (R, D), (Vc, D), (Vc,) or None -> (R, Vc) fp32 whatever the input dtype.
+    Half operands are upcast first (exact), so z is the half GEMM with fp32 accumulation that the Triton kernel
+    computes; a half addmm would round every logit to 8 (bf16) or 11 (fp16) significant bits before the loss sees it."""
+    f32 = torch.float32
+    xc, Wc = xc.to(f32), Wc.to(f32)   # no copy for fp32
+    return torch.addmm(bc.to(f32), xc, Wc.t()) if bc is not None else xc @ Wc.t()
+
+
 def _tile_torch(xc, Wc, bc, tc, pos, need_grad, one):
     """Like _tile_triton, but returns -dZ/s = t - sigmoid(z) in fp32 (the sign and the scale s are folded into the GEMMs'
     alpha and db by the caller). pos: flat positions r * Vc + c of the chunk's positives (sparse targets).
     Sparse targets: everything happens in the one logits buffer (peak = one chunk); dense: one more chunk for z * t."""
-    z = torch.addmm(bc, xc, Wc.t()) if bc is not None else xc @ Wc.t()   # input dtype, as the naive path
-    z = z.float()   # no copy for fp32
+    z = _logits_f32(xc, Wc, bc)
     if tc is not None:
         tcf = tc if tc.dtype == z.dtype else tc.to(z.dtype)
         zt = (z * tcf).sum()
@@ -365,16 +379,17 @@ def linear_bce(x, weight, bias, targets, reduction="batch_mean", chunk_bytes=Non
     """BCE-with-logits of z = x @ weight^T + bias against multi-hot targets, never holding the full B x V logits.
     x (B, D), weight (V, D), bias (V,) or None, targets dense (B, V) float/bool or sparse (B, K) int indices (-1 pad).
     reduction: "batch_mean" (sum / B, CatLIP), "sum", or "mean" (sum / (B V)). Returns a fp32 scalar.
-    chunk_bytes: fp32 logits per chunk (default CHUNK_MB on CUDA, CPU_CHUNK_MB on CPU)."""
-    _check(x, weight, bias, targets, reduction)
+    chunk_bytes: fp32 logits per chunk (default CHUNK_MB on CUDA, CPU_CHUNK_MB on CPU).
+    Under torch.autocast the operands are cast to the autocast dtype (x may come bf16, weight fp32); logits stay fp32."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    amp = torch.is_autocast_enabled(dev)
+    if amp:   # cast like autocast's F.linear *before* checking, or bf16 x vs fp32 W would fail the dtype check
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-        with torch.autocast(dev, enabled=False):
-            return LinearBCE.apply(x, weight, bias, targets, reduction, chunk_bytes)
-    return LinearBCE.apply(x, weight, bias, targets, reduction, chunk_bytes)
+    _check(x, weight, bias, targets, reduction)
+    with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
+        return LinearBCE.apply(x, weight, bias, targets, reduction, chunk_bytes)
 
 
 def naive_linear_bce(x, weight, bias, targets, reduction="batch_mean"):

@@ -209,6 +209,35 @@ def test_autocast_bf16_cpu_close_to_fp32():
         assert (p - q).abs().max() <= 0.05 * q.abs().max()
 
 
+def _bf16_autocast_case(seed):
+    """catlip --amp=bf16: bf16 features from the autocast trunk, the head's fp32 weights. Returns the fused result
+    under CPU bf16 autocast, the naive fp32 result on the bf16-rounded operands autocast feeds the GEMM (bf16 -> fp32
+    is exact) and the naive fp32 result on the fp32-upcast inputs as given."""
+    x, W, b, idx = make(seed=seed)
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(kb.linear_bce, xb, W, b, idx)
+    r16 = lambda a: a.bfloat16().float()  # noqa: E731
+    exact = run(kb.naive_linear_bce, xb.float(), r16(W), r16(b), idx)
+    upcast = run(kb.naive_linear_bce, xb.float(), W, b, idx)
+    return out, exact, upcast
+
+
+def test_autocast_bf16_activations_fp32_weights():
+    out, exact, upcast = _bf16_autocast_case(seed=12)   # used to raise "x dtype torch.bfloat16 != weight dtype"
+    assert out[0].dtype == torch.float32
+    assert [o.dtype for o in out[1:]] == [torch.bfloat16, torch.float32, torch.float32]   # each parameter's own dtype
+    # fp32 logits: the loss matches the fp32 computation on the same bf16 operands to fp32 precision (7e-8 here);
+    # bf16 logits (the torch path before) miss it by ~1e-5
+    assert abs(out[0].item() - exact[0].item()) <= 1e-6 * exact[0].item()
+    # against the fp32-upcast inputs the difference is autocast rounding W and b to bf16 (9e-5), and the gradient
+    # GEMMs run in bf16 (dZ rounded to bf16: ~4e-3 of the largest entry)
+    assert abs(out[0].item() - upcast[0].item()) <= 1e-3 * upcast[0].item()
+    for name, o, e, u in zip(("dx", "dW", "db"), out[1:], exact[1:], upcast[1:]):
+        for ref in (e, u):
+            assert (o.double() - ref.double()).abs().max() <= 2e-2 * ref.abs().max(), name
+
+
 def test_naive_reference_matches_F():
     x, W, b, idx = make(seed=11)
     torch.testing.assert_close(kb.naive_linear_bce(x, W, b, idx), torch_ref(x, W, b, dense(idx)))
@@ -264,6 +293,10 @@ def _interpreted_main():
     other["sparse-dup"] = run(kb.linear_bce, x, W, b, torch.cat([idx, idx[:, :3]], 1), chunk_bytes=CHUNK_V)
     for k, res in other.items():
         out["agree-" + k] = max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(res, ref))
+    # bf16 autocast through the kernel: fp32 accumulation of exactly-upcast bf16 operands = fp32 logits
+    res, exact, _ = _bf16_autocast_case(seed=41)
+    out["autocast-bf16"] = {"loss_rel": abs(res[0].item() - exact[0].item()) / exact[0].item(),
+                            "dtypes": [str(o.dtype) for o in res]}
     print("RESULT " + json.dumps(out))
 
 
@@ -288,6 +321,12 @@ def test_triton_interpreted(interpreted, name):
 @pytest.mark.parametrize("other", ["torch-path", "sparse", "sparse-dup"])
 def test_triton_interpreted_agrees(interpreted, other):
     assert interpreted["agree-" + other] < 1e-5
+
+
+def test_triton_interpreted_autocast_bf16(interpreted):
+    r = interpreted["autocast-bf16"]
+    assert r["loss_rel"] <= 1e-6
+    assert r["dtypes"] == ["torch.float32", "torch.bfloat16", "torch.float32", "torch.float32"]
 
 
 @pytest.mark.cuda

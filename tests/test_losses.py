@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common.losses import clip_loss, gather_features, siglip_loss  # noqa: E402
+from common.losses import clip_loss, distill_kl, fp32_logits, gather_features, siglip_loss  # noqa: E402
 
 W, B, DIN, D = 2, 4, 12, 6   # world size, local batch, input dim, feature dim
 
@@ -77,6 +77,59 @@ def test_siglip_loss_direct_formula():
     assert abs(siglip_loss(i, t, s, b).item() - want / 6) < 1e-5
     # a matching pair pulled together lowers the loss
     assert siglip_loss(i, i, s, b).item() < siglip_loss(i, t, s, b).item()
+
+
+def _bf16_features(seed=3, N=16, D=32):
+    g = torch.Generator().manual_seed(seed)
+    f = lambda: F.normalize(torch.randn(N, D, generator=g), dim=-1).bfloat16().requires_grad_()  # noqa: E731
+    return f(), f()
+
+
+def test_logits_are_fp32_under_autocast():
+    """bf16 features from an autocast region, losses called inside it: the result is the fp32 computation on the
+    exactly upcast features, to fp32 precision. A bf16 matmul (what autocast does to a plain `s * a @ b.T`, and what
+    these losses did before) puts the logits off by 4e-3 and the losses by 9e-5 (CLIP) and 8e-4 (SigLIP) relative here,
+    ~100x and more this test's tolerance; the old losses also came back in bf16 (SigLIP)."""
+    i, t = _bf16_features()
+    s, b = torch.tensor(50.0), torch.tensor(-10.0)        # CLIP's learned scale ends near 100
+    ref_z = s * i.detach().float() @ t.detach().float().T   # outside autocast: fp32
+    ref_c = clip_loss(i.float(), t.float(), s)
+    ref_s = siglip_loss(i.float(), t.float(), s, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (s * i.float() @ t.float().T).dtype == torch.bfloat16   # the trap: autocast re-casts an fp32 matmul
+        z = fp32_logits(i, t, s)
+        c = clip_loss(i, t, s)
+        sg = siglip_loss(i, t, s, b)
+    assert z.dtype == c.dtype == sg.dtype == torch.float32
+    torch.testing.assert_close(z, ref_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c, ref_c, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sg, ref_s, rtol=1e-6, atol=0)
+    gi, gt = torch.autograd.grad(c + sg, (i, t))
+    assert gi.dtype == gt.dtype == torch.bfloat16          # gradients come back in the features' own dtype
+
+
+def test_fp32_logits_linear_head_and_fp64():
+    g = torch.Generator().manual_seed(4)
+    f, Wt, bias = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
+    torch.testing.assert_close(fp32_logits(f, Wt, bias=bias), F.linear(f, Wt, bias))
+    assert fp32_logits(f.double(), Wt.double()).dtype == torch.float64   # fp64 is never downcast
+
+
+def test_distill_kl_formula_temperature_and_autocast():
+    g = torch.Generator().manual_seed(5)
+    s, t, T = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g) * 3, 2.0
+    p, q = (t / T).softmax(-1), (s / T).softmax(-1)
+    want = T * T * (p * (p.log() - q.log())).sum(-1).mean()       # T^2 KL(p || q), mean over rows
+    torch.testing.assert_close(distill_kl(s, t, T), want, rtol=1e-6, atol=1e-7)
+    assert distill_kl(t, t, T).abs().item() < 1e-6
+    sb = s.bfloat16().requires_grad_()
+    tr = t.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = distill_kl(sb, tr, T)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, distill_kl(sb.detach().float(), t, T), rtol=1e-6, atol=0)
+    got.backward()
+    assert sb.grad.dtype == torch.bfloat16 and tr.grad is None   # the teacher gets no gradient
 
 
 def test_gather_identity_without_dist():
