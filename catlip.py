@@ -10,13 +10,13 @@ What this file reproduces, in miniature on the synthetic world's noisy alt-texts
      noun.exc), NLTK's noun lemmatiser (exception list + detachment rules) and corenet's rule (lemma -> lemma.n.01,
      kept only if that synset's head lemma is the word; keys "n{offset}" unpadded). Without --wordnet the world's own
      noun lexicon (common.world.NOUN_FORMS) stands in for WordNet;
-  2. vocabulary: synset counts over the training captions (ranks x DataLoader workers on shards), count >= min_count
-     and/or top-k, saved to vocab.json and reused;
+  2. vocabulary: synset counts over the training captions only (each rank streams its share of the training source
+     once; the counts are summed over ranks), count >= min_count and/or top-k, saved to vocab.json and reused;
   3. pretraining: ViT (common.models) + a linear head over the vocabulary, loss kernels.linear_bce (sparse targets,
      batch_mean = sum over synsets / B, corenet's BCE), AdamW + cosine, bf16 on CUDA, optional EMA, DDP, resumable;
   4. the same ViT trained as CLIP (text tower + common.losses.clip_loss) on the same samples: linear probe and k-NN
-     on the world's shape task for both, and the measured forward+backward step time of both at the same batch;
-  5. Transfer Init (paper §4; not in the released corenet configs): a downstream shape classifier whose head starts
+     on the class labels (the world's shapes) for both, and the forward+backward step time of both at the same batch;
+  5. Transfer Init (paper §4; not in the released corenet configs): a downstream classifier whose head starts
      from the CatLIP rows of the matching synsets vs a random head, at 1, 2, 5, 10 labelled images per class;
   6. loss-cost scaling: head+loss time of BCE over V vs contrastive loss with all-gather on 2 gloo processes as the
      global batch grows (`python catlip.py bench`).
@@ -27,7 +27,8 @@ Run:
   python catlip.py --wordnet=.cache/ref/wordnet-3.0   # mine real WordNet synsets instead of the world lexicon
   python catlip.py vocab                    # only build vocab.json;  python catlip.py bench   # only the scaling bench
   torchrun --nproc_per_node=2 catlip.py     # data parallel (gloo on CPU); rank 0 evaluates and writes
-  python catlip.py --data='shards/shard-{000000..000009}.tar'   # real shards (e.g. `python -m common.world export`)
+  python catlip.py --data='shards/{split}'  # real shards: train/, val/, test/ (e.g. `python -m common.world export`)
+  python catlip.py --data='shards/shard-{000000..000009}.tar' --holdout=0.05   # one stream, eval held out by key hash
 """
 import copy
 import html
@@ -41,7 +42,6 @@ import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -52,13 +52,13 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 from common.config import config_to_dict, parse_config, print_table, save_json
-from common.data import make_dataset
+from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
 from common.eval import knn_accuracy, linear_probe
 from common.losses import clip_loss
 from common.models import CLIP, text_tiny, vit_tiny
 from common.train import autocast, fit, load_weights, save_weights, seed_all, setup_distributed, unwrap
-from common.transforms import CLIP_MEAN, CLIP_STD
-from common.world import COLORS, NOUN_FORMS, SHAPES, SIZES, World, load_arrays
+from common.transforms import eval_transform
+from common.world import COLORS, NOUN_FORMS, SHAPES, SIZES, World
 from kernels import linear_bce
 
 COMMANDS = ["run", "vocab", "bench"]
@@ -69,13 +69,15 @@ class Config:
     out: str = "runs/catlip"  # output directory
     seed: int = 0  # all randomness (world content, init, data order, few-shot draws)
     device: str = ""  # cpu | cuda; empty = cuda if available
-    data: str = ""  # tar shards instead of the synthetic world ("{split}" in the pattern picks train/val/test)
+    data: str = ""  # tar shards or image folder instead of the synthetic world ("{split}" picks train/val/test)
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     smoke: bool = False  # tiny sizes, end to end in < 60 s
     retrain: bool = False  # ignore vocab/checkpoints already valid in --out
     wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
     text: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
     size: int = 32  # image side in pixels
-    n_train: int = 9600  # pretraining images (same for CatLIP and CLIP)
+    n_train: int = 9600  # world pretraining images (same for CatLIP and CLIP); --data streams all training samples
     n_val: int = 500  # pool for the few-shot Transfer Init task
     n_test: int = 1000  # test images for probes and few-shot accuracy
     min_count: int = 20  # keep synsets seen >= min_count times (paper: pruned by frequency on DataComp)
@@ -98,7 +100,7 @@ class Config:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     ckpt_every: int = 25  # checkpoint every N steps (resumable)
     log_every: int = 5  # log every N steps
-    num_workers: int = 0  # DataLoader workers for mining labels over shards
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     probe_n: int = 2560  # training images (first of the pretraining set) for linear probe / k-NN
     knn_k: int = 10  # neighbours for k-NN
     shots: str = "1,2,5,10"  # labelled images per class for Transfer Init
@@ -196,6 +198,10 @@ class WordNet:
     def lemma(self, key):
         return self.head[int(key[1:])]
 
+    def all_keys(self):
+        """Every key `key` can return: the fixed index space in which the ranks sum their counts."""
+        return sorted(f"n{o}" for w, o in self.first.items() if self.head.get(o) == w)
+
 
 class WorldLexicon:
     """The synthetic world's nouns (common.world.NOUN_FORMS: surface form -> singular noun) in WordNet's role, plus
@@ -210,6 +216,9 @@ class WorldLexicon:
 
     def lemma(self, key):
         return key
+
+    def all_keys(self):
+        return sorted(set(self.forms.values()))
 
 
 def load_lexicon(cfg):
@@ -232,67 +241,46 @@ def select_vocab(counts, min_count=1, top_k=0):
     return keys[:top_k] if top_k > 0 else keys
 
 
-def all_gather_json(obj, dist):
-    """Every rank's JSON-able obj, on every rank (uint8 tensors over the process group; no pickle)."""
-    if not dist.distributed:
-        return [obj]
-    dev = dist.device if dist.device.startswith("cuda") else "cpu"
-    b = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=dev)
-    n = torch.tensor([b.numel()], device=dev)
-    ns = [torch.zeros_like(n) for _ in range(dist.world_size)]
-    tdist.all_gather(ns, n)
-    buf = torch.zeros(int(max(x.item() for x in ns)), dtype=torch.uint8, device=dev)
-    buf[:b.numel()] = b
-    bufs = [torch.zeros_like(buf) for _ in range(dist.world_size)]
-    tdist.all_gather(bufs, buf)
-    return [json.loads(bytes(x[:int(k.item())].cpu().tolist()).decode()) for x, k in zip(bufs, ns)]
+def count_synsets(src, lex, field, dist):
+    """Synset counts over the training captions: each rank streams its share of the training source once, and the
+    counts are summed over ranks in the lexicon's fixed key space (an int64 all-reduce: no dict ever travels).
+    Returns (Counter, number of captions, most synsets in one caption)."""
+    space = lex.all_keys()
+    index = {k: i for i, k in enumerate(space)}
+    v, K = np.zeros(len(space) + 1, np.int64), 0   # v[-1] counts the captions
+    for s in iter_samples(src, dist.rank, dist.world_size, images=False):
+        ks = caption_labels(s[field], lex)         # unique keys: the fancy-indexed += counts each once
+        v[[index[k] for k in ks] + [-1]] += 1
+        K = max(K, len(ks))
+    v, k = torch.from_numpy(v).to(dist.device), torch.tensor([K], device=dist.device)
+    if dist.distributed:
+        tdist.all_reduce(v)
+        tdist.all_reduce(k, op=tdist.ReduceOp.MAX)
+    v = v.cpu().tolist()
+    return Counter({space[i]: m for i, m in enumerate(v[:-1]) if m}), v[-1], int(k)
 
 
-def _mine_batch(samples, lex, field):
-    """DataLoader collate (runs in the workers): samples -> list of key lists."""
-    return [caption_labels(s.get(field) or s.get("caption", ""), lex) for s in samples]
-
-
-def count_synsets(cfg, lex, texts, dist):
-    """Counter of synset keys over the training captions. Shards: streamed once, split over ranks x workers (the
-    mining runs in the workers); world: the in-memory texts, split over ranks. Counts are summed over ranks."""
-    c = Counter()
-    if cfg.data:
-        ds = make_dataset(cfg.data, split="train", seed=cfg.seed, require=())
-        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=cfg.num_workers,
-                                         collate_fn=partial(_mine_batch, lex=lex, field=cfg.text))
-        for keys in dl:
-            for k in keys:
-                c.update(k)
-    else:
-        for t in texts[dist.rank::dist.world_size]:
-            c.update(caption_labels(t, lex))
-    total = Counter()
-    for d in all_gather_json(dict(c), dist):
-        total.update(d)
-    return total
-
-
-def build_vocab(cfg, lex, texts, dist):
-    """vocab.json {fingerprint, lexicon, entries: [{key, lemma, count}]}, reused when the fingerprint matches."""
+def build_vocab(cfg, lex, src, field, dist):
+    """vocab.json {fingerprint, lexicon, n_captions, max_labels, entries: [{key, lemma, count}]} over the training
+    source, reused when the fingerprint matches."""
     path = os.path.join(cfg.out, "vocab.json")
-    fp = {"lexicon": lex.name, "text": cfg.text, "data": cfg.data, "n_train": cfg.n_train, "seed": cfg.seed,
-          "min_count": cfg.min_count, "top_k": cfg.top_k}
+    fp = {"lexicon": lex.name, "text": field, "data": cfg.data, "holdout": cfg.holdout, "n_train": cfg.n_train,
+          "seed": cfg.seed, "min_count": cfg.min_count, "top_k": cfg.top_k}
     if not cfg.retrain and os.path.isfile(path):
         v = json.load(open(path))
         if v.get("fingerprint") == fp:
             dist.print(f"vocab: reusing {path} ({len(v['entries'])} synsets)")
             return v
-    counts = count_synsets(cfg, lex, texts, dist)
+    counts, n, K = count_synsets(src, lex, field, dist)
     keys = select_vocab(counts, cfg.min_count, cfg.top_k)
     if not keys:
-        raise SystemExit(f"vocab: no synset reaches min_count={cfg.min_count} in the {cfg.text} captions "
-                         f"(lexicon {lex.name}); lower --min_count")
-    v = {"fingerprint": fp, "lexicon": lex.name, "n_synsets_seen": len(counts),
+        raise ValueError(f"vocab: no synset reaches min_count={cfg.min_count} in the {n} {field} captions of "
+                         f"{src.name} (lexicon {lex.name}); lower --min_count")
+    v = {"fingerprint": fp, "lexicon": lex.name, "n_captions": n, "max_labels": K, "n_synsets_seen": len(counts),
          "entries": [{"key": k, "lemma": lex.lemma(k), "count": counts[k]} for k in keys]}
     if dist.is_master:
         save_json(path, v)
-    dist.print(f"vocab: {len(keys)} of {len(counts)} synsets kept (count >= {cfg.min_count}"
+    dist.print(f"vocab: {len(keys)} of {len(counts)} synsets in {n} captions kept (count >= {cfg.min_count}"
                f"{f', top {cfg.top_k}' if cfg.top_k else ''}) -> {path}")
     return v
 
@@ -303,12 +291,11 @@ def constant_loss(p):
     return float(-(p * p.log() + (1 - p) * (1 - p).log()).sum())
 
 
-def sparse_targets(texts, lex, keys):
-    """Captions -> (N, K) int64 vocabulary indices padded with -1 (K = most labels in one caption, >= 1)."""
-    index = {k: i for i, k in enumerate(keys)}
-    rows = [[index[k] for k in caption_labels(t, lex) if k in index] for t in texts]
-    K = max([len(r) for r in rows] + [1])
-    return torch.tensor([r + [-1] * (K - len(r)) for r in rows], dtype=torch.int64)
+def synset_targets(caption, lex, index, K):
+    """Caption -> (K,) int64 indices of its synsets in the vocabulary ({key: row}), padded with -1. K is the most
+    synsets one training caption has (vocab.json max_labels), so every batch stacks to (B, K)."""
+    r = [index[k] for k in caption_labels(caption, lex) if k in index][:K]
+    return torch.tensor(r + [-1] * (K - len(r)), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,59 +346,53 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data: in-memory miniature splits (the world, or the first samples of --data shards)
+# data: streamed sources (common.data). The world's training split is n_train samples, rendered once and cached.
 
-def to_input(u8, device):
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on device (CLIP mean/std)."""
-    x = torch.as_tensor(u8).to(device).permute(0, 3, 1, 2).float().div_(255)
-    m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    return (x - m) / s
+KEEP = ("image", "caption", "alt_text", "label")   # the world fields this script reads (all its cache holds)
 
 
-def load_split(cfg, split, n, start=0):
-    """{"images" (n, S, S, 3) uint8, "labels" (n,) int64 (-1 if absent), "texts" list[str]} for one split."""
-    if not cfg.data:
-        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.size, n=start + n), n, start)
-        return {"images": a["images"], "labels": a["labels"], "texts": a["alt_texts" if cfg.text == "alt_text"
-                                                                          else "captions"]}
-    # every rank reads the same samples (rank=0, world_size=1): the miniature fits in memory, and an identical
-    # copy per rank lets get_batch slice one global batch exactly like the world path
-    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, require=("image",), rank=0, world_size=1)
-    imgs, labels, texts = [], [], []
-    for i, s in enumerate(ds):
-        if i < start:
-            continue
-        if i >= start + n:
-            break
-        im = s["image"]
-        if im.shape[:2] != (cfg.size, cfg.size):
-            im = np.asarray(Image.fromarray(im).resize((cfg.size, cfg.size), Image.BICUBIC))
-        imgs.append(im)
-        labels.append(int(s.get("label", -1)))
-        texts.append(s.get(cfg.text) or s.get("caption", ""))
-    if len(imgs) < n:
-        raise SystemExit(f"--data {cfg.data!r} ({split}): {len(imgs)} samples after skipping {start}, need {n} "
-                         f"(lower --n_train/--n_val/--n_test)")
-    return {"images": np.stack(imgs), "labels": np.array(labels, np.int64), "texts": texts}
+def open_split(cfg, split, n, require=("image",)):
+    """train / val (the few-shot pool) / test source. Eval data never comes from the training stream: the world's own
+    splits, "{split}" in --data, --val_data, or a --holdout fraction chosen by key hash (common.data.open_source)."""
+    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.size), n=n,
+                       val_data=cfg.val_data, holdout=cfg.holdout, require=require, cache=split == "train", keep=KEEP)
 
 
-def load_data(cfg):
-    """train / val (few-shot pool) / test. Shards without "{split}": consecutive slices of one stream."""
-    if cfg.data and "{split}" not in cfg.data:
-        return (load_split(cfg, "train", cfg.n_train), load_split(cfg, "train", cfg.n_val, cfg.n_train),
-                load_split(cfg, "train", cfg.n_test, cfg.n_train + cfg.n_val))
-    return (load_split(cfg, "train", cfg.n_train), load_split(cfg, "val", cfg.n_val),
-            load_split(cfg, "test", cfg.n_test))
+def caption_field(src, want):
+    """The caption field mined: `want` when the data has it, else "caption" (KEY.txt), with the reason to print."""
+    s = next(iter_samples(src, n=1), None)
+    if s is None:
+        raise ValueError(f"{src.name}: no usable training sample")
+    if want in s:
+        return want, ""
+    if "caption" in s:
+        return "caption", f" (the data has no {want!r} field)"
+    raise ValueError(f"{src.name}: sample {s['__key__']!r} has no caption; CatLIP mines KEY.txt or {want!r} in "
+                     "KEY.json (class folders root/CLASS/*.jpg have none: use image-text shards or captions.jsonl)")
 
 
-def batch_indices(step, N, B, seed, dist):
-    """This rank's slice of global batch `step`: epoch-wise permutations seeded by (seed, epoch), so the batch is a
-    pure function of the step (resume-exact) and CatLIP and CLIP see exactly the same samples in the same order."""
-    nb = N // B
-    e, j = divmod(step, nb)
-    perm = np.random.default_rng((seed, e)).permutation(N)[j * B:(j + 1) * B]
-    b = B // dist.world_size
-    return perm[dist.rank * b:(dist.rank + 1) * b]
+class Prepare:
+    """Transform of every sample (in the DataLoader workers for a Stream): the image resized and centre-cropped to
+    cfg.size and normalised with CLIP's mean/std (no augmentation: the miniature trains on the images as rendered);
+    optionally the caption's synset targets (CatLIP), its tokens (CLIP) and a class label < `classes` (evaluation)."""
+
+    def __init__(self, size, field, lex=None, keys=(), K=1, tokenizer=None, classes=0):
+        self.image, self.field, self.lex, self.K = eval_transform(size), field, lex, max(1, K)
+        self.index = {k: i for i, k in enumerate(keys)} if lex is not None else None
+        self.tokenizer, self.classes = tokenizer, classes
+
+    def __call__(self, s, g=None):
+        out = {"__key__": s["__key__"], "image": self.image(s["image"])}
+        if self.index is not None:
+            out["targets"] = synset_targets(s[self.field], self.lex, self.index, self.K)
+        if self.tokenizer is not None:
+            out["tokens"] = self.tokenizer(s[self.field])[0]
+        if self.classes:
+            out["label"] = y = int(s.get("label", -1))
+            if not 0 <= y < self.classes:
+                raise ValueError(f"sample {s['__key__']!r}: class label {s.get('label')!r}; the probes and Transfer "
+                                 f"Init need one in 0..{self.classes - 1} (KEY.cls or \"label\" in KEY.json)")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,9 +430,9 @@ def run_stage(cfg, dist, name, model, loss_fn, get_batch, fp, ema=None):
     return hist
 
 
-def text_tokenizer(cfg, dist, texts):
+def text_tokenizer(cfg, dist, src, field):
     """common.tokenizer.world_tokenizer; if its merges file is missing (or --data is used), learn a small BPE on the
-    training captions once (rank 0) and keep it in --out."""
+    first 3000 training captions once (rank 0) and keep it in --out."""
     from common.tokenizer import Tokenizer, learn_bpe, read_merges, save_merges, world_tokenizer
     try:
         if cfg.data:
@@ -461,7 +442,7 @@ def text_tokenizer(cfg, dist, texts):
         path = os.path.join(cfg.out, "bpe.txt")
         if dist.is_master and not os.path.isfile(path):
             dist.print(f"world tokenizer unavailable: learning 600 BPE merges on the training captions -> {path}")
-            save_merges(path, learn_bpe(texts[:3000], 600))
+            save_merges(path, learn_bpe([s[field] for s in iter_samples(src, n=3000, images=False)], 600))
         dist.barrier()
         return Tokenizer(read_merges(path), context_length=cfg.context_length)
 
@@ -472,8 +453,7 @@ def text_tokenizer(cfg, dist, texts):
 @torch.no_grad()
 def features(vit, images, device, bs=512):
     vit.eval()
-    return torch.cat([pooled(vit, to_input(images[i:i + bs], device)).float().cpu()
-                      for i in range(0, len(images), bs)])
+    return torch.cat([pooled(vit, images[i:i + bs].to(device)).float().cpu() for i in range(0, len(images), bs)])
 
 
 def step_times(cfg, dev, catlip, clip, x, t, tok, repeats):
@@ -707,97 +687,110 @@ def main(argv=None):
         dist.cleanup()
         return res
 
-    # ---- 1-2. labels and vocabulary
+    # ---- 1-2. labels and vocabulary, over the training source only
     lex = load_lexicon(cfg)
-    dist.print(f"lexicon: {lex.name}; captions: {cfg.text}; data: {cfg.data or 'synthetic world'}")
-    train, val, test = load_data(cfg)
-    vocab = build_vocab(cfg, lex, train["texts"], dist)
+    field, why = caption_field(open_split(cfg, "train", cfg.n_train), cfg.text)
+    train_src = open_split(cfg, "train", cfg.n_train, require=("image", field))
+    dist.print(f"lexicon: {lex.name}; captions: {field}{why}; training data: {train_src.name}")
+    vocab = build_vocab(cfg, lex, train_src, field, dist)
     keys = [e["key"] for e in vocab["entries"]]
-    V = len(keys)
+    V, K = len(keys), vocab["max_labels"]
     if command == "vocab":
         if dist.is_master:
             print_table({f"{e['lemma']} ({e['key']})": e["count"] for e in vocab["entries"][:30]},
                         title=f"vocab: {V} synsets (top 30 by count)")
         dist.cleanup()
         return vocab
-    T = sparse_targets(train["texts"], lex, keys)
-    covered = float((T[:, 0] >= 0).float().mean())
-    dist.print(f"targets: {V} synsets, {covered:.1%} of captions have >= 1 label, <= {T.shape[1]} per caption")
+    B = cfg.batch_size
+    if B % dist.world_size:
+        raise ValueError(f"--batch_size={B} must be divisible by the world size {dist.world_size}")
+
+    # evaluation sets (rank 0, one pass each): the few-shot pool and the test set from their own sources; the probes'
+    # training images are the first probe_n of the training source
+    val_src, test_src = open_split(cfg, "val", cfg.n_val), open_split(cfg, "test", cfg.n_test)
+    names = class_names_of(test_src, default=None if cfg.data else SHAPES)
+    if dist.is_master:
+        ev = Prepare(cfg.size, field, classes=len(names))
+        probe = read_samples(train_src, cfg.probe_n, Prepare(cfg.size, field, lex, keys, K, classes=len(names)))
+        pool, test = read_samples(val_src, cfg.n_val, ev), read_samples(test_src, cfg.n_test, ev)
+        covered = float((stack(probe, "targets")[:, 0] >= 0).float().mean())
+        dist.print(f"targets: {V} synsets, <= {K} per caption, {covered:.1%} of the first {len(probe)} training "
+                   f"captions have >= 1; eval: {len(pool)} few-shot pool ({pool.name}), {len(test)} test "
+                   f"({test.name}), {len(names)} classes")
 
     # ---- 3. CatLIP pretraining
-    N, B = len(train["images"]), cfg.batch_size
-    if B % dist.world_size or N < B:
-        raise SystemExit(f"--batch_size={B} must be divisible by the world size {dist.world_size} and <= n_train={N}")
     arch = {k: getattr(cfg, k) for k in ("size", "width", "layers", "heads", "patch", "stem", "steps", "batch_size",
-                                         "lr", "weight_decay", "warmup", "seed", "data", "n_train", "text")}
+                                         "lr", "weight_decay", "warmup", "seed", "data", "holdout", "n_train")}
+    arch["text"] = field
     torch.manual_seed(cfg.seed)
-    prior = torch.zeros(V).scatter_add_(0, T[T >= 0], torch.ones(int((T >= 0).sum()))) / N   # caption frequency
+    prior = torch.tensor([e["count"] for e in vocab["entries"]], dtype=torch.float32) / vocab["n_captions"]
     catlip = CatLIP(make_vit(cfg), V, prior).to(dev)
 
-    def catlip_batch(i):
-        idx = batch_indices(i, N, B, cfg.seed, dist)
-        return to_input(train["images"][idx], dev), T[idx].to(dev)
+    def stream(name, prep, field_out):
+        """CatLIP's and CLIP's streams share source, seed and batch size: the same samples in the same order."""
+        return Stream(train_src, B // dist.world_size, prep, seed=cfg.seed, num_workers=cfg.num_workers, dist=dist,
+                      name=name, post=lambda b: (b["image"], b[field_out]))
 
+    s_cat = stream("catlip", Prepare(cfg.size, field, lex, keys, K), "targets")
     ema = EMA(catlip, cfg.ema) if cfg.ema > 0 else None
-    h_cat = run_stage(cfg, dist, "catlip", catlip, lambda m, b: m(*b), catlip_batch,
+    h_cat = run_stage(cfg, dist, "catlip", catlip, lambda m, b: m(*b), s_cat,
                       {**arch, "stage": "catlip", "vocab": keys, "ema": cfg.ema}, ema)
+    s_cat.close()
 
     # ---- 4. CLIP on the same images, captions and steps
-    tokenizer = text_tokenizer(cfg, dist, train["texts"])
-    tok = tokenizer(train["texts"])
+    tokenizer = text_tokenizer(cfg, dist, train_src, field)
     torch.manual_seed(cfg.seed)
     clip = CLIP(make_vit(cfg, cfg.embed_dim), text_tiny(tokenizer.vocab_size, cfg.context_length, cfg.text_width,
                                                         cfg.text_layers, embed_dim=cfg.embed_dim)).to(dev)
-
-    def clip_batch(i):
-        idx = batch_indices(i, N, B, cfg.seed, dist)
-        return to_input(train["images"][idx], dev), tok[idx].to(dev)
 
     def clip_step(m, b):
         img_f, txt_f, s = m(*b)
         return clip_loss(img_f, txt_f, s), {"scale": float(s.detach())}
 
-    h_clip = run_stage(cfg, dist, "clip", clip, clip_step, clip_batch,
+    s_clip = stream("clip", Prepare(cfg.size, field, tokenizer=tokenizer), "tokens")
+    h_clip = run_stage(cfg, dist, "clip", clip, clip_step, s_clip,
                        {**arch, "stage": "clip", "embed_dim": cfg.embed_dim, "vocab_size": tokenizer.vocab_size,
-                        "text": [cfg.text_width, cfg.text_layers, cfg.context_length]})
+                        "text": [field, cfg.text_width, cfg.text_layers, cfg.context_length]})
+    s_clip.close()
 
-    # step time: same batch, same image encoder, forward + backward, on every rank at once (under torchrun CLIP's
-    # time then includes its feature all-gathers; CatLIP's loss has no collective)
-    idx = batch_indices(0, N, B, cfg.seed, dist)
-    x, t, tk = to_input(train["images"][idx], dev), T[idx].to(dev), tok[idx].to(dev)
+    # step time: same batch (this rank's first training samples), same image encoder, forward + backward, on every
+    # rank at once (under torchrun CLIP's time then includes its feature all-gathers; CatLIP's loss has no collective)
+    tb = read_samples(train_src, B // dist.world_size, Prepare(cfg.size, field, lex, keys, K, tokenizer),
+                      dist.rank, dist.world_size)
+    x, t, tk = (stack(tb, k).to(dev) for k in ("image", "targets", "tokens"))
     med, _ = step_times(cfg, dev, copy.deepcopy(catlip).train(), copy.deepcopy(clip).train(), x, t, tk,
                         cfg.step_repeats)
+    data = data_report([s_cat, s_clip], [pool, test] if dist.is_master else [], dist)   # collective
     results = {}
     if dist.is_master:
         vis_cat = (ema.model if ema is not None else catlip).visual
 
-        # linear probe + k-NN on the shape task, pooled features of the same layer
-        P = min(cfg.probe_n, N)
-        fc_tr, fc_te = features(vis_cat, train["images"][:P], dev), features(vis_cat, test["images"], dev)
-        fl_tr, fl_te = features(clip.visual, train["images"][:P], dev), features(clip.visual, test["images"], dev)
-        ytr, yte = torch.as_tensor(train["labels"][:P]), torch.as_tensor(test["labels"])
-        if (ytr < 0).any() or (yte < 0).any():
-            raise SystemExit("evaluation needs a class label per sample (the world's 'label' key in the shards' json)")
-        probes = {"catlip_linear_probe_acc": linear_probe(fc_tr, ytr, fc_te, yte, num_classes=len(SHAPES)),
-                  "clip_linear_probe_acc": linear_probe(fl_tr, ytr, fl_te, yte, num_classes=len(SHAPES)),
+        # linear probe + k-NN on the class label, pooled features of the same layer
+        ytr, yte, ypool = (stack(x, "label") for x in (probe, test, pool))
+        xtr, xte = stack(probe, "image"), stack(test, "image")
+        fc_tr, fc_te = features(vis_cat, xtr, dev), features(vis_cat, xte, dev)
+        fl_tr, fl_te = features(clip.visual, xtr, dev), features(clip.visual, xte, dev)
+        C = len(names)
+        probes = {"catlip_linear_probe_acc": linear_probe(fc_tr, ytr, fc_te, yte, num_classes=C),
+                  "clip_linear_probe_acc": linear_probe(fl_tr, ytr, fl_te, yte, num_classes=C),
                   "catlip_knn_acc": knn_accuracy(fc_tr, ytr, fc_te, yte, k=cfg.knn_k),
                   "clip_knn_acc": knn_accuracy(fl_tr, ytr, fl_te, yte, k=cfg.knn_k)}
 
-        # ---- 5. Transfer Init on the shape task (classes = synsets of the shape names)
-        rows = transfer_rows(SHAPES, keys, lex)
-        fv = features(vis_cat, val["images"], dev)
+        # ---- 5. Transfer Init on the class task (classes = synsets of the class names)
+        rows = transfer_rows(names, keys, lex)
+        fv = features(vis_cat, stack(pool, "image"), dev)
         head = (ema.model if ema is not None else catlip).head
-        fs = few_shot(cfg, fv, torch.as_tensor(val["labels"]), fc_te, yte, head, rows)
+        fs = few_shot(cfg, fv, ypool, fc_te, yte, head, rows)
         results = {**probes, "catlip_step_ms": med["catlip"], "clip_step_ms": med["clip"],
                    "transfer_init_acc": fs["transfer"], "random_init_acc": fs["random"],
                    "transfer_init_zero_shot_acc": fs["transfer_zero_shot"], "vocab_size": V,
-                   "majority_class_acc": float(np.bincount(test["labels"]).max() / len(test["labels"])),
-                   "lexicon": lex.name, "captions": cfg.text, "label_coverage": covered,
-                   "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": len(SHAPES),
+                   "majority_class_acc": float(torch.bincount(yte).max()) / len(yte),
+                   "lexicon": lex.name, "captions": field, "label_coverage": covered,
+                   "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": C,
                    "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"],
                    # chance levels of the two training losses: image-blind synset frequencies, uniform over the batch
                    "catlip_final_loss": final_loss(cfg.out, "catlip"), "catlip_constant_loss": constant_loss(prior),
-                   "clip_final_loss": final_loss(cfg.out, "clip"), "clip_chance_loss": math.log(B)}
+                   "clip_final_loss": final_loss(cfg.out, "clip"), "clip_chance_loss": math.log(B), "data": data}
 
     # ---- 6. loss-cost scaling
     if cfg.bench:
@@ -836,27 +829,29 @@ def plot_runs(cfg, r):
     line_plot(os.path.join(cfg.out, "transfer_init.png"),
               {"Transfer Init (CatLIP rows)": (shots, list(r["transfer_init_acc"].values()), (200, 60, 40)),
                "random head": (shots, list(r["random_init_acc"].values()), (90, 90, 90))},
-              "few-shot shape classification (frozen CatLIP encoder)", "labelled images per class", "test acc",
+              "few-shot classification (frozen CatLIP encoder)", "labelled images per class", "test acc",
               logx=True)
 
 
 def report(r):
-    """The results table, then each expected miniature effect with whether it appeared."""
+    """The results table, then each expected miniature effect: yes / NO, or n/a when it cannot be compared."""
     print_table({k: v for k, v in r.items() if k != "bench"}, title="CatLIP vs CLIP (results.json)")
     lp = r["catlip_linear_probe_acc"] - r["clip_linear_probe_acc"]
-    ti, ri = r["transfer_init_acc"], r["random_init_acc"]
+    ti, ri, nt = r["transfer_init_acc"], r["random_init_acc"], r["transfer_classes_in_vocab"]
     checks = [(lp >= -0.03, f"CatLIP linear probe within 3 points of CLIP or better: {lp:+.3f}"),
               (r["catlip_step_ms"] < r["clip_step_ms"],
                f"CatLIP step faster than CLIP: {r['catlip_step_ms']:.1f} vs {r['clip_step_ms']:.1f} ms"),
-              (all(ti[k] >= ri[k] for k in ti), "Transfer Init >= random head at every shot count: " +
-               ", ".join(f"{k}: {ti[k]:.3f} vs {ri[k]:.3f}" for k in ti))]
+              # with no class in the vocabulary both heads start from the same random rows: nothing is compared
+              (all(ti[k] >= ri[k] for k in ti) if nt else None,
+               f"Transfer Init >= random head at every shot count ({nt} of {r['n_classes']} classes in the "
+               "vocabulary): " + ", ".join(f"{k}: {ti[k]:.3f} vs {ri[k]:.3f}" for k in ti))]
     if "bench" in r:
         rat = [p["ratio"] for p in r["bench"]["points"]]
         checks.append((all(b > a for a, b in zip(rat, rat[1:])), "contrastive/BCE cost ratio grows with batch: " +
                        ", ".join(f"{p['global_batch']}: {p['ratio']:.2f}" for p in r["bench"]["points"])))
     print("expected effects:")
     for ok, msg in checks:
-        print(f"  [{'yes' if ok else 'NO '}] {msg}")
+        print(f"  [{'n/a' if ok is None else 'yes' if ok else 'NO '}] {msg}")
 
 
 if __name__ == "__main__":

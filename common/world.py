@@ -628,19 +628,27 @@ def _add(tf, name, data):
     tf.addfile(ti, io.BytesIO(data))
 
 
-def sample_members(s):
-    """The webdataset members of one sample: list of (name, bytes) in the conventions.md layout."""
+def sample_members(s, image_format="png"):
+    """The webdataset members of one sample: list of (name, bytes) in the conventions.md layout. image_format
+    "jpg" stores the image as JPEG (quality 90), as web-scale shards do; masks stay lossless PNG."""
     k = s["__key__"]
     meta = {"alt_text": s["alt_text"], "quality": s["quality"], "label": s["label"], "label_fine": s["label_fine"],
             "year": s["year"], "objects": s["objects"], "texture": s["texture"]}
     d = io.BytesIO()
     np.save(d, s["depth"])
-    return [(f"{k}.png", _png(s["image"])), (f"{k}.txt", s["caption"].encode()),
+    if image_format == "jpg":
+        from PIL import Image
+        b = io.BytesIO()
+        Image.fromarray(s["image"]).save(b, format="JPEG", quality=90)
+        img = (f"{k}.jpg", b.getvalue())
+    else:
+        img = (f"{k}.png", _png(s["image"]))
+    return [img, (f"{k}.txt", s["caption"].encode()),
             (f"{k}.json", json.dumps(meta).encode()), (f"{k}.seg.png", _png(s["seg"])),
             (f"{k}.inst.png", _png(s["instances"])), (f"{k}.depth.npy", d.getvalue())]
 
 
-def export_shards(world, out_dir, n=None, shard_size=1000, start=0, progress=None):
+def export_shards(world, out_dir, n=None, shard_size=1000, start=0, progress=None, image_format="png"):
     """Write world[start:start+n] to out_dir/shard-000000.tar ... (webdataset layout) and the label names to
     out_dir/classes.txt; returns the shard paths.
     Each shard is written to a temporary name and renamed, so an interrupted export never leaves a broken shard."""
@@ -662,7 +670,7 @@ def export_shards(world, out_dir, n=None, shard_size=1000, start=0, progress=Non
         tmp = path + ".tmp"
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for j in range(a, min(n, a + shard_size)):
-                for name, data in sample_members(world.sample(start + j)):
+                for name, data in sample_members(world.sample(start + j), image_format):
                     _add(tf, name, data)
                 if bar is not None:
                     bar.update(1)
@@ -757,6 +765,7 @@ def main(argv=None):
     e.add_argument("--seed", type=int, default=0, help="world seed")
     e.add_argument("--years", default="", help="comma-separated years to restrict to (default: all)")
     e.add_argument("--no-drift", action="store_true", help="disable concept drift over years")
+    e.add_argument("--format", default="png", choices=["png", "jpg"], help="image member format")
     gp = sub.add_parser("grid", help="write a PNG grid of samples: image, seg, instances, depth, both captions")
     gp.add_argument("--out", default="docs/world.png", help="output PNG path")
     gp.add_argument("--n", type=int, default=8, help="number of samples (rows)")
@@ -773,7 +782,7 @@ def main(argv=None):
         w = World(seed=a.seed, split=a.split, size=a.size, years=years, drift=not a.no_drift,
                   n=max(a.start + a.n, 1))
         t0 = time.time()
-        paths = export_shards(w, a.out, a.n, a.shard_size, start=a.start)
+        paths = export_shards(w, a.out, a.n, a.shard_size, start=a.start, image_format=a.format)
         print(f"wrote {a.n} samples in {len(paths)} shards to {a.out} ({time.time() - t0:.1f}s)")
     elif a.cmd == "grid":
         w = World(seed=a.seed, split="train", size=a.size)

@@ -1,18 +1,22 @@
 """catlip.py: caption -> synset mining (hand-written WordNet fixture + real WordNet when present), vocabulary
-selection, Transfer Init row mapping, one --smoke run that must learn, one 2-process torchrun smoke on exported
-shards."""
+counting and selection, Transfer Init row mapping, honest header/verdicts, one --smoke run that must learn, and the
+smoke on exported shards as 1 process (bf16) and as 2 gloo processes, checked from results.json's data block."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import catlip  # noqa: E402
+from common.data import SampleSource, open_source  # noqa: E402
+from common.train import Dist  # noqa: E402
 
 # A tiny WordNet 3.0-format database. Offsets are arbitrary ids (the reader keys data lines by their own offset
 # field). "photo"'s first sense belongs to the synset headed by "photograph" (the real database does the same),
@@ -81,6 +85,7 @@ def test_caption_labels_fixture(mini_wordnet):
     assert catlip.caption_labels("", wn) == [] and catlip.caption_labels(None, wn) == []
     assert catlip.caption_labels("a photograph", wn) == ["n700"]
     assert catlip.caption_labels("image", wn) == ["n800"]        # head lemma compared lower-cased ("Image")
+    assert set(wn.all_keys()) == {wn.key(w) for w in wn.first} - {None}   # the index space counts are summed in
     with pytest.raises(FileNotFoundError, match="index.noun"):
         catlip.WordNet(str(os.path.join(os.path.dirname(__file__), "no-such-dir")))
 
@@ -92,6 +97,7 @@ def test_caption_labels_real_wordnet(wordnet_dir):
     assert "image" in lemmas and "dog" in lemmas and "goose" in lemmas and "cross" in lemmas
     assert "photograph" not in lemmas and "photo" not in lemmas
     assert wn.key("image") == "n5928118"           # clip-family.md §2.2: unpadded offset
+    assert "n5928118" in wn.all_keys()
     assert wn.key("the") is None and wn.key("a") is None   # "a" -> angstrom.n.01: head lemma differs
     # the world lexicon's colour/size words are WordNet nouns kept by corenet's rule (why WorldLexicon has them)
     assert all(wn.key(w) is not None for w in catlip.COLORS + catlip.SIZES)
@@ -108,8 +114,35 @@ def test_select_vocab_threshold_and_topk():
     assert catlip.select_vocab(c, min_count=2) == ["b", "a", "c"]        # by count, ties by key
     assert catlip.select_vocab(c, min_count=1, top_k=2) == ["b", "a"]
     assert catlip.select_vocab(c, min_count=6) == ["b"]
-    t = catlip.sparse_targets(["dogs dog", "", "geese and mice"], catlip.WorldLexicon(), ["circle"])
-    assert t.shape == (3, 1) and (t == -1).all()
+    lex = catlip.WorldLexicon()
+    assert catlip.synset_targets("two red circles", lex, {"circle": 0, "red": 1}, 3).tolist() == [1, 0, -1]
+    assert catlip.synset_targets("dogs and mice", lex, {"circle": 0}, 2).tolist() == [-1, -1]
+
+
+def test_count_synsets_and_caption_field():
+    img = np.zeros((4, 4, 3), np.uint8)
+    src = SampleSource([{"__key__": f"k{i}", "image": img, "caption": c, "label": 0}
+                        for i, c in enumerate(["two circles", "a red circle and a star", "stock photo", ""])])
+    counts, n, K = catlip.count_synsets(src, catlip.WorldLexicon(), "caption", Dist())
+    assert counts == Counter({"circle": 2, "red": 1, "star": 1, "stock": 1, "photo": 1}) and n == 4 and K == 3
+    # the field actually mined, and why, for the header: real image-text data has no alt_text
+    assert catlip.caption_field(src, "alt_text") == ("caption", " (the data has no 'alt_text' field)")
+    assert catlip.caption_field(src, "caption") == ("caption", "")
+    with pytest.raises(ValueError, match="no caption"):
+        catlip.caption_field(SampleSource([{"__key__": "k0", "image": img, "label": 3}]), "alt_text")
+    p = catlip.Prepare(8, "caption", classes=2)
+    assert p(src.samples[0])["image"].shape == (3, 8, 8)          # any input size -> cfg.size
+    with pytest.raises(ValueError, match="need one in 0..1"):
+        catlip.Prepare(8, "caption", classes=2)({**src.samples[0], "label": 5})
+
+
+def test_verdict_na_without_transfer_classes(capsys):
+    r = {"catlip_linear_probe_acc": 0.3, "clip_linear_probe_acc": 0.2, "catlip_step_ms": 1.0, "clip_step_ms": 2.0,
+         "transfer_init_acc": {"1": 0.1}, "random_init_acc": {"1": 0.1}, "transfer_classes_in_vocab": 0,
+         "n_classes": 10}
+    catlip.report(r)
+    out = capsys.readouterr().out
+    assert "[n/a] Transfer Init" in out and "[yes] CatLIP linear probe" in out
 
 
 def test_transfer_rows_and_init(mini_wordnet):
@@ -153,21 +186,51 @@ def test_smoke_learns(tmp_path):
     for f in ("config.json", "catlip.safetensors", "clip.safetensors", "bench.png", "transfer_init.png"):
         assert (out / f).is_file(), f
     assert "expected effects" in r.stdout
+    d, B = res["data"], res["samples_seen"]
+    # CatLIP and CLIP stream the same samples: twice the samples seen, once the keys (1600 world images, 1.6 epochs)
+    assert d["train_samples_seen"] == 2 * B and d["train_unique_keys"] == 1600 and d["eval_keys_in_train"] == 0
 
 
-def test_torchrun_on_exported_shards(tmp_path):
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """500 exported world samples in one stream of 5 shards (--holdout splits it by key hash), and the vocabulary
+    counts of its training split, counted here in one process."""
     from common.world import World, export_shards
-    data = tmp_path / "shards"
-    export_shards(World(seed=0, split="train", size=32, n=900), str(data), n=900, shard_size=150)
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "catlip.py",
-           "--smoke", f"--data={data}", f"--out={out}", "--n_train=600", "--n_val=150", "--n_test=150",
-           "--probe_n=300", "--steps=8", "--shots=1,2", "--bench_batches=64", "--min_count=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400, env=env)
+    data = tmp_path_factory.mktemp("catlip") / "shards"
+    export_shards(World(seed=0, split="train", size=32, n=500), str(data), n=500, shard_size=100)
+    counts, n, _ = catlip.count_synsets(open_source(str(data), "train", holdout=0.1), catlip.WorldLexicon(),
+                                        "alt_text", Dist())
+    return data, counts, n
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_smoke_on_exported_shards(shards, tmp_path, procs):
+    data, counts, n_train = shards
+    out = tmp_path / "run"
+    args = ["catlip.py", "--smoke", f"--data={data}", "--holdout=0.1", f"--out={out}", "--steps=4", "--batch_size=32",
+            "--n_val=40", "--n_test=30", "--probe_n=200", "--shots=1,2", "--min_count=2"]
+    env = dict(os.environ)
+    if procs == 1:   # 1 process: the CUDA dtype path (bf16 autocast) on CPU
+        cmd = [sys.executable] + args + ["--amp=bf16", "--bench=false"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"] + args \
+            + ["--bench_batches=64"]
+        env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
-    assert KEYS <= set(res) and res["world_size"] == 2 and res["bench"]["world_size"] == 2
-    assert res["samples_seen"] == 8 * json.load(open(out / "config.json"))["batch_size"]
+    assert KEYS <= set(res) and res["world_size"] == procs and res["captions"] == "alt_text"
+    assert "captions: alt_text;" in r.stdout
+    d = res["data"]
+    assert d["eval_keys_in_train"] == 0 and d["train_keys_on_several_ranks"] == 0 and d["skipped_corrupt"] == 0
+    assert d["eval_samples"] == 70 and d["train_samples_seen"] == 2 * 4 * 32      # CatLIP's stream + CLIP's
+    assert d["train_unique_keys"] == 4 * 32             # ... over the same samples, none of them twice per method
+    # the vocabulary counts only the training split, and the ranks' counts sum to the one-process count
     v = json.load(open(out / "vocab.json"))
-    assert v["fingerprint"]["data"] == str(data) and v["entries"][0]["count"] >= v["entries"][-1]["count"]
+    assert v["n_captions"] == n_train < 500
+    assert {e["key"]: e["count"] for e in v["entries"]} == {k: c for k, c in counts.items() if c >= 2}
+    if procs == 2:
+        assert res["bench"]["world_size"] == 2
