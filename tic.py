@@ -26,32 +26,39 @@ The embedded synthetic world drifts over its years (common/world.py): `heart` ex
 a heart. Fixed from the official scripts: cumulative data lists are built in Python (their bash loop
 `{2017..$year}` never expands and silently trains on a literal path, reference methods.md sec. 1.6).
 
+Data: every run trains from a common.data Stream over its strategy's data, a source built from the time steps'
+sources that holds no samples itself: indices into the world's (or image folders') time steps, or, on tar shards, a
+stream of the steps' shards that keeps a replay buffer's samples by a hash of their key. Each time step's eval set
+comes from its held-out split ({split} in --data, --val_data, or --holdout by key hash).
+
     python tic.py                    # default run: 4 time steps x 6 strategies (~10 min on 2 CPU cores)
     python tic.py --smoke            # the same pipeline at tiny sizes (< 60 s)
     python tic.py --strategies=sequential,cumulative_all --steps=200
     python tic.py --data=/data/tic   # one sub-folder of tar shards per time step (sorted), or shards whose
                                      # KEY.json has a "year" field, grouped by --time_steps
+    python tic.py --data='/data/tic/{split}' --n_train=1000000   # {split}/STEP/*.tar; n_train = |D| sizes buffers
     torchrun --nproc_per_node=2 tic.py --smoke
 """
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
+from glob import glob
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.config import config_to_dict, parse_config, print_table, save_json
+from common.data import ShardSource, Stream, class_names_of, data_report, key_hash, open_source, read_samples, stack
 from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss
 from common.models import CLIP, TextTransformer, VisionTransformer
 from common.tokenizer import world_tokenizer
-from common.train import fit, load_weights, make_optimizer, save_weights, seed_all, setup_distributed, unwrap
+from common.train import fit, load_weights, make_optimizer, seed_all, setup_distributed, unwrap
 from common.transforms import eval_transform, train_transform
-from common.world import TEMPLATES, World, class_names, load_arrays
+from common.world import TEMPLATES, World, class_names
 
 STRATEGIES = ["restart", "sequential", "cumulative_all", "cumulative_exp", "cumulative_equal", "oracle", "lwf"]
 
@@ -62,6 +69,9 @@ class Config:
     out: str = "runs/tic"  # output folder (created if missing)
     seed: int = 0  # world, init, data order and augmentation all follow from it
     data: str = ""  # real data: a folder with one sub-folder of shards per time step, or shards with a json "year"
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     device: str = ""  # cpu | cuda (default: cuda if available)
     time_steps: str = "2014-2016,2017-2018,2019-2020,2021-2022"  # year groups, one per time step
     strategies: str = "restart,sequential,cumulative_all,cumulative_exp,cumulative_equal,oracle"  # also: lwf
@@ -72,7 +82,7 @@ class Config:
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
     warm_start_warmup: int = 0  # warm-up steps after a warm start (the official scripts pass --warmup 0)
-    n_train: int = 2000  # training pairs per time step (|D_t|)
+    n_train: int = 2000  # training pairs per time step (|D_t|); --data trains on all, n_train sizes the buffers
     n_eval: int = 300  # held-out pairs per time step
     buffer: int = 0  # old-data buffer size for cumulative_exp/equal (0 -> n_train, i.e. |D|)
     lwf_weight: float = 1.0  # weight of the distillation term of the lwf strategy
@@ -95,14 +105,13 @@ SMOKE = dict(steps=30, n_train=400, n_eval=100, batch_size=32, warmup=5, width=6
              text_layers=1, embed_dim=64, log_every=10, time_steps="2014-2016,2017-2019,2020-2022")
 
 # fields that change what a checkpoint contains: a checkpoint in --out is reused only when these match
-TRAIN_KEYS = ["seed", "data", "time_steps", "steps", "batch_size", "lr", "warm_lr", "weight_decay", "warmup",
-              "warm_start_warmup",
-              "n_train", "buffer", "lwf_weight", "image_size", "patch_size", "width", "layers", "text_width",
-              "text_layers", "context", "embed_dim", "caption"]
+TRAIN_KEYS = ["seed", "data", "holdout", "time_steps", "steps", "batch_size", "lr", "warm_lr", "weight_decay", "warmup",
+              "warm_start_warmup", "n_train", "buffer", "lwf_weight", "image_size", "patch_size", "width", "layers",
+              "text_width", "text_layers", "context", "embed_dim", "caption"]
 
 
 # -----------------------------------------------------------------------------
-# time-continual streams
+# time-continual data: per time step a training source and a held-out eval source
 
 def parse_time_steps(spec):
     """'2014-2016,2017,2018-2019' -> [[2014, 2015, 2016], [2017], [2018, 2019]]."""
@@ -119,55 +128,94 @@ def parse_time_steps(spec):
     return groups
 
 
-def load_world_streams(cfg, groups):
-    """Per time step: train and eval pairs of the world restricted to its years (disjoint splits)."""
-    out = []
-    for t, years in enumerate(groups):
-        tr = load_arrays(World(seed=cfg.seed, split="train", size=cfg.image_size, n=cfg.n_train, years=years), cfg.n_train)
-        ev = load_arrays(World(seed=cfg.seed, split="test", size=cfg.image_size, n=cfg.n_eval, years=years), cfg.n_eval)
-        key = "captions" if cfg.caption == "caption" else "alt_texts"
-        out.append({"train": {"images": tr["images"], "texts": tr[key], "labels": tr["labels"]},
-                    "eval": {"images": ev["images"], "texts": ev[key], "labels": ev["labels"]}})
-    return out
+def step_sources(cfg, groups, split):
+    """Per time step (name, source of `split`, its years in a year-tagged stream or None).
 
-
-def load_real_streams(cfg, groups):
-    """Real data: `data` is a folder of per-step sub-folders (sorted), or shards with a json "year" field grouped
-    into `groups`. The first n_train samples of a step train, the next n_eval evaluate."""
-    from common.data import make_dataset
-    need = cfg.n_train + cfg.n_eval
-    subdirs = sorted(d for d in (os.listdir(cfg.data) if os.path.isdir(cfg.data) else [])
-                     if os.path.isdir(os.path.join(cfg.data, d)))
-    rows = []
+    The world: World(years=...) per year group. --data: a folder with one sub-folder per time step (sorted; each
+    opened like --data, so {split}, --val_data and --holdout apply per sub-folder), else tar shards whose json "year"
+    is grouped by --time_steps."""
+    def opened(data, val_data="", years=None):
+        return open_source(data, split, world=lambda sp: World(cfg.seed, sp, cfg.image_size, years=years),
+                           n=cfg.n_train if split == "train" else cfg.n_eval, val_data=val_data, holdout=cfg.holdout,
+                           require=("image", cfg.caption), keep=("image", cfg.caption, "label"))
+    if not cfg.data:
+        return [(f"{ys[0]}-{ys[-1]}", opened("", years=ys), None) for ys in groups]
+    root = cfg.data.replace("{split}", "train")
+    subdirs = [] if not os.path.isdir(root) or glob(os.path.join(root, "*.tar")) else \
+        sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if subdirs:
-        for d in subdirs:
-            ds = make_dataset(os.path.join(cfg.data, d), rank=0, world_size=1, require=("image", cfg.caption))
-            rows.append([s for s, _ in zip(ds, range(need))])
-    else:
-        year_to_step = {y: t for t, ys in enumerate(groups) for y in ys}
-        rows = [[] for _ in groups]
-        ds = make_dataset(cfg.data, rank=0, world_size=1, require=("image", cfg.caption))
-        for s in ds:
-            if "year" not in s:
-                raise SystemExit(f"--data {cfg.data!r}: sample {s.get('__key__')!r} has no 'year' in its .json; "
-                                 f"expected a 'year' field or one sub-folder per time step")
-            t = year_to_step.get(int(s["year"]))
-            if t is not None and len(rows[t]) < need:
-                rows[t].append(s)
-            if all(len(r) >= need for r in rows):
-                break
-    streams = []
-    for t, r in enumerate(rows):
-        if len(r) < need:
-            raise SystemExit(f"--data {cfg.data!r}: time step {t} has {len(r)} samples, need n_train+n_eval={need}")
-        prep = eval_transform(cfg.image_size, mean=None)  # resize + center crop to the model size, uint8 kept below
+        return [(d, opened(os.path.join(cfg.data, d), cfg.val_data and os.path.join(cfg.val_data, d)), None)
+                for d in subdirs]
+    src = opened(cfg.data, cfg.val_data)
+    if not isinstance(src, ShardSource):
+        raise ValueError(f"--data {cfg.data!r}: tic.py needs each sample's time step: one sub-folder per time step, "
+                         "or tar shards whose KEY.json has a 'year'")
+    return [(f"{ys[0]}-{ys[-1]}", src, ys) for ys in groups]
 
-        def arr(ss):
-            ims = np.stack([(prep(s["image"]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for s in ss])
-            labels = np.array([s["label"] for s in ss]) if all("label" in s for s in ss) else None
-            return {"images": ims, "texts": [s[cfg.caption] for s in ss], "labels": labels}
-        streams.append({"train": arr(r[:cfg.n_train]), "eval": arr(r[cfg.n_train:need])})
-    return streams
+
+class Pool:
+    """Map-style data over time steps (the world, image folders): part (step s, source, fraction) contributes a fixed
+    random subset of round(fraction * len) indices per (seed, s), so a replay buffer is the same samples at every
+    later step. Holds (source, index) pairs only."""
+
+    def __init__(self, parts, seed=0):
+        self.name = " + ".join(f"{src.name}[{f:.2f}]" for _, src, f in parts)
+        self.items = [(src, int(i)) for s, src, f in parts
+                      for i in np.random.default_rng([seed, 7, s]).permutation(len(src))[:round(f * len(src))]]
+
+    def __len__(self):
+        return len(self.items)
+
+    def key(self, i):
+        return self.items[i][0].key(self.items[i][1])
+
+    def decode(self, i):
+        return self.items[i][0].decode(self.items[i][1])
+
+
+class Mixture(ShardSource):
+    """Streamed data over time steps (tar shards): part (source, keep) contributes the samples whose replay hash (of
+    seed and key, uniform in [0, 1)) is below keep, a fraction, or {year: fraction} for a stream whose json "year"
+    gives the time step. A replay buffer is thus chosen by key, the same samples at every later step, and never held
+    in memory. Each consumer interleaves its share of the parts at random, weighted by shards x fraction; every kept
+    sample is read once per epoch."""
+
+    def __init__(self, parts, seed=0):
+        super().__init__([u for src, _ in parts for u in src.urls], require=parts[0][0].require)
+        self.parts, self.seed, self.name = parts, seed, " + ".join(f"{src.name}[{k}]" for src, k in parts)
+
+    def raw(self, epoch, c, T, seed, shuffle):
+        its = [self._kept(src, src.raw(epoch, c, T, seed + j, shuffle), k) for j, (src, k) in enumerate(self.parts)]
+        w = [len(src.urls) * (k if isinstance(k, float) else 1.0) for src, k in self.parts]
+        rng = np.random.default_rng([seed, epoch, c, 5])
+        while its:
+            j = int(rng.choice(len(its), p=np.divide(w, sum(w))))
+            item = next(its[j], None)
+            if item is None:
+                del its[j], w[j]
+            else:
+                yield item
+
+    def _kept(self, src, items, keep):
+        src.report = self.report  # the consumer's skip counter
+        for key, members in items:
+            try:
+                f = keep.get(int(json.loads(members["json"])["year"]), 0.0) if isinstance(keep, dict) else keep
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{src.name}: sample {key!r} has no 'year' in its .json; tic.py needs one, or one "
+                                 "sub-folder of shards per time step") from None
+            if f >= 1.0 or key_hash(f"{self.seed}/{key}") < f * 2.0**63:
+                yield key, members
+
+
+def one_source(parts, fractions, seed=0):
+    """{step: fraction} of the per-step (name, source, years) parts as one source (Pool or Mixture)."""
+    steps = sorted(fractions)
+    if parts[0][2] is not None:  # one year-tagged stream: each step's years at the step's fraction
+        return Mixture([(parts[0][1], {y: fractions[s] for s in steps for y in parts[s][2]})], seed)
+    if isinstance(parts[0][1], ShardSource):
+        return Mixture([(parts[s][1], float(fractions[s])) for s in steps], seed)
+    return Pool([(s, parts[s][1], fractions[s]) for s in steps], seed)
 
 
 # -----------------------------------------------------------------------------
@@ -191,21 +239,17 @@ def replay_counts(strategy, t, buffer):
     return counts
 
 
-def training_pool(strategy, t, n, buffer, seed=0):
-    """Global indices (step * n + i) a strategy trains on at step t; data of step s is [s*n, (s+1)*n).
+def step_fractions(strategy, t, n, buffer):
+    """{step: fraction of its n training samples} a strategy trains on at 0-based step t, sampled uniformly.
 
-    restart / cumulative_all: everything seen so far (uniform over the union, as webdataset samples `a::b::c`);
-    sequential / lwf: D_t only; cumulative_exp/equal: D_t + a bounded buffer of old samples (a fixed random subset
-    of each old step, chosen once per (seed, step) so that the buffer is stable across time steps)."""
-    cur = np.arange(t * n, (t + 1) * n)
+    restart / cumulative_all / oracle: everything seen so far (the union, as webdataset samples `a::b::c`);
+    sequential / lwf: D_t only; cumulative_exp/equal: D_t + a bounded buffer of replay_counts old samples."""
     if strategy in ("sequential", "lwf"):
-        return cur
+        return {t: 1.0}
     if strategy in ("restart", "cumulative_all", "oracle"):
-        return np.arange(0, (t + 1) * n)
+        return {s: 1.0 for s in range(t + 1)}
     if strategy in ("cumulative_exp", "cumulative_equal"):
-        old = [s * n + np.random.default_rng([seed, 7, s]).permutation(n)[:c]
-               for s, c in sorted(replay_counts(strategy, t, buffer).items())]
-        return np.concatenate([*old, cur])
+        return {**{s: min(1.0, c / n) for s, c in replay_counts(strategy, t, buffer).items()}, t: 1.0}
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
@@ -228,20 +272,9 @@ def lwf_loss(img_f, txt_f, scale, t_img, t_txt, t_scale):
     return 0.5 * (kl(s, t) + kl(s.t(), t.t()))
 
 
-def train_time_step(cfg, dist, model, images, tokens, pool, steps, name, warm, teacher=None, resume=None):
-    """Train `model` for `steps` on batches drawn uniformly from `pool`; a fresh AdamW and cosine schedule every call
-    (a warm start keeps the weights only). Returns (history, optimizer)."""
-    B = cfg.batch_size // dist.world_size
-    aug = train_transform(cfg.image_size, kind="clip", mean=None)
-    h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
-
-    def get_batch(i):  # deterministic in (seed, run name, step, rank): resumable and identical across reruns
-        rng = np.random.default_rng([cfg.seed, h, i, dist.rank])
-        idx = pool[rng.integers(0, len(pool), B)]
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x = torch.stack([aug(images[j], g) for j in idx])
-        return x.to(dist.device), tokens[idx].to(dist.device)
-
+def train_time_step(cfg, dist, model, batches, steps, name, warm, teacher=None, resume=None):
+    """Train `model` for `steps` on `batches` (a Stream over the strategy's data, or any get_batch); a fresh AdamW
+    and cosine schedule every call (a warm start keeps the weights only). Returns (history, optimizer)."""
     def loss_fn(m, batch):
         img_f, txt_f, scale = m(*batch)
         loss = clip_loss(img_f, txt_f, scale)
@@ -258,9 +291,9 @@ def train_time_step(cfg, dist, model, images, tokens, pool, steps, name, warm, t
     # separate, lower peak lr for warm starts (still no warm-up, as in the official --warmup 0).
     lr = (cfg.warm_lr or cfg.lr) if warm else cfg.lr
     opt = make_optimizer(unwrap(model), lr, cfg.weight_decay)
-    hist = fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=lr,
-               weight_decay=cfg.weight_decay, warmup=cfg.warm_start_warmup if warm else cfg.warmup, optimizer=opt,
-               resume=cfg.reuse if resume is None else resume, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, ckpt_every=0,
+    hist = fit(model, loss_fn, batches, steps, cfg.out, name=name, lr=lr, weight_decay=cfg.weight_decay,
+               warmup=cfg.warm_start_warmup if warm else cfg.warmup, optimizer=opt, ckpt_every=0, dist=dist,
+               resume=cfg.reuse if resume is None else resume, log_every=cfg.log_every, desc=name, amp=cfg.amp,
                config=config_to_dict(cfg))
     return hist, opt
 
@@ -269,21 +302,20 @@ def train_time_step(cfg, dist, model, images, tokens, pool, steps, name, warm, t
 # evaluation: the time matrix and its summaries
 
 @torch.no_grad()
-def evaluate(model, streams, tok, device):
-    """Scores of one checkpoint on every time step's eval split -> (retrieval mean R@1 list, zero-shot acc list)."""
+def evaluate(model, evals, names, tok, device):
+    """Scores of one checkpoint on every time step's eval set -> (retrieval mean R@1 list, zero-shot accuracy list, or
+    None without class names)."""
     model.eval()
-    names = class_names("shape")
-    clf = zero_shot_classifier(model, tok, names, TEMPLATES, device) if streams[0]["eval"]["labels"] is not None \
-        else None
+    clf = zero_shot_classifier(model, tok, names, TEMPLATES, device) if names else None
     retr, zs = [], []
-    for s in streams:
-        ev = s["eval"]
+    for ev in evals:
         img_f = extract_features(model.encode_image, ev["images"], device=device)
-        txt_f = extract_features(model.encode_text, tok(ev["texts"]), device=device)
+        txt_f = extract_features(model.encode_text, ev["tokens"], device=device)
         retr.append(retrieval_recall(img_f, txt_f)["mean_r1"])
-        zs.append(zero_shot_accuracy(img_f, clf, ev["labels"]) if clf is not None else float("nan"))
+        if clf is not None:
+            zs.append(zero_shot_accuracy(img_f, clf, ev["labels"]))
     model.train()
-    return retr, zs
+    return retr, (zs if clf is not None else None)
 
 
 def summarize(M, rows=None):
@@ -389,16 +421,33 @@ def main(argv=None):
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
         save_json(sig_path, sig)
 
-    # ---- data: T time steps, each with its own train and eval split, in memory
-    T, n = len(groups), cfg.n_train
-    streams = load_real_streams(cfg, groups) if cfg.data else load_world_streams(cfg, groups)
-    T = len(streams)
+    # ---- data: per time step a training source and an eval set from its held-out split; a run's training data is
+    # one source over the steps it uses (step_fractions), streamed in batches that are uniform over it
     tok = world_tokenizer(context_length=cfg.context)
-    images = np.concatenate([s["train"]["images"] for s in streams])          # (T*n, H, W, 3) uint8
-    tokens = tok([x for s in streams for x in s["train"]["texts"]])          # (T*n, L)
-    buffer = cfg.buffer or n
-    dist.print(f"tic: {T} time steps {groups[:T]}, {n} train / {cfg.n_eval} eval pairs each, budget C = "
-               f"{cfg.steps} steps x {cfg.batch_size} = {cfg.steps * cfg.batch_size} samples per step")
+    train_parts, eval_parts = step_sources(cfg, groups, "train"), step_sources(cfg, groups, "test")
+    T, n, buffer = len(train_parts), cfg.n_train, cfg.buffer or cfg.n_train
+    evals = [read_samples(one_source(eval_parts, {k: 1.0}), cfg.n_eval) for k in range(T)] if dist.is_master else []
+    names, zs_na = None, "n/a: the eval samples carry no label (a .cls member or a json 'label')"
+    if evals and all("label" in x for ev in evals for x in ev):
+        try:  # class names from the data (classes.txt beside the shards, class folders); the world's for the world
+            names, zs_na = class_names_of(eval_parts[0][1], default=None if cfg.data else class_names("shape")), None
+        except FileNotFoundError as err:
+            zs_na = f"n/a: {err}"
+    prep = eval_transform(cfg.image_size, mean=None)
+    sets = [{"images": torch.stack([prep(x["image"]) for x in ev]), "tokens": tok(stack(ev, cfg.caption)),
+             "labels": stack(ev, "label") if names else None} for ev in evals]
+    aug = train_transform(cfg.image_size, kind="clip", mean=None)
+    workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
+
+    def pair(x, g):  # runs in the DataLoader workers
+        return {"image": aug(x["image"], g), "text": tok(x[cfg.caption])[0]}
+
+    def stream(source, name):  # one per run; its order follows from (seed, run name)
+        return Stream(source, cfg.batch_size // dist.world_size, pair, dist=dist, num_workers=workers, name=name,
+                      seed=int(hashlib.sha1(f"{cfg.seed}/{name}".encode()).hexdigest()[:8], 16),
+                      post=lambda b: (b["image"], b["text"]))
+    dist.print(f"tic: {T} time steps {[p[0] for p in train_parts]}, {cfg.n_eval} eval pairs each, |D| = {n}, budget "
+               f"C = {cfg.steps} steps x {cfg.batch_size} = {cfg.steps * cfg.batch_size} samples per step")
 
     def fresh():
         seed_all(cfg.seed)  # same init for every from-scratch run
@@ -407,7 +456,7 @@ def main(argv=None):
     def ckpt(name):
         return os.path.join(cfg.out, f"{name}.safetensors")
 
-    results, trained = {}, set()  # names trained in this run are always reused (step1 is shared)
+    results, streams = {}, {}  # one stream per run trained here; those runs are always reused (step1 is shared)
     for strat in strategies:
         s0 = time.time()
         M_r, M_z, rows, samples, prev = [], [], [], 0, None
@@ -425,27 +474,33 @@ def main(argv=None):
                 teacher = fresh()
                 load_weights(ckpt(prev), teacher)
                 teacher.eval().requires_grad_(False)
-            pool = training_pool(strat, t, n, buffer, cfg.seed)
-            hist, _ = train_time_step(cfg, dist, model, images, tokens, pool, budget, name, warm, teacher,
-                                      resume=cfg.reuse or name in trained)
-            trained.add(name)
+            reused = name in streams
+            if not reused:
+                streams[name] = stream(one_source(train_parts, step_fractions(strat, t, n, buffer), cfg.seed), name)
+            train_time_step(cfg, dist, model, streams[name], budget, name, warm, teacher, resume=cfg.reuse or reused)
+            streams[name].close()
             samples += budget * cfg.batch_size
             prev = name
             if dist.is_master:
-                retr, zs = evaluate(unwrap(model), streams, tok, dist.device)
+                retr, zs = evaluate(unwrap(model), sets, names, tok, dist.device)
                 M_r.append(retr)
                 M_z.append(zs)
                 rows.append(t)
             dist.barrier()
         if dist.is_master:
-            results[strat] = {"matrix_retrieval": M_r, "matrix_zeroshot": M_z, "rows": rows,
-                              "retrieval": summarize(M_r, rows), "zeroshot": summarize(M_z, rows),
-                              "samples_seen": samples, "seconds": time.time() - s0}
-            r = results[strat]
-            results[strat].update(id=r["retrieval"]["id"], backward=r["retrieval"]["backward"],
-                                  forward=r["retrieval"]["forward"], final_avg=r["retrieval"]["final_avg"])
-            dist.print(f"tic: {strat}: final-step avg retrieval R@1 {r['final_avg']:.3f}, "
-                       f"zero-shot {r['zeroshot']['final_avg']:.3f} ({r['seconds']:.0f}s)")
+            r = results[strat] = {"matrix_retrieval": M_r, "rows": rows, "retrieval": summarize(M_r, rows),
+                                  "zeroshot": zs_na, "samples_seen": samples, "seconds": time.time() - s0}
+            if names:
+                r.update(matrix_zeroshot=M_z, zeroshot=summarize(M_z, rows))
+            r.update(id=r["retrieval"]["id"], backward=r["retrieval"]["backward"], forward=r["retrieval"]["forward"],
+                     final_avg=r["retrieval"]["final_avg"])
+            zs = f"{r['zeroshot']['final_avg']:.3f}" if names else "n/a"
+            dist.print(f"tic: {strat}: final-step avg retrieval R@1 {r['final_avg']:.3f}, zero-shot {zs} "
+                       f"({r['seconds']:.0f}s)")
+    # provenance of every run trained here (collective; a reused checkpoint's run read nothing this time)
+    where = cfg.data or f"world(seed={cfg.seed}, size={cfg.image_size}, years {cfg.time_steps})"
+    data = data_report(list(streams.values()), evals, dist, source=f"{where}: train split",
+                       eval_source=f"{cfg.val_data or where}: test split of each time step")
     if not dist.is_master:
         dist.cleanup()
         return None
@@ -462,15 +517,16 @@ def main(argv=None):
         M = results["cumulative_all"]["matrix_retrieval"]
         # an old model on the newest data (the paper's 2020 OpenAI CLIP on 2021-22): model after step T-2 vs T
         res["old_model_gap_newest"] = M[T - 1][T - 1] - M[T - 3][T - 1]
-    res.update(seconds=time.time() - t0, device=dist.device, time_steps=groups[:T])
+    res.update(seconds=time.time() - t0, device=dist.device, time_steps=[p[0] for p in train_parts], data=data)
     save_json(os.path.join(cfg.out, "results.json"), res)
     plot_matrices(results, "matrix_retrieval", os.path.join(cfg.out, "tic_retrieval.png"), "retrieval mean R@1")
-    plot_matrices(results, "matrix_zeroshot", os.path.join(cfg.out, "tic_zeroshot.png"), "zero-shot shape acc")
+    if names:
+        plot_matrices(results, "matrix_zeroshot", os.path.join(cfg.out, "tic_zeroshot.png"), "zero-shot accuracy")
     plot_compute(results, os.path.join(cfg.out, "tic_compute.png"))
     table = {s: {"id": r["id"], "backward": r["backward"], "forward": r["forward"], "final_avg": r["final_avg"],
-                 "zs_final_avg": r["zeroshot"]["final_avg"], "samples": r["samples_seen"],
+                 "zs_final_avg": r["zeroshot"]["final_avg"] if names else "n/a", "samples": r["samples_seen"],
                  "seconds": round(r["seconds"], 1)} for s, r in results.items()}
-    print_table(table, title="TiC-CLIP: retrieval mean R@1 time-matrix summaries (zs = zero-shot shape accuracy)")
+    print_table(table, title="TiC-CLIP: retrieval mean R@1 time-matrix summaries (zs = zero-shot accuracy)")
     print_table({k: v for k, v in res.items() if k not in results}, title="compute and drift")
     dist.cleanup()
     return res

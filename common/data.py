@@ -264,7 +264,8 @@ class WorldSource:
     def __init__(self, world, n=None, cache=False, keep=None):
         self.world, self.n, self.cache = world, (None if n is None else int(n)), bool(cache)
         self.keep = None if keep is None else tuple(set(keep) | {"__key__"})
-        self.name = f"world(seed={world.seed}, split={world.split}, size={world.size})"
+        years = f", years={world.years}" if world.years is not None else ""
+        self.name = f"world(seed={world.seed}, split={world.split}, size={world.size}{years})"
         self._memo = {}
 
     def __len__(self):

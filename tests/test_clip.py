@@ -1,9 +1,14 @@
-"""common.clip baseline: --smoke end to end, torchrun on 2 gloo processes, --data on exported shards, --help."""
+"""common.clip baseline: --smoke end to end, torchrun on 2 gloo processes, --data on exported shards (1 process
+with bf16 autocast, 2 processes on a held-out single stream; provenance asserted), shard resume, --help."""
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +18,12 @@ def _run(args, tmp_path, env=None, timeout=300):
                        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _rows(out):
@@ -36,6 +47,9 @@ def test_smoke_learns(tmp_path):
     assert json.loads((out / "config.json").read_text())["smoke"] is True
     assert (out / "clip.safetensors").exists()
     assert "zeroshot_acc" in p.stdout  # the printed table
+    d = r["data"]
+    assert d["train_samples_seen"] == 60 * 64 and d["train_unique_keys"] == 1500  # epochs over the cached world
+    assert d["eval_samples"] == 300 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -46,6 +60,32 @@ def test_torchrun_two_processes(tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert r["world_size"] == 2 and r["steps"] == 6
     assert [x["step"] for x in _rows(out)][-1] == 6  # rank 0 logs once per logged step
+    d = r["data"]  # within one epoch the two ranks read disjoint world samples
+    assert d["train_samples_seen"] == d["train_unique_keys"] == 6 * 32 and d["train_keys_on_several_ranks"] == 0
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_shards_provenance(tmp_path, procs):
+    """Exported world shards: 1 process under bf16 autocast on {split} folders; 2 gloo processes on one stream whose
+    test pairs are held out by key hash. The data block proves disjoint ranks and no eval key in training."""
+    from common.world import World, export_shards
+    if procs == 1:
+        for split, n in (("train", 96), ("test", 48)):
+            export_shards(World(split=split, size=32, n=n), tmp_path / "shards" / split, shard_size=40)
+        args = ["-m", "common.clip", f"--data={tmp_path / 'shards' / '{split}'}", "--amp=bf16", "--num_workers=2"]
+    else:
+        export_shards(World(split="train", size=32, n=160), tmp_path / "one", shard_size=40)
+        args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+                "common.clip", f"--data={tmp_path / 'one'}", "--holdout=0.25", "--num_workers=1"]
+    out = tmp_path / "out"
+    _run([sys.executable, *args, "--smoke", "--steps=3", "--batch_size=16", "--n_test=32", "--log_every=1",
+          f"--out={out}"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    r = json.loads((out / "results.json").read_text())
+    d = r["data"]
+    assert d["train_samples_seen"] == d["train_unique_keys"] == 3 * 16
+    assert d["train_keys_on_several_ranks"] == 0 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
+    assert d["eval_samples"] == 32 and r["zeroshot_acc"] is not None  # classes.txt beside the shards
+    assert math.isfinite(r["loss_last"])
 
 
 def test_data_shards_and_resume(tmp_path):
@@ -54,8 +94,8 @@ def test_data_shards_and_resume(tmp_path):
         export_shards(World(split=split, size=32, n=n), tmp_path / "shards" / split, shard_size=40)
     out = tmp_path / "data"
     data = str(tmp_path / "shards" / "{split}")
-    args = [sys.executable, "-m", "common.clip", "--smoke", f"--data={data}", "--n_train=96", "--n_test=48",
-            "--batch_size=16", f"--out={out}"]
+    args = [sys.executable, "-m", "common.clip", "--smoke", f"--data={data}", "--n_test=48", "--batch_size=16",
+            "--num_workers=2", f"--out={out}"]
     _run(args + ["--steps=4"], tmp_path)
     r = json.loads((out / "results.json").read_text())
     assert r["zeroshot_acc"] is not None  # world shards carry labels
@@ -63,6 +103,8 @@ def test_data_shards_and_resume(tmp_path):
     p = _run(args + ["--steps=6", "--resume"], tmp_path)
     assert "resumed from" in p.stdout and "at step 4/6" in p.stdout
     assert [x["step"] for x in _rows(out)] == [1, 4, 5, 6]
+    d = json.loads((out / "results.json").read_text())["data"]  # the stream continued where it stopped
+    assert d["train_samples_seen"] == d["train_unique_keys"] == 96  # 6 x 16: exactly one epoch, no repeat
 
 
 def test_help_and_bad_key():

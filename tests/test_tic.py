@@ -1,17 +1,20 @@
-"""tic.py: replay buffers, fixed budgets, warm starts, time-matrix summaries, real-data path, 2-process smoke."""
+"""tic.py: replay buffers (indices on the world, key hashes on shards), fixed budgets, warm starts, time-matrix
+summaries, real-data layouts (per-step sub-folders with {split}; one year-tagged stream with --holdout under 2 gloo
+processes) with their provenance, and the missing-year error."""
 import json
-import math
 import os
+import socket
 import subprocess
 import sys
-from types import SimpleNamespace
+from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
 import tic
+from common.data import SampleSource, ShardSource, Stream, iter_samples
 from common.train import Dist
+from common.world import World, export_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--n_train=48", "--n_eval=24", "--batch_size=16", "--width=32", "--layers=1",
@@ -41,21 +44,59 @@ def test_replay_counts_exp_and_equal():
     assert tic.replay_counts("cumulative_exp", 0, 1000) == {}
 
 
-def test_training_pools():
-    n, T = 100, 4
-    step_of = lambda idx: np.bincount(idx // n, minlength=T).tolist()
-    assert step_of(tic.training_pool("sequential", 2, n, n)) == [0, 0, 100, 0]
-    assert step_of(tic.training_pool("cumulative_all", 2, n, n)) == [100, 100, 100, 0]
-    assert step_of(tic.training_pool("restart", 3, n, n)) == [100, 100, 100, 100]
-    assert step_of(tic.training_pool("cumulative_exp", 3, n, n)) == [25, 25, 50, 100]
-    assert step_of(tic.training_pool("cumulative_equal", 3, n, n)) == [33, 33, 34, 100]
-    # bounded memory: Exp/Equal never hold more than |D_t| + buffer, however many steps have passed
-    assert len(tic.training_pool("cumulative_exp", 6, n, n)) == 2 * n
-    # the buffer is a stable subset of each old step (no duplicates)
-    p = tic.training_pool("cumulative_equal", 3, n, n, seed=3)
-    assert len(np.unique(p)) == len(p)
+def _pool_steps(strategy, t, n=100, T=4, buffer=100, seed=0):
+    parts = [(str(s), SampleSource([{"__key__": f"{s}-{i}"} for i in range(n)]), None) for s in range(T)]
+    pool = tic.one_source(parts, tic.step_fractions(strategy, t, n, buffer), seed)
+    keys = [pool.key(i) for i in range(len(pool))]
+    return [Counter(k.split("-")[0] for k in keys)[str(s)] for s in range(T)], set(keys), len(keys)
+
+
+def test_training_data_per_strategy():
+    assert _pool_steps("sequential", 2)[0] == [0, 0, 100, 0]
+    assert _pool_steps("cumulative_all", 2)[0] == [100, 100, 100, 0]
+    assert _pool_steps("restart", 3)[0] == [100, 100, 100, 100]
+    assert _pool_steps("cumulative_exp", 3)[0] == [25, 25, 50, 100]
+    assert _pool_steps("cumulative_equal", 3)[0] == [33, 33, 34, 100]
+    # bounded: Exp/Equal never train on more than |D_t| + buffer, however many steps have passed
+    assert _pool_steps("cumulative_exp", 6, T=7)[2] == 200
+    # the buffer is a stable subset of each old step (no duplicates; a smaller buffer of a step is inside a larger)
+    _, keys, size = _pool_steps("cumulative_equal", 3, seed=3)
+    assert len(keys) == size
+    old = {k for k in _pool_steps("cumulative_exp", 3)[1] if k.startswith("1-")}  # 25 of step 1
+    assert old <= {k for k in _pool_steps("cumulative_exp", 2)[1] if k.startswith("1-")}  # 50 of step 1
     with pytest.raises(ValueError, match="bogus"):
-        tic.training_pool("bogus", 1, n, n)
+        tic.step_fractions("bogus", 1, 100, 100)
+
+
+def test_mixture_replay_buffer_by_key(tmp_path):
+    """On shards a buffer is chosen by key hash: about the asked fraction, nested as it shrinks, streamed with
+    2 workers without repeats within an epoch; a year-tagged stream keeps the years of the asked steps."""
+    for s, ys in enumerate(([2014, 2015], [2016, 2017])):
+        export_shards(World(split="train", size=32, n=200, years=ys), tmp_path / str(s), shard_size=50)
+    a, b = (ShardSource(str(tmp_path / str(s))) for s in range(2))
+    keys = lambda src: [x["__key__"] for x in iter_samples(src)]
+    half, quarter = (set(keys(tic.Mixture([(a, f)], seed=1))) for f in (0.5, 0.25))
+    assert 70 < len(half) < 130 and quarter < half
+    mix = tic.Mixture([(a, 0.5), (b, 1.0)], seed=1)
+    assert set(keys(mix)) == half | set(keys(b))
+    stream = lambda: Stream(mix, batch_size=10, seed=0, num_workers=2, transform=lambda x, g: {"label": x["label"]})
+    st = stream()
+    seen = [k for i in range(20) for k in st(i)["__key__"]]
+    assert len(set(seen)) == len(seen) == 200 and set(seen) <= half | set(keys(b))
+    st.close()
+    st = stream()  # resume mid-stream from a state dict: the same batches as the uninterrupted stream
+    for i in range(7):
+        st(i)
+    sd = st.state_dict()
+    st.close()
+    st = stream()
+    st.load_state_dict(sd)
+    assert [k for i in range(7, 20) for k in st(i)["__key__"]] == seen[70:]
+    st.close()
+    export_shards(World(split="train", size=32, n=200), tmp_path / "all", shard_size=50)
+    tagged = ShardSource(str(tmp_path / "all"))
+    years = {x["year"] for x in iter_samples(tic.Mixture([(tagged, {2016: 1.0, 2017: 1.0})]))}
+    assert years == {2016, 2017}
 
 
 def test_summarize_hand_made_matrix():
@@ -85,19 +126,19 @@ def test_warm_start_resets_optimizer_and_schedule(tmp_path):
     cosine schedule with no warm-up (first logged lr = peak lr)."""
     cfg = _cfg(tmp_path, log_every=1)
     dist = Dist()
-    n = 32
-    images = np.random.default_rng(0).integers(0, 255, (2 * n, 32, 32, 3), dtype=np.uint8)
-    tokens = torch.randint(1, 50, (2 * n, cfg.context))
-    tokens[:, 10] = 99
+    images = torch.rand(2, 16, 3, 32, 32)
+    tokens = torch.randint(1, 50, (2, 16, cfg.context))
+    tokens[..., 10] = 99
     model = tic.build_model(cfg, 100)
-    tic.train_time_step(cfg, dist, model, images, tokens, np.arange(n), cfg.steps, "a", warm=False)
+    tic.train_time_step(cfg, dist, model, lambda i: (images[0], tokens[0]), cfg.steps, "a", warm=False)
     w = {k: v.clone() for k, v in model.state_dict().items()}
-    hist, opt = tic.train_time_step(cfg, dist, model, images, tokens, np.arange(n, 2 * n), cfg.steps, "b", warm=True)
+    hist, opt = tic.train_time_step(cfg, dist, model, lambda i: (images[1], tokens[1]), cfg.steps, "b", warm=True)
     steps = {int(s["step"]) for s in opt.state.values()}
     assert steps == {cfg.steps}  # not 2 * steps: the optimizer was not carried over
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     b_rows = [r for r in rows if r.get("run") == "b"]
-    assert b_rows and b_rows[0]["step"] == 1 and b_rows[0]["lr"] == pytest.approx(cfg.warm_lr)  # no warm-up, fresh cosine
+    # no warm-up, a fresh cosine: the first lr is the peak
+    assert b_rows and b_rows[0]["step"] == 1 and b_rows[0]["lr"] == pytest.approx(cfg.warm_lr)
     a_rows = [r for r in rows if r.get("run") == "a"]
     assert a_rows[0]["lr"] < cfg.lr  # the from-scratch run did warm up
     assert any(not torch.equal(w[k], v) for k, v in model.state_dict().items())  # it trained from the warm weights
@@ -107,7 +148,8 @@ def test_fixed_budget_and_learning(tmp_path):
     """Every strategy but Oracle sees steps*batch samples per time step; training lowers the contrastive loss."""
     out = tmp_path / "run"
     res = tic.main([f"--out={out}", *TINY, "--steps=40", "--n_train=96", "--lr=3e-3",
-                    "--strategies=sequential,cumulative_all,oracle", "--log_every=5", "--time_steps=2014-2016,2017-2019,2020-2022"])
+                    "--strategies=sequential,cumulative_all,oracle", "--log_every=5",
+                    "--time_steps=2014-2016,2017-2019,2020-2022"])
     C = 40 * 16
     assert res["sequential"]["samples_seen"] == 3 * C
     assert res["cumulative_all"]["samples_seen"] == 3 * C
@@ -121,23 +163,43 @@ def test_fixed_budget_and_learning(tmp_path):
     assert res["oracle"]["final_avg"] > chance
     for f in ("results.json", "config.json", "tic_retrieval.png", "tic_zeroshot.png", "tic_compute.png"):
         assert (out / f).exists()
+    d = res["data"]  # six runs: step1, 2 x sequential, 2 x cumulative_all at C each, Oracle at 3 C
+    assert d["train_samples_seen"] == 8 * C and d["train_unique_keys"] == 3 * 96
+    assert d["eval_samples"] == 3 * 24 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
 
 
-def test_real_data_year_field_and_torchrun(tmp_path):
-    """World shards (year in KEY.json) through --data, run under torchrun with 2 gloo processes."""
-    from common.world import World, export_shards
-    shards = tmp_path / "shards"
-    export_shards(World(seed=1, split="train", size=32, n=240), str(shards), n=240, shard_size=80)
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("layout", ["step_folders_bf16", "year_field_2procs"])
+def test_shards_provenance(tmp_path, layout):
+    """Exported world shards, 2 time steps, Sequential (each run reads only its step's keys): per-step sub-folders of
+    {split} folders in 1 process under bf16 autocast, or one year-tagged stream held out by key hash under 2 gloo
+    processes. The data block proves disjoint ranks, no repeats and no eval key in training."""
+    groups = ([2014, 2015, 2016, 2017], [2018, 2019, 2020, 2021, 2022])
+    if layout == "step_folders_bf16":
+        for split, n in (("train", 64), ("test", 24)):
+            for ys in groups:
+                export_shards(World(split=split, size=32, n=n, years=ys), tmp_path / split / str(ys[0]), shard_size=32)
+        launch, data = [], [f"--data={tmp_path / '{split}'}", "--amp=bf16", "--num_workers=2"]
+    else:
+        export_shards(World(seed=1, split="train", size=32, n=320), tmp_path / "all", shard_size=40)
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+        data = [f"--data={tmp_path / 'all'}", "--holdout=0.2", "--num_workers=1"]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "tic.py",
-           f"--out={out}", f"--data={shards}", *TINY, "--n_train=40", "--n_eval=16", "--device=cpu",
-           "--strategies=sequential,cumulative_exp", "--time_steps=2014-2017,2018-2022"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, *launch, "tic.py", f"--out={out}", *data, *TINY, "--steps=3", "--n_eval=16",
+                        "--device=cpu", "--strategies=sequential", "--time_steps=2014-2017,2018-2022"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.load(open(out / "results.json"))
-    assert len(res["sequential"]["matrix_retrieval"]) == 2
-    assert res["cumulative_exp"]["samples_seen"] == 2 * 8 * 16
+    assert len(res["sequential"]["matrix_retrieval"]) == 2 and len(res["sequential"]["matrix_zeroshot"]) == 2
+    d = res["data"]
+    assert d["train_samples_seen"] == d["train_unique_keys"] == 2 * 3 * 16
+    assert d["train_keys_on_several_ranks"] == 0 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
+    assert d["eval_samples"] == 2 * 16
 
 
 def test_missing_year_is_a_clear_error(tmp_path):
@@ -154,5 +216,5 @@ def test_missing_year_is_a_clear_error(tmp_path):
                 ti = tarfile.TarInfo(f"k{i}.{ext}")
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
-    with pytest.raises(SystemExit, match="year"):
-        tic.main([f"--out={tmp_path / 'run'}", f"--data={d}", *TINY])
+    with pytest.raises(ValueError, match="sample 'k.' has no 'year' in its .json"):
+        tic.main([f"--out={tmp_path / 'run'}", f"--data={d}", "--holdout=0.3", *TINY])
