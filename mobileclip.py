@@ -11,7 +11,8 @@ What this file reproduces
   2. Multi-modal dataset reinforcement (sec. 3, DataCompDR): per training image we store synthetic captions from a
      CoCa-style captioner, k replayable augmentations (RandomResizedCrop box + RandAugment ops) with the embeddings
      of an ensemble of 2 teacher CLIPs (per-teacher L2-normalised, concatenated) and the teacher text embeddings of
-     the ground-truth + synthetic captions; written as tar shards {KEY.paug.json, KEY.syn.json, KEY.npz}.
+     the ground-truth + synthetic captions; written as tar shards {KEY.paug.json, KEY.syn.json, KEY.npz} (+ the
+     image and its caption), built by streaming the training data over the ranks shard by shard, resumable.
   3. Reinforced training (sec. 3.2): L = (1 - lam) L_CLIP + lam L_KD, L_KD = cross-entropy between the teachers'
      similarity distribution (softmax per teacher at the teacher logit scale, then averaged) and the student's, both
      directions, over ground-truth and synthetic captions; augmentation replayed from the stored parameters, so no
@@ -30,32 +31,36 @@ NAME_TEMPLATES), trained with a light crop. Even so, 110 steps leave them weak o
     python mobileclip.py --smoke            # < 60 s end to end
     python mobileclip.py reinforce          # only build the reinforced shards (teachers/captioner trained if missing)
     python mobileclip.py params             # only the parameter-count / reparameterization table of MCi0/1/2, MCt
-    python mobileclip.py --data='shards/{split}-{000..009}.tar'     # exported world / real image-text shards
+    python mobileclip.py --data='shards/{split}/shard-{000000..000009}.tar'   # exported world / real image-text shards
+    python mobileclip.py --data=shards --holdout=0.05       # one stream: test and val held out by key hash
     torchrun --nproc_per_node=2 mobileclip.py --smoke
 """
 import io
+import itertools
 import json
-import math
 import os
-import tarfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from glob import glob
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from common.config import config_to_dict, parse_config, print_table, save_json
+from common.data import (SampleSource, Stream, class_names_of, data_report, for_each_shard, key_hash, open_source,
+                         read_samples, stack)
 from common.eval import (dense_probe, extract_features, linear_probe, retrieval_recall, zero_shot_accuracy,
                          zero_shot_classifier)
-from common.losses import clip_loss, gather_features
+from common.losses import clip_loss, fp32_logits, gather_features
 from common.models import CLIP, Block, TextTransformer, VisionTransformer, text_tiny
 from common.tokenizer import world_tokenizer
-from common.train import fit, load_weights, save_weights, seed_all, setup_distributed, unwrap
-from common.transforms import Compose, RandAugment, RandomResizedCrop, ToTensor, eval_transform, to_tensor
-from common.world import TEMPLATES, World, class_names, load_arrays
+from common.train import fit, seed_all, setup_distributed, unwrap
+from common.transforms import CenterCrop, Compose, RandAugment, RandomResizedCrop, Resize, ToTensor, to_uint8
+from common.world import TEMPLATES, World, class_names
 from kernels import attention
 
 
@@ -64,12 +69,15 @@ class Config:
     """MobileCLIP multi-modal reinforced training + quality-captions study on the synthetic world."""
     out: str = "runs/mobileclip"  # output folder (teachers, captioner, shards and students are reused from here)
     seed: int = 0  # world, init, data order and augmentation all follow from it
-    data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
+    data: str = ""  # tar shards / folder instead of the world ("{split}" -> train / val (captioner) / test)
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     device: str = ""  # cpu | cuda (default: cuda if available)
     image_size: int = 32  # model input side; the world renders at this size
-    n_train: int = 2500  # training pairs (reinforced) held in memory
-    n_cap: int = 1500  # held-out pairs (accurate captions) the captioner is trained on
-    n_test: int = 500  # held-out pairs for zero-shot, retrieval and the dense probes
+    n_train: int = 2500  # world training pairs (all reinforced); --data: the whole train split
+    n_cap: int = 1500  # world val pairs (accurate captions) the captioner is trained on; --data: the val split
+    n_test: int = 500  # test pairs (at most) for zero-shot, retrieval and the dense probes
     batch_size: int = 64  # global batch of the students and the captioner (split over torchrun ranks)
     steps: int = 170  # optimizer steps of each student run (baseline, reinforced, quality)
     lr: float = 2e-3  # peak learning rate of the students (AdamW, cosine)
@@ -91,7 +99,11 @@ class Config:
     eval_every: int = 25  # zero-shot eval every N steps of the baseline/reinforced runs (sample-efficiency curves)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     log_every: int = 25  # log.jsonl row + printed line every N steps
-    smoke: bool = False  # tiny run (< 60 s) for tests
+    smoke: bool = False  # tiny run (< 60 s) for tests; the fields in SMOKE not given on the command line
+
+
+SMOKE = dict(n_train=256, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=20, k_aug=2,
+             dense_steps=40, eval_every=10, warmup=5, log_every=10, teacher_widths="160,160", teacher_batch=32)
 
 
 # ================================================================================================================
@@ -577,41 +589,10 @@ def generate(cap, mem, tok, top_k=0, gen=None, L=32):
 
 
 # ================================================================================================================
-# 3. Data: in-memory miniature sets (the batch of step i is a pure function of (seed, i) -> exact resume)
+# 3. Data: every stage trains from a common.data.Stream (the world, tar shards or folders; split over ranks x loader
+#    workers, shuffled, resumable). The transforms run in the workers and bring any input size to image_size.
 
-def load_split(cfg, split, n, start=0):
-    """Samples [start, start+n) -> dict(keys, images uint8 (n,H,W,3), accurate, alt, labels, seg, depth | None).
-    World: accurate = caption, alt = noisy alt-text. --data: alt = the sample's alt_text if present, else its caption
-    (a real web caption); dense targets only when the shards carry seg/depth."""
-    if not cfg.data:
-        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.image_size, n=start + n), n, start)
-        return {"keys": a["keys"], "images": a["images"], "accurate": a["captions"], "alt": a["alt_texts"],
-                "labels": a["labels"], "seg": a["seg"], "depth": a["depth"]}
-    from common.data import make_dataset
-    from common.transforms import Resize, CenterCrop, to_uint8
-    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, n=start + n, rank=0, world_size=1,
-                      require=("image", "caption"))
-    rows = [s for s, _ in zip(ds, range(start + n))][start:]
-    if len(rows) < n:
-        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples, need {start + n}")
-    fit_ = Compose([ToTensor(), Resize(cfg.image_size), CenterCrop(cfg.image_size)])
-    imgs = np.stack([s["image"] if s["image"].shape[:2] == (cfg.image_size,) * 2 else
-                     np.asarray(to_uint8(fit_(s["image"]))).transpose(1, 2, 0) for s in rows])
-    has = lambda k: all(k in s for s in rows)  # noqa: E731
-    same = all(s.get("seg") is not None and s["seg"].shape == imgs.shape[1:3] for s in rows)
-    return {"keys": [s["__key__"] for s in rows], "images": imgs, "accurate": [s["caption"] for s in rows],
-            "alt": [s.get("alt_text", s["caption"]) for s in rows],
-            "labels": np.array([s["label"] for s in rows]) if has("label") else None,
-            "seg": np.stack([s["seg"] for s in rows]) if has("seg") and same else None,
-            "depth": np.stack([s["depth"] for s in rows]) if has("depth") and same else None}
-
-
-def batch_idx(cfg, dist, i, n, tag, B=None):
-    """Global batch i = positions [iB, (i+1)B) of a per-epoch permutation (seeded by run tag); rank takes every W-th."""
-    B = B or cfg.batch_size
-    pos = i * B + np.arange(B)[dist.rank::dist.world_size]
-    perms = {e: np.random.default_rng([cfg.seed, tag, int(e)]).permutation(n) for e in np.unique(pos // n)}
-    return np.array([perms[e][p] for e, p in zip(pos // n, pos % n)])
+KEEP = ("image", "caption", "alt_text", "label", "seg", "depth")  # the world fields the stages read (and cache)
 
 
 def base_aug(S):
@@ -624,51 +605,127 @@ def dr_aug(cfg):
     return Compose([ToTensor(), RandomResizedCrop(cfg.image_size, scale=(cfg.rrc_scale, 1.0)), RandAugment(2, 9)])
 
 
-# ================================================================================================================
-# 4. Reinforced dataset (DataCompDR layout): KEY.paug.json, KEY.syn.json, KEY.npz{image_emb, text_emb} (fp16)
-
-def write_shards(out_dir, keys, paug, syn, img_emb, txt_emb, shard_size=1000):
-    """paug[j]: list of k param lists; syn[j]: list of captions; img_emb (n, k, D), txt_emb (n, 1+n_syn, D)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for s in range(0, len(keys), shard_size):
-        path = os.path.join(out_dir, f"shard-{s // shard_size:03d}.tar")
-        with tarfile.open(path + ".tmp", "w") as tf:
-            for j in range(s, min(s + shard_size, len(keys))):
-                b = io.BytesIO()
-                np.savez(b, image_emb=img_emb[j].astype(np.float16), text_emb=txt_emb[j].astype(np.float16))
-                for ext, data in (("paug.json", json.dumps({"param_aug": paug[j]}).encode()),
-                                  ("syn.json", json.dumps({"syn_text": syn[j]}).encode()), ("npz", b.getvalue())):
-                    ti = tarfile.TarInfo(f"{keys[j]}.{ext}")
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
-        os.replace(path + ".tmp", path)
-        paths.append(path)
-    return paths
+def eval_view(S):
+    """Shorter side to S, centre crop: what the captioner, the teachers' memory and the evaluation see."""
+    return Compose([ToTensor(), Resize(S), CenterCrop(S)])
 
 
-def read_shards(out_dir):
-    """-> dict key -> (paug list, syn list, image_emb float32 (k, D), text_emb float32 (1+n_syn, D)).
-    Read with common.data's tar reader: unknown members come back as raw bytes under their extension."""
-    from common.data import ShardDataset
-    res = {}
-    for s in ShardDataset(os.path.join(out_dir, "*.tar"), require=("paug.json", "syn.json", "npz"), rank=0,
-                          world_size=1):
-        z = np.load(io.BytesIO(s["npz"]), allow_pickle=False)
-        res[s["__key__"]] = (json.loads(s["paug.json"])["param_aug"], json.loads(s["syn.json"])["syn_text"],
-                             z["image_emb"].astype(np.float32), z["text_emb"].astype(np.float32))
-    return res
+def clip_tf(aug, tok, field):
+    """Stream transform of a contrastive stage: augmented image, tokens of sample[field], label (-1: none)."""
+    return lambda s, g: {"image": aug(s["image"], g), "text": tok([s[field]])[0], "label": int(s.get("label", -1))}
+
+
+def eval_set(src, n, S):
+    """One pass of up to n samples -> dict(rows (for data_report), images uint8 (n, S, S, 3), accurate, labels | None,
+    seg | None, depth | None); seg and depth follow the image's resize and crop (nearest)."""
+    view, dview = eval_view(S), Compose([Resize(S, "nearest"), CenterCrop(S)])
+
+    def one(s):
+        r = {"__key__": s["__key__"], "image": to_uint8(view(s["image"])), "accurate": s["caption"]}
+        if "label" in s:
+            r["label"] = int(s["label"])
+        for k in ("seg", "depth"):
+            if k in s:
+                r[k] = dview(torch.from_numpy(np.asarray(s[k], np.float32))[None])[0]
+        return r
+    rows = read_samples(src, n, one)
+    col = lambda k: stack(rows, k).numpy() if all(k in r for r in rows) else None  # noqa: E731
+    return {"rows": rows, "images": col("image"), "accurate": stack(rows, "accurate"), "labels": col("label"),
+            "seg": col("seg"), "depth": col("depth")}
 
 
 # ================================================================================================================
-# 5. Losses (paper sec. 3.2; open_clip_v1.patch DistillClipLoss / DRClipLoss)
+# 4. Reinforced dataset (DataCompDR layout, sec. 3.1), built by streaming the training source shard by shard
+
+def dr_members(image, gt, paug, syn, image_emb, text_emb):
+    """One reinforced sample: paug.json {"param_aug": k param lists}, syn.json {"syn_text": [...]}, npz {image_emb
+    (k, D), text_emb (1 + n_syn, D)} fp16, as DataCompDR; plus the image (png) and its ground-truth caption (txt),
+    which DataCompDR leaves in the image shards (it ships url.txt), so that training reads one stream."""
+    png, z = io.BytesIO(), io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG", compress_level=1)
+    np.savez(z, image_emb=np.asarray(image_emb, np.float16), text_emb=np.asarray(text_emb, np.float16))
+    return {"png": png.getvalue(), "txt": gt.encode(), "paug.json": json.dumps({"param_aug": paug}).encode(),
+            "syn.json": json.dumps({"syn_text": syn}).encode(), "npz": z.getvalue()}
+
+
+def dr_tf(cfg, tok, quality=False):
+    """Stream transform of the reinforced shards: one random stored augmentation replayed pixel-exactly, the ground
+    truth and one random synthetic caption, each with its teacher embeddings. quality=True: the quality-captions
+    CLIP's sample instead (the baseline's augmentation, one random synthetic caption, no embeddings)."""
+    aug, base = dr_aug(cfg), base_aug(cfg.image_size)
+
+    def tf(s, g):
+        syn = json.loads(s["syn.json"])["syn_text"]
+        c = int(torch.randint(len(syn), (1,), generator=g))
+        if quality:
+            return {"image": base(s["image"], g), "text": tok([syn[c]])[0]}
+        paug, z = json.loads(s["paug.json"])["param_aug"], np.load(io.BytesIO(s["npz"]), allow_pickle=False)
+        a = int(torch.randint(len(paug), (1,), generator=g))
+        return {"image": aug.apply(s["image"], paug[a]), "gt": tok([s["caption"]])[0], "syn": tok([syn[c]])[0],
+                "t_img": z["image_emb"][a].astype(np.float32), "t_gt": z["text_emb"][0].astype(np.float32),
+                "t_syn": z["text_emb"][1 + c].astype(np.float32)}
+    return tf
+
+
+@torch.no_grad()
+def reinforce(cfg, dist, tok, src, gt, teachers, cap, chunk=250):
+    """Build the reinforced shards: common.data.for_each_shard deals the input units (a tar shard, or 500 world
+    samples) to the ranks, and each unit becomes one output shard of dr_members, in chunks of `chunk` samples:
+    synthetic captions (first greedy, the others top-k sampled, CoCa generation as in DataCompDR), k stored
+    augmentations with the teachers' image embeddings, the teachers' text embeddings of [ground truth] + synthetic
+    captions. A killed build resumes at its first missing shard; shards of another configuration are removed."""
+    rdir, mpath = os.path.join(cfg.out, "reinforced"), os.path.join(cfg.out, "reinforced", "meta.json")
+    want = {k: getattr(cfg, k) for k in ("seed", "data", "holdout", "image_size", "n_train", "n_cap", "k_aug", "n_syn",
+                                         "top_k", "rrc_scale", "teacher_steps", "teacher_batch", "teacher_lr",
+                                         "teacher_widths", "teacher_label_weight", "cap_steps", "val_data")}
+    want.update(teacher_stem="conv", teacher_aug="base", ground_truth=gt)
+    if dist.is_master and (not os.path.exists(mpath) or json.load(open(mpath)) != want):
+        for p in glob(os.path.join(rdir, "shard-*.tar")):
+            os.remove(p)
+        os.makedirs(rdir, exist_ok=True)
+        save_json(mpath, want)
+    dist.barrier()
+    t0, dev, view, aug = time.time(), dist.device, eval_view(cfg.image_size), dr_aug(cfg)
+    for m in (*teachers, cap):
+        m.eval()
+
+    def build(samples):
+        it = iter(samples)
+        while rows := list(itertools.islice(it, chunk)):
+            keys = [s["__key__"] for s in rows]
+            mem = image_memory(teachers[0], torch.stack([view(s["image"]) for s in rows]).to(dev))
+            g = torch.Generator().manual_seed(key_hash(f"{cfg.seed}/syn/{keys[0]}"))
+            syn = [list(c) for c in zip(*[generate(cap, mem, tok, cfg.top_k if j else 0, g) for j in range(cfg.n_syn)])]
+            xs, paug = [], []
+            for s in rows:
+                views = [aug.sample_apply(s["image"], torch.Generator().manual_seed(
+                    key_hash(f"{cfg.seed}/aug/{s['__key__']}/{a}"))) for a in range(cfg.k_aug)]
+                xs += [x for x, _ in views]
+                paug.append([p for _, p in views])
+            X = torch.stack(xs).to(dev)
+            img_emb = torch.cat([t.encode_image(X) for t in teachers], -1).view(len(rows), cfg.k_aug, -1).float()
+            T = tok([t for s, sy in zip(rows, syn) for t in [s[gt], *sy]]).to(dev)
+            txt_emb = torch.cat([t.encode_text(T) for t in teachers], -1).view(len(rows), 1 + cfg.n_syn, -1).float()
+            for j, s in enumerate(rows):
+                yield keys[j], dr_members(s["image"], s[gt], paug[j], syn[j], img_emb[j].cpu().numpy(),
+                                          txt_emb[j].cpu().numpy())
+
+    paths = for_each_shard(src, rdir, build, dist, shard_size=500, prefix="shard")
+    dist.print(f"reinforce: {src.name} x {cfg.k_aug} augs x {len(teachers)} teachers -> {len(paths)} shards in {rdir} "
+               f"({time.time() - t0:.1f}s)")
+    return rdir
+
+
+# ================================================================================================================
+# 5. Losses (paper sec. 3.2; open_clip_v1.patch DistillClipLoss / DRClipLoss). Logits in at least fp32, under
+#    autocast too (common.losses.fp32_logits): bf16 logits at scale 100 carry errors the softmax sees as noise.
 
 def teacher_probs(a, b, scale, dims):
     """Average over teachers of softmax(scale * A_k B_k^T): a (N, sum dims), b (M, sum dims), each teacher's slice
     already L2-normalised -> (N, M). Softmax per teacher, then the mean (--distill-average-after-softmax)."""
     P, o = 0.0, 0
     for d in dims:
-        P = P + (scale * a[:, o:o + d] @ b[:, o:o + d].T).softmax(-1)
+        P = P + fp32_logits(a[:, o:o + d], b[:, o:o + d], scale).softmax(-1)
         o += d
     return P / len(dims)
 
@@ -677,18 +734,21 @@ def kd_loss(img_f, txt_f, scale, t_img, t_txt, t_scale, dims):
     """KD = 1/2 [CE(P_T^{i->t}, S^{i->t}) + CE(P_T^{t->i}, S^{t->i})], CE(P, S) = -mean_rows sum_j P log softmax(S).
     Cross-entropy, not KL: same gradients, but the value at teacher = student is the teacher entropy, not 0.
     Local rows vs all gathered columns (open_clip local-loss), so it works under torchrun."""
+    up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731 - fp64 stays fp64
+    img_f, txt_f, t_img, t_txt = up(img_f), up(txt_f), up(t_img), up(t_txt)  # the gathers' all-reduce in fp32 too
     all_txt, r = gather_features(txt_f)
     all_img, _ = gather_features(img_f)
     all_t_txt, _ = gather_features(t_txt)
     all_t_img, _ = gather_features(t_img)
-    ce = lambda P, S: -(P * S.float().log_softmax(-1)).sum(-1).mean()  # noqa: E731
-    i2t = ce(teacher_probs(t_img, all_t_txt, t_scale, dims), scale * img_f @ all_txt.T)
-    t2i = ce(teacher_probs(t_txt, all_t_img, t_scale, dims), scale * txt_f @ all_img.T)
-    return 0.5 * (i2t + t2i)
+    with torch.autocast(img_f.device.type, enabled=False):
+        ce = lambda P, S: -(P * S.log_softmax(-1)).sum(-1).mean()  # noqa: E731
+        i2t = ce(teacher_probs(t_img, all_t_txt, t_scale, dims), fp32_logits(img_f, all_txt, scale))
+        t2i = ce(teacher_probs(t_txt, all_t_img, t_scale, dims), fp32_logits(txt_f, all_img, scale))
+        return 0.5 * (i2t + t2i)
 
 
 # ================================================================================================================
-# 6. Training stages (all through common.train.fit: DDP, schedule, checkpoints, log.jsonl)
+# 6. Training stages (all through common.train.fit: DDP, schedule, checkpoints with the stream state, log.jsonl)
 
 def stage_ok(cfg, dist, name, want):
     """A stage in --out is reused only if its sidecar JSON matches `want`; otherwise its checkpoint is removed."""
@@ -701,141 +761,63 @@ def stage_ok(cfg, dist, name, want):
     return ok
 
 
-def train_clip(cfg, dist, model, name, images, text_fn, aug, steps, tag, lr=None, on_step=None, resume=False,
-               B=None, labels=None, names=None):
-    """Contrastive training on in-memory pairs; text_fn(idx, rng) -> tokens (b, L) of this rank's samples.
-    Teachers (labels, names given): + teacher_label_weight * CE(s * img_f @ name_f^T, label), name_f = the text
-    tower's embedding of one random NAME_TEMPLATES text per class (names (C, T, L)); UniCL's image-label term."""
-    n, dev = len(images), dist.device
-
-    def get_batch(i):
-        idx = batch_idx(cfg, dist, i, n, tag, B)
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + i) * 1024 + tag * 16 + dist.rank)
-        x = torch.stack([aug(images[j], g) for j in idx])
-        r = np.random.default_rng([cfg.seed, tag, i, dist.rank])
-        txt = text_fn(idx, r)
-        if labels is None:
-            return x.to(dev), txt.to(dev), None
-        # the C class texts ride along in the same text batch, so DDP sees one forward
-        nt = names[torch.arange(len(names)), torch.from_numpy(r.integers(names.shape[1], size=len(names)))]
-        return x.to(dev), torch.cat([txt, nt]).to(dev), labels[idx].to(dev)
+def train_clip(cfg, dist, model, name, stream, steps, tag, lr=None, on_step=None, resume=False, names=None):
+    """Contrastive training on a stream of {"image", "text", "label"} batches. Teachers (names given: (C, T, L)
+    tokens of every NAME_TEMPLATES text per class): + teacher_label_weight * CE(s * img_f @ name_f^T, label), name_f =
+    the text tower's embedding of one random template per class; UniCL's image-label term."""
 
     def loss_fn(m, b):
-        x, txt, y = b
-        img_f, txt_f, s = m(x, txt)
-        if y is None:
+        x, txt = b["image"], b["text"]
+        if names is None:
+            img_f, txt_f, s = m(x, txt)
             return clip_loss(img_f, txt_f, s), {"scale": s.item()}
+        # the C class texts ride along in the same text batch, so DDP sees one forward
+        nt = names[torch.arange(len(names)), torch.randint(names.shape[1], (len(names),))]
+        img_f, txt_f, s = m(x, torch.cat([txt, nt.to(txt.device)]))
         lc = clip_loss(img_f, txt_f[:len(x)], s)
-        ll = F.cross_entropy(s * img_f @ txt_f[len(x):].T, y)
+        with torch.autocast(x.device.type, enabled=False):
+            ll = F.cross_entropy(fp32_logits(img_f, txt_f[len(x):], s), b["label"])
         return lc + cfg.teacher_label_weight * ll, {"scale": s.item(), "clip": lc.item(), "label": ll.item()}
 
     seed_all(cfg.seed + tag, dist.rank)
-    return fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
+    return fit(model, loss_fn, stream, steps, cfg.out, name=name, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
                warmup=cfg.warmup, resume=resume, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp,
                on_step=on_step, config=config_to_dict(cfg))
 
 
-def train_captioner(cfg, dist, cap, name, tokens, mem, tag=7):
-    """Next-token cross-entropy on accurate captions of held-out images (padding after EOT ignored)."""
-    n, dev, eot = len(tokens), dist.device, int(tokens.max())
-
-    def get_batch(i):
-        idx = batch_idx(cfg, dist, i, n, tag)
-        return tokens[idx].to(dev), mem[idx].to(dev)
+def train_captioner(cfg, dist, cap, name, stream, memory, eot, tag=7):
+    """Next-token cross-entropy on accurate captions of held-out images (padding after EOT ignored); memory(images)
+    = the frozen image encoder's tokens the decoder attends to."""
 
     def loss_fn(m, b):
-        t, mm = b
+        t = b["text"]
+        with torch.no_grad():
+            mm = memory(b["image"])
         logits = m(t[:, :-1], mm)
         keep = torch.arange(t.shape[1] - 1, device=t.device)[None] < (t == eot).float().argmax(1, keepdim=True)
         return F.cross_entropy(logits[keep].float(), t[:, 1:][keep])
 
     seed_all(cfg.seed + tag, dist.rank)
-    return fit(cap, loss_fn, get_batch, cfg.cap_steps, cfg.out, name=name, lr=2e-3, weight_decay=0.05, warmup=20,
+    return fit(cap, loss_fn, stream, cfg.cap_steps, cfg.out, name=name, lr=2e-3, weight_decay=0.05, warmup=20,
                resume=True, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, config=config_to_dict(cfg))
 
 
-@torch.no_grad()
-def reinforce(cfg, dist, tok, train, teachers, cap, mem):
-    """Build the reinforced shards once (rank 0): synthetic captions, k stored augmentations with the teachers'
-    image embeddings, teacher text embeddings of [ground truth] + synthetic captions. Skipped if valid in --out."""
-    rdir = os.path.join(cfg.out, "reinforced")
-    want = {k: getattr(cfg, k) for k in ("seed", "data", "image_size", "n_train", "n_cap", "k_aug", "n_syn", "top_k",
-                                         "rrc_scale", "teacher_steps", "teacher_batch", "teacher_lr", "teacher_widths",
-                                         "teacher_label_weight",
-                                         "cap_steps")}
-    want["teacher_stem"], want["teacher_aug"] = "conv", "base"
-    mpath = os.path.join(rdir, "meta.json")
-    if os.path.exists(mpath) and json.load(open(mpath)) == want:
-        dist.print(f"reinforce: reusing {rdir}")
-        return rdir
-    t0, dev, n = time.time(), dist.device, len(train["images"])
-    for t in teachers:
-        t.eval()
-    cap.eval()
-    g = torch.Generator().manual_seed(cfg.seed)
-    syn = [[] for _ in range(n)]
-    for s in range(cfg.n_syn):  # first caption greedy, the others top-k sampled (CoCa generation in DataCompDR)
-        for c in range(0, n, 500):
-            for j, txt in enumerate(generate(cap, mem[c:c + 500].to(dev), tok, cfg.top_k if s else 0, g)):
-                syn[c + j].append(txt)
-    aug, paug = dr_aug(cfg), []
-    img_emb = np.zeros((n, cfg.k_aug, 128 * len(teachers)), np.float32)
-    for c in range(0, n, 250):
-        xs = []
-        for j in range(c, min(c + 250, n)):
-            ps = []
-            for a in range(cfg.k_aug):
-                x, p = aug.sample_apply(train["images"][j], torch.Generator().manual_seed(
-                    (cfg.seed * 7919 + j) * 64 + a))
-                xs.append(x)
-                ps.append(p)
-            paug.append(ps)
-        X = torch.stack(xs).to(dev)
-        img_emb[c:c + len(xs) // cfg.k_aug] = torch.cat([t.encode_image(X) for t in teachers], -1).view(
-            -1, cfg.k_aug, img_emb.shape[-1]).float().cpu().numpy()
-    texts = [[train["alt"][j]] + syn[j] for j in range(n)]
-    flat = tok([t for ts in texts for t in ts]).to(dev)
-    txt_emb = torch.cat([extract_features(t.encode_text, flat, 512) for t in teachers], -1)
-    txt_emb = txt_emb.view(n, 1 + cfg.n_syn, -1).numpy()
-    write_shards(rdir, train["keys"], paug, syn, img_emb, txt_emb)
-    save_json(mpath, want)
-    dist.print(f"reinforce: {n} samples x {cfg.k_aug} augs x {len(teachers)} teachers -> {rdir} "
-               f"({time.time() - t0:.1f}s); e.g. syn: {syn[0]!r}")
-    return rdir
-
-
-def train_reinforced(cfg, dist, model, name, images, R, dims, tag, on_step=None):
-    """Student on the reinforced set: replay a random stored augmentation, GT + one random synthetic caption,
-    L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD (DRClipLoss). No teacher forward."""
-    n, dev, aug = len(images), dist.device, dr_aug(cfg)
-    gt_tok, syn_tok, paug, t_img, t_txt = R["gt_tok"], R["syn_tok"], R["paug"], R["img_emb"], R["txt_emb"]
-    memo = {}  # replay is a pure function of (image, stored params): memoise it (RandAugment is slow on CPU)
-
-    def view(j, k):
-        if (j, k) not in memo:
-            memo[(j, k)] = aug.apply(images[j], paug[j][k])
-        return memo[(j, k)]
-
-    def get_batch(i):
-        idx = batch_idx(cfg, dist, i, n, tag)
-        rng = np.random.default_rng([cfg.seed, tag, i, dist.rank])
-        a, s = rng.integers(cfg.k_aug, size=len(idx)), rng.integers(cfg.n_syn, size=len(idx))
-        x = torch.stack([view(j, k) for j, k in zip(idx, a)])
-        txt = torch.cat([gt_tok[idx], syn_tok[idx, s]])                          # (2b, L): GT then synthetic
-        return (x.to(dev), txt.to(dev), t_img[idx, a].to(dev), t_txt[idx, 0].to(dev), t_txt[idx, 1 + s].to(dev))
+def train_reinforced(cfg, dist, model, name, stream, dims, tag, on_step=None):
+    """Student on the reinforced shards (dr_tf batches): L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD
+    (DRClipLoss). No teacher forward."""
 
     def loss_fn(m, b):
-        x, txt, ti, tg, ts = b
-        img_f, txt_f, s = m(x, txt)
+        x = b["image"]
+        img_f, txt_f, s = m(x, torch.cat([b["gt"], b["syn"]]))
         B, tot, kd = len(x), 0.0, 0.0
-        for tf, tt in ((txt_f[:B], tg), (txt_f[B:], ts)):
-            k = kd_loss(img_f, tf, s, ti, tt, cfg.teacher_scale, dims)
+        for tf, tt in ((txt_f[:B], b["t_gt"]), (txt_f[B:], b["t_syn"])):
+            k = kd_loss(img_f, tf, s, b["t_img"], tt, cfg.teacher_scale, dims)
             tot = tot + (1 - cfg.lam) * clip_loss(img_f, tf, s) + cfg.lam * k
             kd = kd + k.item() / 2
         return tot, {"kd": kd, "scale": s.item()}
 
     seed_all(cfg.seed + tag, dist.rank)
-    return fit(model, loss_fn, get_batch, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    return fit(model, loss_fn, stream, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                warmup=cfg.warmup, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, on_step=on_step,
                config=config_to_dict(cfg))
 
@@ -844,21 +826,22 @@ def train_reinforced(cfg, dist, model, name, images, R, dims, tag, on_step=None)
 # 7. Evaluation: zero-shot, retrieval, dense probes (frozen backbone + linear heads), sample efficiency
 
 @torch.no_grad()
-def evaluate(model, tok, test, dev, n=None, probe=None):
-    """Zero-shot shape accuracy (prompt ensemble), mean R@1 image<->accurate caption; with probe=train split also
-    a linear probe of the shape label on the frozen image embedding (what the tower knows, prompts aside)."""
+def evaluate(model, tok, test, dev, names=None, n=None, probe=None):
+    """Zero-shot accuracy over the class names (prompt ensemble; needs labels and names), mean R@1 image<->accurate
+    caption; with probe (a train subset) also a linear probe of the label on the frozen image embedding (what the
+    tower knows, prompts aside)."""
     m = unwrap(model)
     was = m.training
     m.eval()
     n = n or len(test["images"])
     img_f = extract_features(m.encode_image, test["images"][:n], device=dev)
     res = {}
-    if test["labels"] is not None:
-        clf = zero_shot_classifier(m, tok, class_names("shape"), TEMPLATES, dev)
+    if names is not None:
+        clf = zero_shot_classifier(m, tok, names, TEMPLATES, dev)
         res["zeroshot_acc"] = zero_shot_accuracy(img_f, clf, test["labels"][:n])
         if probe is not None and probe["labels"] is not None:
-            tr_f = extract_features(m.encode_image, probe["images"][:1000], device=dev)
-            res["shape_probe_acc"] = linear_probe(tr_f, probe["labels"][:1000], img_f, test["labels"][:n])
+            tr_f = extract_features(m.encode_image, probe["images"], device=dev)
+            res["shape_probe_acc"] = linear_probe(tr_f, probe["labels"], img_f, test["labels"][:n])
     txt_f = extract_features(m.encode_text, tok(test["accurate"][:n]), device=dev)
     res["retrieval_r1"] = retrieval_recall(img_f, txt_f)["mean_r1"]
     m.train(was)
@@ -868,11 +851,9 @@ def evaluate(model, tok, test, dev, n=None, probe=None):
 def dense(cfg, model, train, test, frac):
     """Segmentation mIoU / depth RMSE of linear heads on the frozen image tower's patch features."""
     v = unwrap(model).visual.eval()
-    nd = min(len(train["images"]), 1000)
-    from common.world import SHAPES
-    return dense_probe(v.patch_tokens, train["images"][:nd], train["seg"][:nd], train["depth"][:nd], test["images"],
-                       test["seg"], test["depth"], 1 + len(SHAPES), steps=cfg.dense_steps, label_fraction=frac,
-                       seed=cfg.seed)
+    C = int(max(train["seg"].max(), test["seg"].max())) + 1  # seg values are class ids, 0 = background
+    return dense_probe(v.patch_tokens, train["images"], train["seg"], train["depth"], test["images"], test["seg"],
+                       test["depth"], C, steps=cfg.dense_steps, label_fraction=frac, seed=cfg.seed)
 
 
 def samples_to_match(curve_b, curve_r, B):
@@ -891,7 +872,7 @@ def samples_to_match(curve_b, curve_r, B):
 
 def plot_curves(path, curves, B, title):
     """Zero-shot accuracy vs seen samples, one line per run (PIL; matplotlib is not a dependency)."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
     W, H, L, T = 640, 400, 60, 40
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
@@ -921,12 +902,8 @@ def plot_curves(path, curves, B, title):
 # 8. main: params -> teachers -> captioner -> reinforce -> baseline / reinforced / quality -> evaluation
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"])
+    cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"], presets={"smoke": SMOKE})
     cmd = getattr(cfg, "_command", None) or "all"
-    if cfg.smoke:
-        cfg.n_train, cfg.n_cap, cfg.n_test, cfg.batch_size, cfg.steps = 256, 128, 128, 32, 20
-        cfg.teacher_steps, cfg.cap_steps, cfg.k_aug, cfg.dense_steps, cfg.eval_every = 20, 20, 2, 40, 10
-        cfg.warmup, cfg.log_every, cfg.teacher_widths, cfg.teacher_batch = 5, 10, "160,160", 32
     t0 = time.time()
     dist = setup_distributed(cfg.device)
     for k in ("batch_size", "teacher_batch"):
@@ -955,32 +932,55 @@ def main(argv=None):
         dist.cleanup()
         return res
 
-    # ---- data: web pairs (alt-text = ground truth), held-out accurate captions (captioner), test
-    tok, dev, S = world_tokenizer(context_length=32), dist.device, cfg.image_size
-    one = bool(cfg.data) and "{split}" not in cfg.data      # one stream: slice it train | captioner | test
-    train = load_split(cfg, "train", cfg.n_train)
-    held = load_split(cfg, "train" if one else "val", cfg.n_cap, cfg.n_train if one else 0)
-    acc_tok, alt_tok = tok(train["accurate"]), tok(train["alt"])
+    # ---- data: web pairs (ground truth = alt-text where the samples have it), held-out pairs with accurate captions
+    #      for the captioner ("val"), test pairs; all streamed (common.data), the world rendered once and cached
+    tok, dev, S, W = world_tokenizer(context_length=32), dist.device, cfg.image_size, dist.world_size
+    world = lambda split: World(seed=cfg.seed, split=split, size=S)  # noqa: E731
+    peek = read_samples(open_source(cfg.data, "train", world=world, n=1, holdout=cfg.holdout), 1)
+    if "caption" not in peek[0]:
+        raise ValueError(f"--data {cfg.data!r}: sample {peek[0]['__key__']!r} has no caption; MobileCLIP needs "
+                         "image-text pairs (a .txt member in the shards, or captions.jsonl beside the images)")
+    gt = "alt_text" if "alt_text" in peek[0] else "caption"
+    need = ("image", "caption") + ((gt,) if gt != "caption" else ())
+    src = lambda split, n: open_source(cfg.data, split, world=world, n=n, val_data=cfg.val_data,  # noqa: E731
+                                       holdout=cfg.holdout, require=need, keep=KEEP)
+    train_src, cap_src = src("train", cfg.n_train), src("val", cfg.n_cap)
+    test, probe = eval_set(src("test", cfg.n_test), cfg.n_test, S), eval_set(train_src, min(cfg.n_train, 1000), S)
+    names = None  # zero-shot needs labels and their names (never the world's names on real data)
+    if test["labels"] is not None:
+        names = class_names_of(train_src, None if cfg.data else class_names("shape"))
+    streams = {}
 
-    # ---- teachers: >= 2 ViT CLIPs wider than the student, trained on accurate captions with the DR crop, plus the
+    def stream(name, source, B, tf, tag):  # one per stage; the finished stages' loader workers are let go
+        for st in streams.values():
+            st.close()
+        streams[name] = Stream(source, B // W, tf, seed=1000 * cfg.seed + tag, num_workers=cfg.num_workers, dist=dist,
+                               name=name)
+        return streams[name]
+
+    dist.print(f"data: train {train_src.name}, captioner {cap_src.name}, test {len(test['rows'])} of "
+               f"{test['rows'].name}; teachers and captioner read 'caption', the students' ground truth is '{gt}'"
+               + (" (no alt_text: the same captions)" if gt == "caption" else "")
+               + (f"; zero-shot over {len(names)} classes" if names else "; no labels: zero-shot and probes n/a"))
+
+    # ---- teachers: >= 2 ViT CLIPs wider than the student, trained on accurate captions with a light crop, plus the
     #      image-label term (NAME_TEMPLATES) when the data has labels
-    names = class_names("shape")
-    name_tok = tok([t.format(c) for c in names for t in NAME_TEMPLATES]).view(len(names), len(NAME_TEMPLATES), -1)
-    labels = torch.from_numpy(train["labels"]).long() if train["labels"] is not None else None
-    labels = labels if cfg.teacher_label_weight > 0 else None
+    name_tok = None
+    if names is not None and cfg.teacher_label_weight > 0:
+        name_tok = tok([t.format(c) for c in names for t in NAME_TEMPLATES]).view(len(names), len(NAME_TEMPLATES), -1)
     teachers, t_want, clock = [], [], {"start": time.time() - t0}
     for k, w in enumerate(widths):
         name = f"teacher{k}"
         T = teacher(tok.vocab_size, cfg, w).to(dev)
         want = {"width": w, "steps": cfg.teacher_steps, "batch": cfg.teacher_batch, "lr": cfg.teacher_lr,
                 "stem": "conv", "aug": "base", "label_weight": cfg.teacher_label_weight, "seed": cfg.seed,
-                "n_train": cfg.n_train, "data": cfg.data}
+                "n_train": cfg.n_train, "data": cfg.data, "holdout": cfg.holdout, "labels": name_tok is not None}
         stage_ok(cfg, dist, name, want)
         # light crop: at 32 px, RRC down to 35% area cuts the shape out (supervised conv-stem ViT, 160 steps x 128:
         # 0.65 shape accuracy without crop, 0.21 with RRC(0.35, 1)), and the teachers must know shapes
-        aug = base_aug(S)
-        train_clip(cfg, dist, T, name, train["images"], lambda idx, r: acc_tok[idx], aug, cfg.teacher_steps,
-                   tag=10 + k, lr=cfg.teacher_lr, resume=True, B=cfg.teacher_batch, labels=labels, names=name_tok)
+        train_clip(cfg, dist, T, name, stream(name, train_src, cfg.teacher_batch, clip_tf(base_aug(S), tok, "caption"),
+                                              10 + k), cfg.teacher_steps, 10 + k, lr=cfg.teacher_lr, resume=True,
+                   names=name_tok)
         if dist.is_master:
             save_json(os.path.join(cfg.out, name + ".json"), want)
         teachers.append(T.eval())
@@ -988,70 +988,62 @@ def main(argv=None):
     clock["teachers"] = time.time() - t0
 
     # ---- captioner: CoCa-style decoder on teacher 0's frozen image tokens, trained on held-out accurate captions
-    mem_fn = lambda ims: extract_features(lambda x: image_memory(teachers[0], x), ims, 250, dev)  # noqa: E731
     cap = Captioner(tok.vocab_size, 32, widths[0]).to(dev)
-    want = {"steps": cfg.cap_steps, "seed": cfg.seed, "n_cap": cfg.n_cap, "teacher0": t_want[0], "data": cfg.data}
+    want = {"steps": cfg.cap_steps, "seed": cfg.seed, "n_cap": cfg.n_cap, "teacher0": t_want[0], "data": cfg.data,
+            "val_data": cfg.val_data, "holdout": cfg.holdout}
     stage_ok(cfg, dist, "captioner", want)
-    train_captioner(cfg, dist, cap, "captioner", tok(held["accurate"]), mem_fn(held["images"]))
+    view = eval_view(S)
+    cs = stream("captioner", cap_src, cfg.batch_size, lambda s, g: {"image": view(s["image"]),
+                                                                    "text": tok([s["caption"]])[0]}, 7)
+    train_captioner(cfg, dist, cap, "captioner", cs, lambda x: image_memory(teachers[0], x), tok.eot_token_id)
     if dist.is_master:
         save_json(os.path.join(cfg.out, "captioner.json"), want)
-        rdir = reinforce(cfg, dist, tok, train, teachers, cap, mem_fn(train["images"]))
-    dist.barrier()
+    rdir = reinforce(cfg, dist, tok, train_src, gt, teachers, cap)
     clock["captioner+reinforce"] = time.time() - t0
-    rdir = os.path.join(cfg.out, "reinforced")
     if cmd == "reinforce":
-        if dist.is_master:
-            print(f"reinforced shards in {rdir}")
+        dist.print(f"reinforced shards in {rdir}")
         dist.cleanup()
         return None
 
-    # ---- the reinforced set as read back from the shards (augmentation params, syn captions, embeddings)
-    rows = read_shards(rdir)
-    missing = [k for k in train["keys"] if k not in rows]
-    if missing:
-        raise SystemExit(f"reinforce: {len(missing)} training keys missing from {rdir} (e.g. {missing[0]}); "
-                         f"delete {rdir} to rebuild it")
-    rows = [rows[k] for k in train["keys"]]
-    syn_tok = tok([c for r in rows for c in r[1]]).view(len(rows), cfg.n_syn, -1)
-    R = {"gt_tok": alt_tok, "syn_tok": syn_tok, "paug": [r[0] for r in rows],
-         "img_emb": torch.from_numpy(np.stack([r[2] for r in rows])),
-         "txt_emb": torch.from_numpy(np.stack([r[3] for r in rows]))}
-    dims = [128] * len(teachers)
-    test = load_split(cfg, "train" if one else "test", cfg.n_test, cfg.n_train + cfg.n_cap if one else 0)
-
-    # ---- students (same tiny MobileCLIP init): baseline on alt-text, reinforced, quality (synthetic captions)
-    curves = {}
+    # ---- students (same tiny MobileCLIP init): baseline on the ground truth; reinforced and quality (synthetic
+    #      captions) read the reinforced shards back as a stream
+    rsrc = open_source(rdir, "train", require=("image", "caption", "paug.json", "syn.json", "npz"))
+    if not cfg.data:  # the miniature keeps its n_train decoded reinforced samples in memory, as it caches the world
+        rsrc = SampleSource(read_samples(rsrc, cfg.n_train), rsrc.name)
+    dims, curves, runs = [128] * len(teachers), {}, {}
 
     def tracker(name):
         curves[name] = []
 
         def on_step(step, raw, metrics):
             if dist.is_master and (step % cfg.eval_every == 0 or step == cfg.steps):
-                curves[name].append((step, evaluate(raw, tok, test, dev, 500)["zeroshot_acc"]))
-        return on_step if test["labels"] is not None else None
+                curves[name].append((step, evaluate(raw, tok, test, dev, names, 500)["zeroshot_acc"]))
+        return on_step if names is not None else None
 
-    runs = {}
-    for name in ("baseline", "reinforced", "quality"):
+    for name, tag in (("baseline", 1), ("reinforced", 2), ("quality", 3)):
         seed_all(cfg.seed)
         m = student(tok.vocab_size, cfg).to(dev)
         if name == "baseline":
-            train_clip(cfg, dist, m, name, train["images"], lambda idx, r: alt_tok[idx], base_aug(S), cfg.steps, 1,
-                       on_step=tracker(name))
+            train_clip(cfg, dist, m, name, stream(name, train_src, cfg.batch_size, clip_tf(base_aug(S), tok, gt), tag),
+                       cfg.steps, tag, on_step=tracker(name))
         elif name == "reinforced":
-            train_reinforced(cfg, dist, m, name, train["images"], R, dims, 2, on_step=tracker(name))
+            train_reinforced(cfg, dist, m, name, stream(name, rsrc, cfg.batch_size, dr_tf(cfg, tok), tag), dims, tag,
+                             on_step=tracker(name))
         else:
-            pick = lambda idx, r: syn_tok[idx, r.integers(cfg.n_syn, size=len(idx))]  # noqa: E731
-            train_clip(cfg, dist, m, name, train["images"], pick, base_aug(S), cfg.steps, 3)
+            train_clip(cfg, dist, m, name, stream(name, rsrc, cfg.batch_size, dr_tf(cfg, tok, True), tag), cfg.steps,
+                       tag)
         runs[name] = m
         clock[name] = time.time() - t0
+    # provenance (collective): all stages together, and each stage alone (a stage sees each key once per epoch)
+    res["data"] = data_report(list(streams.values()), [test["rows"]], dist)
+    res["data_by_stage"] = {k: data_report([s], [test["rows"]], dist) for k, s in streams.items()}
     if not dist.is_master:
         dist.cleanup()
         return None
 
     # ---- evaluation (rank 0)
-    ev = {k: evaluate(m, tok, test, dev, probe=train) for k, m in runs.items()}
-    ev["teachers"] = [evaluate(t, tok, test, dev, probe=train) for t in teachers]
-    chance = 1.0 / len(class_names("shape"))
+    ev = {k: evaluate(m, tok, test, dev, names, probe=probe) for k, m in runs.items()}
+    ev["teachers"] = [evaluate(t, tok, test, dev, names, probe=probe) for t in teachers]
     res.update(baseline_zeroshot_acc=ev["baseline"].get("zeroshot_acc"),
                reinforced_zeroshot_acc=ev["reinforced"].get("zeroshot_acc"),
                baseline_retrieval_r1=ev["baseline"]["retrieval_r1"],
@@ -1062,26 +1054,30 @@ def main(argv=None):
                teacher_retrieval_r1=[e["retrieval_r1"] for e in ev["teachers"]],
                shape_probe_acc={**{k: ev[k].get("shape_probe_acc") for k in runs},
                                 "teachers": [e.get("shape_probe_acc") for e in ev["teachers"]]},
-               zeroshot_chance=chance, retrieval_chance_r1=1.0 / len(test["images"]))
+               zeroshot_chance=1.0 / len(names) if names else None, retrieval_chance_r1=1.0 / len(test["images"]),
+               caption_fields={"teachers_captioner": "caption", "ground_truth": gt})
     if curves.get("baseline"):
         res["samples_to_match_baseline"] = samples_to_match(curves["baseline"], curves["reinforced"], cfg.batch_size)
         res["curves"] = {k: [[s * cfg.batch_size, a] for s, a in c] for k, c in curves.items()}
         plot_curves(os.path.join(cfg.out, "curves.png"), curves, cfg.batch_size,
                     "zero-shot accuracy: baseline (alt-text) vs reinforced (MobileCLIP DR)")
-    if test["seg"] is not None and train["seg"] is not None:
+    if test["seg"] is not None and probe["seg"] is not None and test["depth"] is not None:
         # quality captions: the alt-text CLIP is the baseline run; the quality CLIP saw only synthetic captions
         for tag, frac in (("", 1.0), ("_10pct", 0.1)):
-            a, q = dense(cfg, runs["baseline"], train, test, frac), dense(cfg, runs["quality"], train, test, frac)
+            a, q = dense(cfg, runs["baseline"], probe, test, frac), dense(cfg, runs["quality"], probe, test, frac)
             res.update({f"alt_miou{tag}": a["miou"], f"quality_miou{tag}": q["miou"],
                         f"alt_depth_rmse{tag}": a["depth_rmse"], f"quality_depth_rmse{tag}": q["depth_rmse"]})
-    ex = read_shards(rdir)[train["keys"][0]]
-    res["example"] = {"alt_text": train["alt"][0], "accurate": train["accurate"][0], "synthetic": ex[1]}
+    else:
+        res["dense_probes"] = "n/a: the data has no seg and depth members"
+    ex = read_samples(rsrc, 1)[0]
+    res["example"] = {"key": ex["__key__"], "ground_truth": ex["caption"],
+                      "synthetic": json.loads(ex["syn.json"])["syn_text"]}
     res["loss_curves_in"] = "log.jsonl"
     clock["eval+dense"] = time.time() - t0
     res["stage_end_seconds"] = clock  # wall clock at the end of each stage (rank 0)
     res.update(seconds=time.time() - t0, device=dev, world_size=dist.world_size)
     save_json(os.path.join(cfg.out, "results.json"), res)
-    print_table({k: v for k, v in res.items() if k not in ("curves", "example")},
+    print_table({k: v for k, v in res.items() if k not in ("curves", "example", "data_by_stage")},
                 title=f"MobileCLIP results ({cfg.out})")
     dist.cleanup()
     return res

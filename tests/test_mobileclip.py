@@ -1,10 +1,13 @@
 """Tests for mobileclip.py: exact encoder parameter counts, reparameterization equivalence (with randomised BN
-statistics / layer scales so the check is not trivial), the KD loss against a hand computation, augmentation replay,
-the DataCompDR shard round trip, and one 2-process torchrun smoke run that must learn."""
+statistics / layer scales so the check is not trivial), the KD loss against a hand computation and in fp32 under
+autocast, augmentation replay, the reinforced-shard round trip (written by for_each_shard, read back as a stream), a
+2-process torchrun smoke run on the world that must learn, and --smoke on exported world shards at another image
+size (1 process with bf16 autocast, 2 gloo processes) with its provenance block checked."""
 import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -103,24 +106,59 @@ def test_augmentation_replay_after_json_roundtrip():
     assert not torch.equal(x2, x)  # different draws differ, so the equality above is not vacuous
 
 
-def test_shard_roundtrip(tmp_path):
-    rng = np.random.default_rng(0)
-    keys = [f"train-{i:09d}" for i in range(5)]
-    paug = [[[{}, {"box": [i, 0, 20, 20], "size": [32, 32]}, {"ops": [["Rotate", 9.0, -1]]}]] for i in range(5)]
-    syn = [[f"a red circle {i}", "a blue star"] for i in range(5)]
-    ie, te = rng.standard_normal((5, 1, 16)).astype(np.float32), rng.standard_normal((5, 3, 16)).astype(np.float32)
-    paths = M.write_shards(str(tmp_path), keys, paug, syn, ie, te, shard_size=2)
-    assert len(paths) == 3
-    names = tarfile.open(paths[0]).getnames()
-    assert names[:3] == [f"{keys[0]}.paug.json", f"{keys[0]}.syn.json", f"{keys[0]}.npz"]
-    z = np.load(io.BytesIO(tarfile.open(paths[0]).extractfile(names[2]).read()), allow_pickle=False)
+def test_kd_logits_fp32_under_autocast():
+    """bf16 features under bf16 autocast: the KD loss equals the fp32 computation on the same (upcast) values."""
+    g = torch.Generator().manual_seed(1)
+    n = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1).bfloat16()  # noqa: E731
+    A, B, TA, TB = n(8, 16), n(8, 16), n(8, 12), n(8, 12)
+    s = torch.tensor(50.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (s * A.float() @ B.float().T).dtype == torch.bfloat16  # what autocast does to a plain matmul
+        got = M.kd_loss(A, B, s, TA, TB, 100.0, [6, 6])
+    want = M.kd_loss(A.float(), B.float(), s, TA.float(), TB.float(), 100.0, [6, 6])
+    assert got.dtype == torch.float32 and torch.equal(got, want), (got, want)
+
+
+def test_reinforced_shard_roundtrip(tmp_path):
+    """dr_members written through for_each_shard (one output shard per input unit), read back with open_source +
+    Stream(dr_tf): member names, fp16 npz without pickle, the stored augmentation replays pixel-exactly."""
+    from common.data import SampleSource, Stream, for_each_shard, open_source
+
+    class C:
+        image_size, rrc_scale = 32, 0.8
+    aug, rng = M.dr_aug(C), np.random.default_rng(0)
+    imgs = {f"train-{i:09d}": rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for i in range(5)}
+    paug = {k: [aug.sample_apply(im, torch.Generator().manual_seed(j * 2 + a))[1] for a in range(2)]
+            for j, (k, im) in enumerate(imgs.items())}
+    emb = {k: (rng.standard_normal((2, 16)), rng.standard_normal((3, 16))) for k in imgs}
+
+    def build(samples):
+        for sm in samples:
+            k = sm["__key__"]
+            yield k, M.dr_members(sm["image"], f"gt {k}", paug[k], [f"syn0 {k}", f"syn1 {k}"], *emb[k])
+
+    src = SampleSource([{"__key__": k, "image": im} for k, im in imgs.items()])
+    paths = for_each_shard(src, str(tmp_path), build, shard_size=2, prefix="shard", progress=False)
+    assert len(paths) == 3 and os.path.basename(paths[0]) == "shard-000000.tar"
+    with tarfile.open(paths[0]) as tf:
+        names = tf.getnames()
+        assert names[:5] == [f"train-000000000.{e}" for e in ("png", "txt", "paug.json", "syn.json", "npz")]
+        z = np.load(io.BytesIO(tf.extractfile(names[4]).read()), allow_pickle=False)
     assert z["image_emb"].dtype == np.float16 and z["text_emb"].shape == (3, 16)
-    back = M.read_shards(str(tmp_path))
-    assert sorted(back) == keys
-    for j, k in enumerate(keys):
-        p, s, a, b = back[k]
-        assert p == paug[j] and s == syn[j]
-        assert np.abs(a - ie[j]).max() < 2e-3 * max(1, np.abs(ie).max()) and np.abs(b - te[j]).max() < 1e-2
+    tok = M.world_tokenizer(context_length=32)
+    C.k_aug, C.n_syn = 2, 2
+    st = Stream(open_source(str(tmp_path), "train"), 5, M.dr_tf(C, tok), shuffle=False, num_workers=0)
+    b = st(0)
+    assert sorted(b["__key__"]) == sorted(imgs)
+    for j, k in enumerate(b["__key__"]):
+        hits = [a for a in range(2) if torch.equal(b["image"][j], aug.apply(imgs[k], paug[k][a]))]
+        assert len(hits) == 1  # exactly the stored view, replayed from the JSON params on the decoded png
+        assert torch.allclose(b["t_img"][j], torch.tensor(emb[k][0][hits[0]], dtype=torch.float32), atol=2e-3)
+        assert torch.allclose(b["t_gt"][j], torch.tensor(emb[k][1][0], dtype=torch.float32), atol=2e-3)
+        assert torch.equal(b["gt"][j], tok([f"gt {k}"])[0])
+        c = [c for c in range(2) if torch.equal(b["syn"][j], tok([f"syn{c} {k}"])[0])]
+        assert len(c) == 1 and torch.allclose(b["t_syn"][j], torch.tensor(emb[k][1][1 + c[0]], dtype=torch.float32),
+                                              atol=2e-3)
 
 
 def test_torchrun_smoke_learns(tmp_path):
@@ -149,3 +187,46 @@ def test_torchrun_smoke_learns(tmp_path):
     assert max(res["teacher_zeroshot_acc"]) > res["zeroshot_chance"], res["teacher_zeroshot_acc"]
     assert 0 < res["alt_miou"] <= 1 and math.isfinite(res["quality_depth_rmse"])
     assert len(list((out / "reinforced").glob("shard-*.tar"))) >= 1
+    d = res["data"]
+    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and d["eval_samples"] == 128
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_smoke_on_exported_shards(tmp_path, procs):
+    """World shards exported at 28 px ({split} folders, classes.txt beside them) and resized to the 32-px model in
+    the stream transforms: 1 process under bf16 autocast (1 loader worker), and 2 gloo processes. Every stage stays
+    within one epoch, so its data block must show disjoint ranks and every sample seen once; no eval key trained."""
+    from common.world import World, export_shards
+    for split, n in (("train", 64), ("val", 64), ("test", 32)):
+        export_shards(World(split=split, size=28, n=n), tmp_path / "shards" / split, shard_size=16)
+    out = tmp_path / "out"
+    args = ["mobileclip.py", "--smoke", f"--data={tmp_path / 'shards' / '{split}'}", f"--out={out}", "--device=cpu",
+            "--steps=3", "--teacher_steps=3", "--cap_steps=3", "--batch_size=16", "--teacher_batch=16", "--n_test=32",
+            "--n_train=48", "--dense_steps=5", "--eval_every=3", "--warmup=1", "--log_every=1"]
+    if procs == 1:
+        cmd = [sys.executable, *args, "--amp=bf16", "--num_workers=1"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               *args, "--num_workers=0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == procs and res["caption_fields"]["ground_truth"] == "alt_text"
+    stages = res["data_by_stage"]
+    assert sorted(stages) == ["baseline", "captioner", "quality", "reinforced", "teacher0", "teacher1"]
+    for name, d in stages.items():
+        assert d["train_samples_seen"] == d["train_unique_keys"] == 3 * 16, (name, d)
+        assert d["train_keys_on_several_ranks"] == 0 and d["eval_keys_in_train"] == 0, (name, d)
+        assert d["skipped_corrupt"] == 0 and d["eval_samples"] == 32, (name, d)
+    assert "reinforced" in stages["reinforced"]["source"] and "val" in stages["captioner"]["source"]
+    d = res["data"]
+    assert d["train_samples_seen"] == 6 * 3 * 16 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
+    assert len(list((out / "reinforced").glob("shard-*.tar"))) == 4  # one per input shard, built over the ranks
+    assert res["zeroshot_chance"] == 0.1 and math.isfinite(res["quality_depth_rmse"])  # classes.txt, 28 px seg/depth
