@@ -59,7 +59,7 @@ from common.models import CLIP, text_tiny, vit_tiny
 from common.train import autocast, fit, load_weights, save_weights, seed_all, setup_distributed, unwrap
 from common.transforms import eval_transform
 from common.world import COLORS, NOUN_FORMS, SHAPES, SIZES, World
-from kernels import linear_bce
+from kernels.bce import linear_bce
 
 COMMANDS = ["run", "vocab", "bench"]
 

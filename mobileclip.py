@@ -61,7 +61,7 @@ from common.tokenizer import world_tokenizer
 from common.train import fit, seed_all, setup_distributed, unwrap
 from common.transforms import CenterCrop, Compose, RandAugment, RandomResizedCrop, Resize, ToTensor, to_uint8
 from common.world import TEMPLATES, World, class_names
-from kernels import attention
+from kernels.attention import attention
 
 
 @dataclass

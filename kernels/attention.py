@@ -18,8 +18,7 @@ FLOP model (what the benchmark counts): forward 4*B*H*N^2*D (two matmuls of 2*N^
 backward 2.5x forward (five matmuls: recomputed q k^T, dV, dP, dQ, dK), so forward+backward = 3.5x forward. The split
 backward below does q k^T and dP twice (once per kernel); the model does not count that extra work.
 
-Switch: importlib.import_module("kernels.attention").IMPL = "auto" | "triton" | "torch" (kernels/__init__.py
-re-exports the function under the module's name, so `import kernels.attention as A` gives the function).
+Switch: kernels.attention.IMPL = "auto" | "triton" | "torch" (a module attribute, read at every call).
 
 How this differs from the Triton tutorial (python/tutorials/06-fused-attention.py):
   - any N: key/query tails are masked (the tutorial's backward asserts N % 128 == 0), only the tail/diagonal blocks pay
@@ -41,8 +40,9 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    HAS_TRITON = True
 except ImportError:  # e.g. macOS: the module still imports and attention() uses the PyTorch path
-    triton = None
+    HAS_TRITON = False
 
 IMPL = "auto"  # "auto": Triton on CUDA when supported, else SDPA | "triton": always Triton | "torch": always SDPA
 HEAD_DIMS = (16, 32, 64, 128)
@@ -54,7 +54,7 @@ INTERPRET_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels. Layout: contiguous (B*H, N, D) for q/k/v/o/do/dq/dk/dv, (B*H, N) fp32 for lse and delta.
 
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -379,7 +379,7 @@ class _Attention(torch.autograd.Function):
 
 def unsupported(q, k, v):
     """Why the Triton kernel cannot take these inputs (a message), or None when it can."""
-    if triton is None:
+    if not HAS_TRITON:
         return "triton is not installed"
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
         return f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

@@ -18,7 +18,6 @@ def main(argv=None):
         sys.exit(f"kernels.bench: unknown kernel {bad[0]!r}; expected one of {', '.join(KERNELS + ('all',))}")
     todo = KERNELS if "all" in names else [n for n in KERNELS if n in names]
     for name in todo:
-        # importlib: `import kernels.attention` would give the function that kernels/__init__.py re-exports
         bench = getattr(importlib.import_module(f"kernels.{name}"), "bench", None)
         if bench is None:
             print(f"kernels.{name} has no bench() yet; skipped")

@@ -94,7 +94,7 @@ def _no_cuda():
 def _worker(cases):
     assert os.environ.get("TRITON_INTERPRET") == "1"
     _no_cuda()  # also checks that import and interpreted CPU runs never touch CUDA
-    A = importlib.import_module("kernels.attention")  # `import kernels.attention` would give the function
+    A = importlib.import_module("kernels.attention")
     assert A._INTERPRET, "kernels.attention did not pick up TRITON_INTERPRET=1"
     A.IMPL = "triton"
     results = {}
@@ -269,3 +269,21 @@ def test_cuda_matches_reference(N, D, causal, dt):
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     sys.path.insert(0, str(ROOT))
     _worker(CASES)
+
+
+def test_impl_switch_is_a_module_attribute():
+    """`kernels.attention` / `kernels.bce` are the modules (nothing re-exported over them), so setting IMPL there
+    is what the dispatch reads."""
+    import kernels
+    import kernels.attention
+    import kernels.bce
+    assert kernels.attention is sys.modules["kernels.attention"] and kernels.bce is sys.modules["kernels.bce"]
+    q = torch.randn(1, 1, 4, 16)
+    kernels.attention.IMPL = "triton"
+    try:
+        if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="IMPL='triton'"):
+                kernels.attention.attention(q, q, q)
+    finally:
+        kernels.attention.IMPL = "auto"
+    assert kernels.attention.HAS_TRITON == kernels.bce.HAS_TRITON  # one spelling of the flag

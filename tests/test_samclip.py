@@ -1,18 +1,24 @@
 """Tests for samclip.py: SAM-shaped teacher shapes, losses on hand-computed cases, IoU metrics, replay sampling,
 frozen-backbone head probing, and end-to-end smokes (single process and torchrun x2)."""
+import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import samclip as S
+from common.data import Stream, WorldSource, for_each_shard, key_hash, read_samples
 from common.eval import seg_miou
 from common.train import Dist
+from common.world import World, export_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=32, layers=1, heads=2, dec_dim=16, head_layers=1, image_size=32)
@@ -84,25 +90,81 @@ def test_mask_iou_and_seg_miou():
     assert abs(seg_miou(pred, tgt, 2) - (0.5 + 2 / 3) / 2) < 1e-9
 
 
-def test_replay_sampling_ratio_and_memory_size():
+def _world_src(n, split="train"):
+    return WorldSource(World(0, split, 32), n=n, cache=True)
+
+
+def test_replay_sampling_ratio_and_memory_size(tmp_path):
     use = S.replay_steps(4000, 0.25, seed=3)
     assert abs(use.mean() - 0.25) < 0.03
     assert (S.replay_steps(4000, 0.25, seed=3) == use).all()        # same on every rank / on resume
     assert not S.replay_steps(100, 0.0, 0).any() and S.replay_steps(100, 1.0, 0).all()
-    cfg = S.Config(**TINY, n_train=20, replay_frac=0.2, prompts_per_image=3)
-    tr = S.load_data(cfg, "train", 20)
-    mem = S.build_replay(cfg, S.SAM(cfg).eval(), tr, S.instance_list(tr["instances"]), "cpu")
-    assert mem["n_images"] == 4 and len(mem["x"]) == 12 and mem["m"].shape == (12, 32, 32)
+    # the stored replay memory: the images whose salted key hash falls below replay_frac, P pairs each, built shard
+    # by shard (a rebuild skips the shards already written)
+    cfg = S.Config(**TINY, n_train=40, replay_frac=0.25, prompts_per_image=3)
+    src, out = _world_src(40), str(tmp_path / "replay")
+    build = S.replay_shard(cfg, S.SAM(cfg).eval(), "cpu")
+    paths = for_each_shard(src, out, build, shard_size=16, progress=False)
+    assert len(paths) == 3
+    mem = read_samples(S.shards(out, ("image", "mask.npy")))
+    kept = {s["__key__"].rsplit("-p", 1)[0] for s in mem}
+    assert 3 <= len(kept) <= 20 and len(mem) == 3 * len(kept)
+    assert all(src.key(i) in kept for i in range(40)
+               if key_hash(f"0:replay:{src.key(i)}") < 0.25 * 2 ** 63)
+    s = mem[0]
+    assert S.decode_npy(s["mask.npy"]).shape == (32, 32) and s["image"].shape == (32, 32, 3)
+    assert len(s["prompt"]) == 2 and s["prompt_labels"] in ([1, 0], [2, 3]) and 0 <= s["iou"] <= 1.5
+    os.remove(paths[1])
+    assert for_each_shard(src, out, build, shard_size=16, progress=False) == paths  # rebuilt, same names
+
+
+def test_resized_keeps_maps_aligned_at_any_size():
+    img = np.zeros((40, 64, 3), np.uint8)
+    seg = np.zeros((40, 64), np.uint8)
+    img[10:30, 28:36] = 255
+    seg[10:30, 28:36] = 3
+    s = S.resized({"__key__": "k", "image": img, "seg": seg, "depth": np.ones((40, 64), np.float32), "label": 2}, 32)
+    assert s["image"].shape == (32, 32, 3) and s["seg"].shape == (32, 32) and s["depth"].shape == (32, 32)
+    assert s["seg"].dtype == np.uint8 and set(np.unique(s["seg"])) == {0, 3} and s["label"] == 2
+    assert ((s["image"][..., 0] > 127) == (s["seg"] == 3)).mean() > 0.97  # same geometry for image and mask
+    assert set(S.resized(s, 32, ("image",))) == {"__key__", "image", "label"}
+
+
+def test_zoo_labels_from_members_and_from_experts():
+    cfg = S.Config(**TINY, seg_noise=0.2, depth_noise=0.1)
+    samples = read_samples(_world_src(4), 4)
+    noisy = list(S.zoo_shard(cfg, {}, 11, "cpu")(iter(samples)))
+    assert [k for k, _ in noisy] == [s["__key__"] for s in samples]
+    seg = np.asarray(Image.open(io.BytesIO(noisy[0][1]["seg.png"])))
+    assert 0.7 < (seg == samples[0]["seg"]).mean() < 0.95  # seg_noise of the pixels replaced
+    nrm = S.decode_npy(noisy[0][1]["normals.npy"]).astype(np.float32)
+    assert nrm.shape == (3, 32, 32) and np.allclose(np.linalg.norm(nrm, axis=0), 1, atol=1e-2)
+    again = list(S.zoo_shard(cfg, {}, 11, "cpu")(iter(samples)))
+    assert again[0][1]["depth.npy"] == noisy[0][1]["depth.npy"]  # per-key seeds: the same labels on every rebuild
+    experts = {"seg": S.Expert(cfg, 11).eval(), "depth": S.Expert(cfg, 1).eval()}
+    got = list(S.zoo_shard(cfg, experts, 11, "cpu")(iter(samples)))
+    d = S.decode_npy(got[0][1]["depth.npy"]).astype(np.float32)
+    assert d.shape == (32, 32) and (d > 0).all() and got[0][1]["txt"] == samples[0]["caption"].encode()
 
 
 def test_head_probing_freezes_backbone(tmp_path):
     torch.manual_seed(0)
-    cfg = S.Config(**TINY, out=str(tmp_path), n_train=16, stage1_steps=3, batch=8, replay_batch=4, log_every=0)
-    tr = S.load_data(cfg, "train", 16)
+    cfg = S.Config(**TINY, out=str(tmp_path), n_train=16, stage1_steps=3, batch=8, replay_batch=4, log_every=0,
+                   clip_width=24, replay_frac=0.5)
     sam = S.SAM(cfg).eval()
-    t_emb = torch.nn.functional.normalize(torch.randn(16, 24), dim=-1)
-    mem = S.build_replay(cfg, sam, tr, S.instance_list(tr["instances"]), "cpu")
-    st = S.merge(cfg, Dist(), sam, t_emb, tr, mem, "stage1", False)
+    emb = {}
+
+    def dclip(samples):  # D_CLIP shards with random unit "teacher" embeddings
+        for s in samples:
+            emb[s["__key__"]] = e = torch.nn.functional.normalize(torch.randn(24), dim=0).numpy()
+            yield s["__key__"], {"png": S.to_bytes(s["image"]), "emb.npy": S.to_bytes(e)}
+
+    src = _world_src(16)
+    for_each_shard(src, str(tmp_path / "d"), dclip, progress=False)
+    for_each_shard(src, str(tmp_path / "r"), S.replay_shard(cfg, sam, "cpu"), progress=False)
+    dc, rp = S.shards(str(tmp_path / "d"), ("image", "emb.npy")), S.shards(str(tmp_path / "r"), ("image", "mask.npy"))
+    st, streams = S.merge(cfg, Dist(), sam, dc, rp, "stage1", False)
+    assert len(streams) == 1 and streams[0].seen == 3 * 8
     # parameters and buffers (the conv stem's BatchNorm running statistics) of backbone and SAM head are untouched
     for mine, teacher in ((st.enc, sam.enc), (st.sam, sam.sam)):
         sd = teacher.state_dict()
@@ -111,10 +173,47 @@ def test_head_probing_freezes_backbone(tmp_path):
             assert torch.equal(v, sd[k]), k
     fresh = S.CLIPHead(cfg.width, 24, cfg.head_layers, cfg.heads)
     assert st.clip.proj.shape == fresh.proj.shape
-    # stage 2 starts from stage 1 and moves the backbone
+    # stage 2 starts from stage 1, moves the backbone and draws replay batches from their own stream
     cfg.stage2_steps = 3
-    s2 = S.merge(cfg, Dist(), sam, t_emb, tr, mem, "stage2", True, init=st)
+    s2, streams = S.merge(cfg, Dist(), sam, dc, rp, "stage2", True, init=st)
     assert any(not torch.equal(a, b) for a, b in zip(s2.enc.parameters(), sam.enc.parameters()))
+    assert [s.seen for s in streams] == [3 * 8, 3 * 4]
+
+
+def test_stage2_batches_resume_both_streams(tmp_path):
+    # Replayed's state (both streams) after step 2, loaded into fresh streams: the same batches 2.. as the first run
+    cfg = S.Config(**TINY, replay_frac=0.5)
+    src = _world_src(24)
+    for_each_shard(src, str(tmp_path / "r"), S.replay_shard(cfg, S.SAM(cfg).eval(), "cpu"), shard_size=8,
+                   progress=False)
+    use = np.array([True, False, True, True, False, True])
+
+    def batches():
+        mk = lambda s, n, k: Stream(s, n, lambda x, g: {k: x["image"]}, seed=1, num_workers=0, shuffle_buffer=5)  # noqa
+        return S.Replayed(mk(_world_src(24), 4, "x"), mk(S.shards(str(tmp_path / "r"), ("image",)), 3, "xs"), use)
+
+    a = batches()
+    first = [a(i) for i in range(6)]
+    b = batches()
+    [b(i) for i in range(2)]
+    c = batches()
+    c.load_state_dict(b.state_dict())
+    for i in range(2, 6):
+        x, y = first[i], c(i)
+        assert x["__key__"] == y["__key__"] and torch.equal(x["x"], y["x"])
+        assert ("xs" in x) == ("xs" in y) == bool(use[i])
+        assert "xs" not in x or torch.equal(x["xs"], y["xs"])
+
+
+def test_logits_in_fp32_under_autocast():
+    cfg = S.Config(**TINY, clip_width=32, clip_layers=1, text_layers=1)
+    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = S.ZooCLIP(cfg, 100, True, 11)(x, torch.randint(1, 99, (2, 8)))[3]
+        masks, _ = S.SAM(cfg)(x, torch.rand(2, 2, 2), torch.tensor([[1, 0], [2, 3]]))
+        seg = S.Expert(cfg, 11)(x)
+    assert dense.dtype == masks.dtype == seg.dtype == torch.float32
+    assert dense.shape == (2, 15, 32, 32) and seg.shape == (2, 11, 32, 32)
 
 
 def test_value_readout_is_attention_without_mixing():
@@ -162,12 +261,90 @@ def test_smoke_learns(tmp_path):
     assert any(f.endswith(".safetensors") for f in os.listdir(out))
 
 
-def test_torchrun_two_process_smoke(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "samclip.py",
-           "--smoke", f"--out={out}", "--n_train=200", "--n_test=50", "--clip_steps=4", "--sam_steps=4",
-           "--stage1_steps=2", "--stage2_steps=4", "--n_probe=50", "--probe_steps=5", "--replay_ratio=0.5"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+# ----------------------------------------------------------------------------------------------------------------
+# exported world shards: 1 process (bf16) and 2 gloo processes; image-text shards (no dense members)
+
+TINY_RUN = ["--smoke", "--n_test=40", "--n_probe=40", "--clip_steps=3", "--clip_batch=32", "--sam_steps=3",
+            "--sam_batch=16", "--stage1_steps=2", "--stage2_steps=3", "--batch=16", "--replay_batch=8",
+            "--replay_frac=0.5", "--prompts_per_image=2", "--probe_steps=5", "--expert_steps=3", "--log_every=1"]
+# samples each stage trains on: steps x global batch (stage 2: D_CLIP batches + a replay batch every step); every
+# run stays within one epoch of its data (160 train images), so no key repeats or reaches two ranks
+SEEN = {"clip_teacher": 3 * 32, "sam_teacher": 3 * 16, "stage1": 2 * 16, "stage2": 3 * 16 + 3 * 8,
+        "stage2_noreplay": 3 * 16, "zoo": 3 * 32}
+
+
+@pytest.fixture(scope="module")
+def world_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    for split, n in (("train", 160), ("val", 40), ("test", 40)):
+        export_shards(World(0, split, 32, n), str(d / split), n, shard_size=40)
+    return d
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_shards_smoke(world_shards, tmp_path, procs):
+    out = tmp_path / "run"
+    args = ["samclip.py", f"--data={world_shards}/{{split}}", f"--out={out}"] + TINY_RUN
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    cmd = [sys.executable] + (args + ["--amp=bf16"] if procs == 1 else launch + args)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
-    assert res["world_size"] == 2 and "merged_sam_miou" in res and "zoo_dense_miou" in res
+    assert res["world_size"] == procs and "merged_sam_miou" in res and "zoo_dense_miou" in res
+    data = res["data"]
+    assert data["eval_keys_in_train"] == 0 and data["skipped_corrupt"] == 0 and data["eval_samples"] == 80
+    assert data["train_samples_seen"] == data["train_unique_keys"] == sum(SEEN.values())  # summed over the stages
+    assert data["train_keys_on_several_ranks"] == 0
+    for stage, n in SEEN.items():
+        st = data["stages"][stage]
+        assert st["train_samples_seen"] == st["train_unique_keys"] == n, (stage, st)
+        assert st["train_keys_on_several_ranks"] == 0, (stage, st)
+    assert all(isinstance(v, bool) for v in res["expected_effects"].values())
+
+
+def _image_text(src, dst):
+    """The shards of src without their seg / inst / depth members (image, caption, json stay)."""
+    os.makedirs(dst)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".tar"):
+            with tarfile.open(os.path.join(src, f)) as a, tarfile.open(os.path.join(dst, f), "w") as b:
+                for m in a:
+                    if not m.name.endswith((".seg.png", ".inst.png", ".depth.npy")):
+                        b.addfile(m, a.extractfile(m))
+
+
+@pytest.mark.filterwarnings("ignore:.*only .* samples")  # --val_data's hash halves hold fewer than n_test
+def test_image_text_data_zoo_from_experts_merge_na(world_shards, tmp_path):
+    it = str(tmp_path / "imgtext")
+    _image_text(str(world_shards / "train"), it)
+    run = [f"--data={it}", f"--val_data={world_shards}/test", "--holdout=0", "--num_workers=0"] + TINY_RUN
+    # neither dense members nor experts: one message naming the missing members and the flags that would supply them
+    with pytest.raises(ValueError) as e:
+        S.main(run + [f"--out={tmp_path / 'x'}"])
+    for s in ("KEY.seg.png", "KEY.inst.png", "KEY.depth.npy", "--seg_expert=", "--depth_expert=", "--mode=experts"):
+        assert s in str(e.value), s
+    with pytest.raises(ValueError, match="needs KEY.seg.png / KEY.inst.png members"):
+        S.main(run + [f"--out={tmp_path / 'x'}", "--mode=merge"])
+    # experts trained on data with dense maps label the image-text data; the SAM-CLIP half is reported as n/a
+    ex = S.main([f"--data={world_shards}/{{split}}", "--mode=experts", f"--out={tmp_path / 'ex'}",
+                 "--num_workers=0"] + TINY_RUN)
+    assert 0 < ex["seg_expert_miou"] <= 1 and ex["depth_expert_rmse"] > 0
+    res = S.main(run + [f"--out={tmp_path / 'run'}", f"--seg_expert={ex['seg_expert']}",
+                        f"--depth_expert={ex['depth_expert']}"])
+    assert res["merge"].startswith("n/a: needs KEY.seg.png / KEY.inst.png members")
+    assert res["zoo_pseudo_labels"] == {"seg": f"--seg_expert={ex['seg_expert']}",
+                                        "depth": f"--depth_expert={ex['depth_expert']}"}
+    assert isinstance(res["zoo_dense_miou"], float) and res["data"]["eval_keys_in_train"] == 0
+    eff = res["expected_effects"]
+    assert all(v == "n/a" for k, v in eff.items() if "zoo" not in k)
+    assert isinstance(eff["zoo improves depth probe"], bool)
+    with pytest.raises(FileNotFoundError, match="--seg_expert='nope.safetensors' does not exist"):
+        S.main(run + [f"--out={tmp_path / 'x'}", "--seg_expert=nope.safetensors",
+                      f"--depth_expert={ex['depth_expert']}"])
