@@ -172,6 +172,12 @@ def format_help(cls, commands=None, prog=None):
     return "\n".join(out)
 
 
+# Old spellings of a concept -> (the one name every script now uses, how to translate).
+RENAMED = {"size": ("image_size", ""), "patch": ("patch_size", ""), "context": ("context_length", ""),
+           "text": ("caption", ""), "batch": ("batch_size", ""),
+           "reuse": ("retrain", ": --reuse=false is --retrain (finished stages with the same config are reused)")}
+
+
 def parse_config(cls, argv=None, commands=None, presets=None):
     """Build `cls` (a dataclass) from `--key=value` / `--key value` / `--flag` arguments.
 
@@ -209,6 +215,9 @@ def parse_config(cls, argv=None, commands=None, presets=None):
         if key not in fields and key.startswith("no_") and key[3:] in fields and fields[key[3:]][1] is bool and not eq:
             kw[key[3:]] = False
             continue
+        if key not in fields and RENAMED.get(key, ("",))[0] in fields:
+            new, how = RENAMED[key]
+            raise SystemExit(f"config error: --{key} is now --{new}{how} (one name per concept in every script)")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""

@@ -482,7 +482,8 @@ def open_source(data, split="train", *, world=None, n=None, val_data="", holdout
 
     data ""            -> WorldSource(world(split), n, cache, keep): world is a callable split -> World
     "{split}" in data  -> that split's own files (data.replace("{split}", split))
-    val_data           -> the eval splits ("val", "test") read it; train reads data
+    val_data           -> the eval splits ("val", "test") read it (its own "{split}" files, or val and test as the
+                          two halves by key hash); train reads all of data
     otherwise          -> one stream split by key hash: holdout is the fraction for "test" and again for "val"
                           (key_split); holdout=0 with a single stream is an error for eval splits, since the
                           eval set would be the training set.
@@ -498,11 +499,9 @@ def open_source(data, split="train", *, world=None, n=None, val_data="", holdout
         data = data.replace("{split}", split)
     elif val_data and split == "train":
         pass  # eval data lives elsewhere: train on all of --data
-    elif split != "train" and val_data:
+    elif split != "train" and val_data:  # separate eval data: its own {split} files, else val / test halves by hash
+        h = 0.0 if "{split}" in val_data else 0.5
         data = val_data.replace("{split}", split)
-        h = holdout if holdout > 0 else 0.0
-        if h == 0:  # a separate eval stream: val and test halves by hash unless the user holds out nothing
-            h = 0.5
     else:
         h = holdout
         if split != "train" and h <= 0:
@@ -785,6 +784,27 @@ class Stream:
         self._it = None
 
 
+class Zip:
+    """Streams advanced together, for a stage that draws from several sources at once (e.g. new data + replay):
+    zip(i) -> (a(i), b(i), ...). fit checkpoints and restores all their states through it."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def __call__(self, i):
+        return tuple(s(i) for s in self.streams)
+
+    def state_dict(self):
+        sds = [s.state_dict() for s in self.streams]
+        return {"meta": {"zip": [sd["meta"] for sd in sds], "lengths": [len(sd["keys"]) for sd in sds]},
+                "keys": torch.cat([sd["keys"] for sd in sds])}
+
+    def load_state_dict(self, sd):
+        parts = torch.split(sd["keys"], sd["meta"]["lengths"])
+        for s, m, k in zip(self.streams, sd["meta"]["zip"], parts):
+            s.load_state_dict({"meta": m, "keys": k})
+
+
 def _to_device(batch, device):
     if device == "cpu":
         return batch
@@ -913,11 +933,8 @@ def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part
 
 
 def _all_sum(x, dist):
-    t = torch.tensor([float(v) for v in x], dtype=torch.float64)
-    if dist is not None and dist.distributed:
-        t = t.to(dist.device)
-        torch.distributed.all_reduce(t)
-    return [int(v) for v in t.cpu().tolist()]
+    from common.train import all_reduce
+    return [int(v) for v in all_reduce(torch.tensor([float(v) for v in x], dtype=torch.float64), dist).tolist()]
 
 
 def _global_unique(keys, dist):
@@ -969,26 +986,16 @@ def data_report(streams, eval_samples=(), dist=None, source=None, eval_source=No
     eh = np.array([key_hash(s["__key__"]) for x in ev for s in x], np.int64)
     n_eval = len(eh)
     if dist is not None and dist.distributed:  # rank 0's eval hashes to everyone
-        n = torch.tensor([len(eh)], dtype=torch.int64, device=dist.device)
-        torch.distributed.broadcast(n, 0)
-        buf = torch.zeros(int(n.item()), dtype=torch.int64)
-        if master:
-            buf[:] = torch.from_numpy(eh)
-        buf = buf.to(dist.device)
-        torch.distributed.broadcast(buf, 0)
-        eh = buf.cpu().numpy()
+        from common.train import all_gather_rows
+        eh = all_gather_rows(torch.from_numpy(eh), dist).numpy()  # only rank 0 contributes rows
     hits = int(np.isin(np.unique(eh), keys).sum())
     other = sum(v for r, v in skipped.items() if r not in SKIP_REASONS)
     tot = _all_sum([seen, len(keys), hits, n_eval, other] + [skipped[r] for r in SKIP_REASONS], dist)
     uniq = _global_unique(keys, dist)
     eval_source = eval_source or ", ".join(sorted({x.name for x in ev}))
     if dist is not None and dist.distributed:  # rank 0 knows the eval sets
-        b = torch.zeros(4096, dtype=torch.uint8)
-        enc = eval_source.encode()[:4096]
-        b[:len(enc)] = torch.frombuffer(bytearray(enc), dtype=torch.uint8) if enc else b[:0]
-        b = b.to(dist.device)
-        torch.distributed.broadcast(b, 0)
-        eval_source = bytes(b.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+        from common.train import broadcast_json
+        eval_source = broadcast_json(eval_source, dist)
     by = {r: v for r, v in zip(("other",) + SKIP_REASONS, tot[4:]) if v}
     return {"source": source or ", ".join(sorted({s.source.name for s in streams})),
             "eval_source": eval_source,

@@ -9,8 +9,8 @@
 - `Logger`: rank-0 `log.jsonl` rows plus a readable line.
 - `fit`: the loop (DDP, autocast, grad accumulation, clipping, schedule, logging, checkpoint/resume, NaN guard).
 
-Determinism contract of `fit`: the batch for step i must be a pure function of i (`get_batch(i)`), e.g. indices drawn
-from `np.random.default_rng((seed, rank, i))`. The optimizer state and the global RNGs (for dropout / in-loss
+Determinism contract of `fit`: the batch for step i must be a pure function of i: a common.data.Stream (whose
+position fit checkpoints) or e.g. indices drawn from `np.random.default_rng((seed, rank, i))`. The optimizer state and the global RNGs (for dropout / in-loss
 randomness) are restored from the checkpoint, so a run killed after a checkpoint and resumed reaches bit-identical
 weights to an uninterrupted run on the same device and world size.
 """
@@ -84,6 +84,60 @@ def setup_distributed(device=None):
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend)
     return Dist(rank, world_size, local_rank, device, rank == 0, world_size > 1)
+
+
+# -----------------------------------------------------------------------------
+# collectives (no-ops on one process; NCCL needs device tensors, gloo takes CPU ones)
+
+
+def _comm_device(dist):
+    return dist.device if str(dist.device).startswith("cuda") else "cpu"
+
+
+def all_reduce(x, dist, op="sum"):
+    """Sum / max / min of a tensor, numpy array or number over ranks; returns the same kind."""
+    kind = type(x)
+    t = torch.as_tensor(x)
+    if dist is None or not dist.distributed:
+        return x
+    ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
+    y = t.detach().clone().to(_comm_device(dist))
+    tdist.all_reduce(y, op=ops[op])
+    y = y.to(t.device) if torch.is_tensor(x) else y.cpu()
+    if kind is np.ndarray:
+        return y.numpy()
+    return y if torch.is_tensor(x) else y.item()
+
+
+def all_gather_rows(x, dist):
+    """(n_r, ...) on each rank, n_r may differ -> (sum n_r, ...) in rank order, on every rank."""
+    if dist is None or not dist.distributed:
+        return x
+    dev = _comm_device(dist)
+    n = torch.tensor([x.shape[0]], device=dev)
+    ns = [torch.zeros_like(n) for _ in range(dist.world_size)]
+    tdist.all_gather(ns, n)
+    L = int(max(v.item() for v in ns))
+    pad = torch.zeros((L - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=dev)
+    parts = [torch.empty((L, *x.shape[1:]), dtype=x.dtype, device=dev) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, torch.cat([x.to(dev), pad]).contiguous())
+    return torch.cat([p[:int(k.item())] for p, k in zip(parts, ns)]).to(x.device)
+
+
+def broadcast_json(obj, dist, src=0):
+    """A JSON-able object from rank `src` to every rank (as UTF-8 bytes in a uint8 tensor: nothing is pickled)."""
+    if dist is None or not dist.distributed:
+        return obj
+    dev = _comm_device(dist)
+    blob = json.dumps(obj).encode() if dist.rank == src else b""
+    n = torch.tensor([len(blob)], device=dev)
+    tdist.broadcast(n, src)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    if dist.rank == src:
+        buf[:] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    buf = buf.to(dev)
+    tdist.broadcast(buf, src)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
 def seed_all(seed, rank=0):
@@ -248,7 +302,8 @@ def gather_rng_states(dist=None):
     return out
 
 
-def save_checkpoint(path, model, optimizer=None, step=0, config=None, extra=None, rng=None, arrays=None):
+def save_checkpoint(path, model, optimizer=None, step=0, config=None, extra=None, rng=None, arrays=None,
+                    fingerprint=None):
     """Atomic safetensors checkpoint.
 
     tensors: "model.<name>", "optim.<i>.<key>" (exp_avg, exp_avg_sq, step, ... per param index i), "rng.<rank>.torch"
@@ -260,6 +315,8 @@ def save_checkpoint(path, model, optimizer=None, step=0, config=None, extra=None
         tensors[f"arrays.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"format": "clipbook-checkpoint-v1", "step": str(int(step)),
             "config": json.dumps(_plain(config)), "extra": json.dumps(_plain(extra))}
+    if fingerprint is not None:  # stage_fingerprint() JSON: what fit compares to decide on reuse
+        meta["fingerprint"] = fingerprint
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -497,55 +554,99 @@ def _batch_size(batch):
     return 0
 
 
-def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight_decay=0.1, warmup=0, min_lr=0.0,
-        betas=(0.9, 0.98), eps=1e-6, grad_clip=1.0, grad_accum=1, ckpt_every=0, resume=False, dist=None,
-        log_every=10, desc="train", amp="auto", compile=False, find_unused_parameters=False, config=None,
-        optimizer=None, on_step=None, progress=True, save_final=True):
-    """Train `model` for `steps` optimizer steps; returns {"loss": [...], "steps", "seconds", ...}.
+@dataclass
+class TrainConfig:
+    """The optimisation of one stage: what `fit` needs besides the model, the loss and the data."""
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 0
+    min_lr: float = 0.0
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ckpt_every: int = 0        # also at the end
+    log_every: int = 10
+    amp: str = "auto"          # auto (bf16 on CUDA) | bf16 | none
+    compile: bool = False
+    resume: bool = False       # continue an unfinished checkpoint of this stage
+
+
+def stage_fingerprint(fp):
+    """Canonical JSON of a stage's fingerprint (the config values that change its result)."""
+    return json.dumps(_plain(fp), sort_keys=True)
+
+
+def _header(path):
+    """A checkpoint's JSON header (None when there is no readable checkpoint at path)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not a reusable stage
+        return None
+
+
+def fit(model, loss_fn, data, train, out_dir, name="model", dist=None, *, fingerprint=None, on_step=None,
+        optimizer=None, config=None, progress=True, find_unused_parameters=False, **legacy):
+    """Train `model` for `train.steps` optimizer steps; returns {"loss": [...] (every step), "steps", "seconds",
+    "start", "resumed", "reused"}.
 
     loss_fn(model, batch) -> loss or (loss, {metric: float}); `model` is the DDP/compiled wrapper, call it normally
       (loss_fn may reach the raw module through common.train.unwrap(model)). The logged/returned loss is the mean
       over micro-batches and ranks; metrics are rank 0's.
-    get_batch(i) -> batch for 0-based step i, already on the right device. It must be a deterministic function of i
-      (and the rank): that, plus the restored optimizer/RNG state, is what makes kill+resume reproduce the run.
+    data(i) -> batch for 0-based step i, on the right device: a common.data.Stream (its position is checkpointed
+      with the weights, so a killed run resumes with the same batches) or any deterministic function of i.
       With grad_accum > 1 the batch is split along dim 0 into grad_accum micro-batches; gradients are synced only on
       the last one (DDP no_sync), so the update equals one step on the whole batch for per-sample-mean losses.
-    ckpt_every: checkpoint `{out_dir}/{name}.safetensors` every N steps (and at the end when save_final), rank 0,
-      atomic. Its "step" = optimizer steps completed; resume=True continues from there (returns at once when the
-      checkpoint already has >= steps).
-    amp: "auto" (bf16 on CUDA only) | "bf16" | "none". compile: torch.compile the model (saved weights stay clean).
+    train: TrainConfig. Checkpoints `{out_dir}/{name}.safetensors` every ckpt_every steps and at the end (rank 0,
+      atomic; "step" = optimizer steps completed).
+    Stage reuse, one rule for every script: with a fingerprint (the config values that change this stage's result),
+      a checkpoint whose stored fingerprint differs is set aside and the stage trains again; a matching finished one
+      is reused as it is (weights loaded, nothing trained); a matching unfinished one is continued when
+      train.resume, else trained again. Without a fingerprint only train.resume continues or reuses a checkpoint.
     Mode: fit() calls model.train() once. A frozen sub-module that holds BatchNorm (e.g. the conv stem of a probed
       backbone) still updates its running statistics in train mode: put it back in eval() inside loss_fn.
     on_step(step, model, metrics): called after each optimizer step (step = steps completed), e.g. to clamp
       logit_scale or evaluate. A non-finite loss raises RuntimeError before the update, so the checkpoint on disk
       (and the in-memory weights) stay the last good ones.
     """
+    if not isinstance(train, TrainConfig):  # TEMPORARY: old keyword call sites, removed once all are migrated
+        legacy.pop("desc", None), legacy.pop("save_final", None)
+        train = TrainConfig(steps=int(train), **legacy)
+    tc, steps, desc = train, train.steps, name
     dist = dist or Dist(device=str(next(model.parameters()).device))
     out_dir = str(out_dir)
     ckpt = os.path.join(out_dir, f"{name}.safetensors")
     raw = unwrap(model)
-    opt = optimizer or make_optimizer(raw, lr, weight_decay, betas, eps)
-    stream = get_batch if hasattr(get_batch, "state_dict") else None  # a common.data.Stream: checkpoint it too
+    opt = optimizer or make_optimizer(raw, tc.lr, tc.weight_decay, tc.betas, tc.eps)
+    stream = data if hasattr(data, "state_dict") else None  # a common.data.Stream: checkpoint it too
     start, past = 0, []
-    if resume and os.path.exists(ckpt):
+    fp = None if fingerprint is None else stage_fingerprint(fingerprint)
+    head = _header(ckpt) if os.path.exists(ckpt) else None
+    same = head is not None and (tc.resume if fp is None else head.get("fingerprint") == fp)
+    if fp is not None and head is not None and not same:
+        dist.print(f"{desc}: {ckpt} was trained with another configuration; training this stage again")
+    done = int(head.get("step", 0)) if same else 0
+    if same and (done >= steps or tc.resume):
         info = load_checkpoint(ckpt, raw, opt, restore_rng=True, rank=dist.rank)
         start = info["step"]
         past = info["arrays"]["loss"].tolist()[:start] if "loss" in info["arrays"] else []
-        if start >= steps:
-            dist.print(f"{desc}: {ckpt} is complete ({start} >= {steps} steps); nothing to do")
-            if stream is not None:  # its counts still describe what the stage trained on (results' data block)
-                try:
-                    stream.load_state_dict(load_data_state(ckpt, dist.rank, start))
-                except (FileNotFoundError, ValueError) as e:
-                    dist.print(f"{desc}: the data counts of {ckpt} are not known here ({e})")
-            return {"loss": past, "steps": start, "seconds": 0.0, "start": start, "resumed": True, "complete": True}
         if stream is not None:
-            stream.load_state_dict(load_data_state(ckpt, dist.rank, start))
+            try:
+                stream.load_state_dict(load_data_state(ckpt, dist.rank, start))
+            except (FileNotFoundError, ValueError) as e:
+                if start < steps:
+                    raise
+                dist.print(f"{desc}: the data counts of {ckpt} are not known here ({e})")
+        if start >= steps:  # finished: reuse as it is; the stream state keeps its counts for the data block
+            dist.print(f"{desc}: reusing {ckpt} ({start} steps)")
+            return {"loss": past, "steps": start, "seconds": 0.0, "start": start, "resumed": True, "reused": True}
         dist.print(f"{desc}: resumed from {ckpt} at step {start}/{steps}")
     logger = Logger(out_dir, dist.is_master, run=name, keep_until=start if start else None)
     if dist.is_master:
         os.makedirs(out_dir, exist_ok=True)
-    fwd = torch.compile(raw) if compile else raw
+    fwd = torch.compile(raw) if tc.compile else raw
     if dist.distributed:
         dev_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=dev_ids,
@@ -558,7 +659,7 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
         states = gather_rng_states(dist)  # collective: every rank calls save()
         if dist.is_master:
             save_checkpoint(ckpt, raw, opt, step, config, {"name": name, "total_steps": steps}, rng=states,
-                            arrays={"loss": torch.tensor(past + losses, dtype=torch.float64)})
+                            arrays={"loss": torch.tensor(past + losses, dtype=torch.float64)}, fingerprint=fp)
         dist.barrier()
 
     from tqdm import tqdm
@@ -566,17 +667,17 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     losses, t0, t_log, n_log = [], time.time(), time.time(), 0
     for i in range(start, steps):
-        cur = cosine_lr(i, steps, lr, warmup, min_lr)
+        cur = cosine_lr(i, steps, tc.lr, tc.warmup, tc.min_lr)
         for g in opt.param_groups:
             g["lr"] = cur * g.get("lr_scale", 1.0)
-        batch = get_batch(i)
-        micro = _split(batch, grad_accum) if grad_accum > 1 else [batch]
+        batch = data(i)
+        micro = _split(batch, tc.grad_accum) if tc.grad_accum > 1 else [batch]
         tot, mets = 0.0, {}
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
             sync = fwd.no_sync() if dist.distributed and not last else contextlib.nullcontext()
             with sync:
-                with autocast(dist.device, amp):
+                with autocast(dist.device, tc.amp):
                     out = loss_fn(fwd, mb)
                 loss, m = out if isinstance(out, tuple) else (out, {})
                 (loss / len(micro)).backward()
@@ -594,8 +695,8 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
             raise RuntimeError(f"{desc}: non-finite loss {tot} at step {i} (0-based) of {steps}; stopping before the "
                                f"update. {kept}. Lower lr / check the data or amp.")
         gnorm = None
-        if grad_clip and grad_clip > 0:
-            gnorm = float(nn.utils.clip_grad_norm_(raw.parameters(), grad_clip))
+        if tc.grad_clip and tc.grad_clip > 0:
+            gnorm = float(nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))
             if not math.isfinite(gnorm):  # finite loss, overflowing gradients (e.g. fp16-like blow-up): same rule
                 opt.zero_grad(set_to_none=True)
                 bar.close()
@@ -613,13 +714,13 @@ def fit(model, loss_fn, get_batch, steps, out_dir, name="model", lr=1e-3, weight
             metrics["grad_norm"] = gnorm
         if on_step is not None:
             on_step(done, raw, metrics)
-        if (log_every > 0 and (done % log_every == 0 or i == start)) or done == steps:
+        if (tc.log_every > 0 and (done % tc.log_every == 0 or i == start)) or done == steps:
             now = time.time()
             metrics["samples_per_s"] = n_log / max(now - t_log, 1e-9)
-            logger.log(done, echo=log_every > 0, **metrics)
+            logger.log(done, echo=tc.log_every > 0, **metrics)
             t_log, n_log = now, 0
-        if (ckpt_every and done % ckpt_every == 0) or (done == steps and save_final):
+        if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == steps:
             save(done)
     bar.close()
     return {"loss": past + losses, "steps": steps, "start": start, "seconds": time.time() - t0, "resumed": start > 0,
-            "complete": True}
+            "reused": False}

@@ -368,16 +368,22 @@ class ColorJitter(Transform):
         return img
 
 
+def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
+    """(x - mean) / std per channel for (3, H, W) or (B, 3, H, W) float images in [0, 1], on x's device. The one
+    normaliser of the project: Normalize below and every script use it (CLIP's constants unless told)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
 class Normalize(Transform):
-    """(img - mean) / std per channel."""
+    """`normalize` as a Compose member."""
 
     def __init__(self, mean=CLIP_MEAN, std=CLIP_STD):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def apply(self, img, params):
-        m = torch.tensor(self.mean, dtype=img.dtype).view(-1, 1, 1)
-        s = torch.tensor(self.std, dtype=img.dtype).view(-1, 1, 1)
-        return (img - m) / s
+        return normalize(img, self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -244,3 +244,21 @@ def test_run_cli_interrupt_exit_and_config_errors(cli):
     r = subprocess.run([sys.executable, str(cli.dir / "entry.py"), "ok", "--debug", "x"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ran ['ok', 'x']"   # --debug removed, the rest kept in order
+
+
+def test_old_spellings_name_the_new_key():
+    from dataclasses import dataclass
+
+    from common.config import parse_config
+
+    @dataclass
+    class C:
+        image_size: int = 32
+        context_length: int = 77
+        retrain: bool = False
+
+    for old, new in (("--size=64", "--image_size"), ("--context=16", "--context_length"),
+                     ("--reuse=false", "--retrain")):
+        with pytest.raises(SystemExit, match=f"is now {new}"):
+            parse_config(C, [old])
+    assert parse_config(C, ["--image_size=64"]).image_size == 64

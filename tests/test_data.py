@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from common.data import (FolderSource, SampleSource, ShardSource, Stream, WorldSource, class_names_of, collate,
+from common.data import (FolderSource, SampleSource, ShardSource, Stream, WorldSource, Zip, class_names_of, collate,
                          data_report, decode_npy, expand_urls, for_each_shard, iter_samples, key_split, open_source,
                          read_samples, split_name)
 
@@ -533,3 +533,27 @@ def test_data_report_two_gloo_ranks(tmp_path):
     assert r0["train_keys_on_several_ranks"] == 0 and r0["eval_keys_in_train"] == 0
     assert r0["same_on_both"] == 4  # and the count does see ranks that read the same samples
     assert r0["eval_samples"] == sum(key_split(f"s-{k:06d}", 0.2) == "test" for k in range(40)) > 0
+
+
+def test_zip_of_streams_resumes_both(shards6, tmp_path):
+    _write_shards(str(tmp_path / "b"), 2, 5, name="b")
+    mk = lambda: Zip(Stream(ShardSource(shards6), 3, None, num_workers=0),  # noqa: E731
+                     Stream(ShardSource(str(tmp_path / "b")), 2, None, num_workers=0))
+    ref = mk()
+    full = [ref(i) for i in range(8)]
+    a = mk()
+    for i in range(5):
+        a(i)
+    b = mk()
+    b.load_state_dict(a.state_dict())
+    for i in range(5, 8):
+        x, y = b(i)
+        assert x["__key__"] == full[i][0]["__key__"] and y["__key__"] == full[i][1]["__key__"]
+
+
+def test_val_data_halves(shards6, tmp_path):
+    _write_shards(str(tmp_path / "v"), 2, 10, name="v")
+    te = set(_keys(open_source(shards6, "test", val_data=str(tmp_path / "v"), holdout=0.05)))
+    va = set(_keys(open_source(shards6, "val", val_data=str(tmp_path / "v"), holdout=0.05)))
+    assert te | va == {f"s-{k:06d}" for k in range(20)} and not te & va  # the two halves, whatever --holdout
+    assert len(_keys(open_source(shards6, "train", val_data=str(tmp_path / "v"), holdout=0.05))) == 30

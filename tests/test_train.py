@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # RNG state matters) and a batch that is a pure function of the step.
 SETUP = textwrap.dedent("""
     import torch, torch.nn as nn
+    from common.train import TrainConfig
     def make_model():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 4))
@@ -32,11 +33,12 @@ SETUP = textwrap.dedent("""
     def loss_fn(model, b):
         x, y = b
         return nn.functional.cross_entropy(model(x), y)
-    KW = dict(lr=3e-3, warmup=3, ckpt_every=5, log_every=5, progress=False)
+    def tc(steps, **kw):
+        return TrainConfig(steps, **{**dict(lr=3e-3, warmup=3, ckpt_every=5, log_every=5), **kw})
 """)
 ns = {}
 exec(SETUP, ns)
-make_model, get_batch, loss_fn, KW = ns["make_model"], ns["get_batch"], ns["loss_fn"], ns["KW"]
+make_model, get_batch, loss_fn, tc = ns["make_model"], ns["get_batch"], ns["loss_fn"], ns["tc"]
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +58,7 @@ def _env():
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     ref = make_model()
-    h_ref = fit(ref, loss_fn, get_batch, 20, tmp_path / "ref", **KW)
+    h_ref = fit(ref, loss_fn, get_batch, tc(20), tmp_path / "ref", progress=False)
 
     # a separate process is SIGKILLed (no cleanup, no finally) right after step 12; last checkpoint = step 10
     script = SETUP + textwrap.dedent(f"""
@@ -65,7 +67,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         def hook(step, model, metrics):
             if step == 12:
                 os.kill(os.getpid(), signal.SIGKILL)
-        fit(make_model(), loss_fn, get_batch, 20, {str(tmp_path / 'run')!r}, on_step=hook, **KW)
+        fit(make_model(), loss_fn, get_batch, tc(20), {str(tmp_path / 'run')!r}, on_step=hook, progress=False)
     """)
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
@@ -77,7 +79,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     torch.manual_seed(123)  # garbage RNG state: resume must restore the saved one
     m = make_model()
     torch.manual_seed(456)
-    h = fit(m, loss_fn, get_batch, 20, tmp_path / "run", resume=True, **KW)
+    h = fit(m, loss_fn, get_batch, tc(20, resume=True), tmp_path / "run", progress=False)
     assert h["start"] == 10 and len(h["loss"]) == 20
     assert h["loss"] == h_ref["loss"]  # the history from the checkpoint + the resumed steps: every step
     for (k, a), b in zip(ref.state_dict().items(), m.state_dict().values()):
@@ -86,13 +88,14 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 20
     # a complete checkpoint: resume returns at once without touching the weights
-    h2 = fit(m, loss_fn, get_batch, 20, tmp_path / "run", resume=True, **KW)
-    assert h2["loss"] == h_ref["loss"] and h2["complete"]
+    h2 = fit(m, loss_fn, get_batch, tc(20, resume=True), tmp_path / "run", progress=False)
+    assert h2["loss"] == h_ref["loss"] and h2["reused"]
 
 
 STREAM_SETUP = textwrap.dedent("""
     import torch, torch.nn as nn, sys
     from common.data import ShardSource, Stream
+    from common.train import TrainConfig
     from common.transforms import train_transform
     AUG = train_transform(16, kind="rrc")
     def transform(s, g):  # decode happened in the worker; augmentation there too, from the per-sample generator
@@ -104,7 +107,7 @@ STREAM_SETUP = textwrap.dedent("""
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 10))
     def loss_fn(model, b):
         return nn.functional.cross_entropy(model(b["x"]), b["y"])
-    KW = dict(lr=3e-3, warmup=3, ckpt_every=5, log_every=5, progress=False)
+    TC = dict(lr=3e-3, warmup=3, ckpt_every=5, log_every=5)
 """)
 
 
@@ -118,21 +121,23 @@ def test_kill_and_resume_mid_stream_on_shards_with_two_workers(tmp_path):
     ns = {}
     exec(STREAM_SETUP, ns)
     ref, st_ref = ns["make_model"](), ns["make_stream"](data)
-    h_ref = fit(ref, ns["loss_fn"], st_ref, steps, tmp_path / "ref", **ns["KW"])
+    TC = ns["TrainConfig"]
+    h_ref = fit(ref, ns["loss_fn"], st_ref, TC(steps, **ns["TC"]), tmp_path / "ref", progress=False)
     script = STREAM_SETUP + textwrap.dedent(f"""
         import os, signal
         from common.train import fit
         def hook(step, model, metrics):
             if step == 13:
                 os.kill(os.getpid(), signal.SIGKILL)
-        fit(make_model(), loss_fn, make_stream({data!r}), {steps}, {str(tmp_path / 'run')!r}, on_step=hook, **KW)
+        fit(make_model(), loss_fn, make_stream({data!r}), TrainConfig({steps}, **TC), {str(tmp_path / 'run')!r},
+            on_step=hook, progress=False)
     """)
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     m, st = ns["make_model"](), ns["make_stream"](data)
     assert load_checkpoint(tmp_path / "run" / "model.safetensors", m)["step"] == 10
-    h = fit(m, ns["loss_fn"], st, steps, tmp_path / "run", resume=True, **ns["KW"])
+    h = fit(m, ns["loss_fn"], st, TC(steps, resume=True, **ns["TC"]), tmp_path / "run", progress=False)
     assert h["start"] == 10 and h["loss"] == h_ref["loss"]
     for (k, a), b in zip(ref.state_dict().items(), m.state_dict().values()):
         assert torch.equal(a, b), k
@@ -140,17 +145,49 @@ def test_kill_and_resume_mid_stream_on_shards_with_two_workers(tmp_path):
     assert len(st.unique_keys()) == 60
 
 
+def test_stage_reuse_by_fingerprint(tmp_path):
+    """One rule for every script's stages: a matching finished checkpoint is reused (nothing trained), a different
+    fingerprint trains again, a matching unfinished one continues only with resume."""
+    calls = []
+
+    def counted(i):
+        calls.append(i)
+        return get_batch(i)
+
+    a = make_model()
+    h = fit(a, loss_fn, counted, tc(10), tmp_path, name="t", fingerprint={"lr": 3e-3, "width": 32}, progress=False)
+    assert len(calls) == 10 and not h["reused"]
+    b = make_model()
+    with torch.no_grad():
+        for q in b.parameters():
+            q.zero_()
+    h = fit(b, loss_fn, counted, tc(10), tmp_path, name="t", fingerprint={"width": 32, "lr": 3e-3}, progress=False)
+    assert len(calls) == 10 and h["reused"] and h["loss"] and all(torch.equal(x, y) for x, y in
+                                                                   zip(a.parameters(), b.parameters()))
+    h = fit(make_model(), loss_fn, counted, tc(10), tmp_path, name="t", fingerprint={"lr": 1e-3, "width": 32},
+            progress=False)
+    assert len(calls) == 20 and not h["reused"]  # another configuration: trained again
+    calls.clear()
+    fit(make_model(), loss_fn, counted, tc(20), tmp_path, name="t", fingerprint={"lr": 1e-3, "width": 32},
+        progress=False)
+    assert calls == list(range(20))  # a finished 10-step stage asked for 20 steps, no resume: trained again
+    calls.clear()
+    fit(make_model(), loss_fn, counted, tc(30, resume=True), tmp_path, name="t",
+        fingerprint={"lr": 1e-3, "width": 32}, progress=False)
+    assert calls == list(range(20, 30))  # with resume: continued from its 20 steps
+
+
 def test_resume_without_checkpoint_differs_from_rng_restore(tmp_path):
     """Guard that the test above can fail: without restoring the RNG the dropout masks differ."""
     ref = make_model()
-    fit(ref, loss_fn, get_batch, 10, tmp_path / "a", **KW)
+    fit(ref, loss_fn, get_batch, tc(10), tmp_path / "a", progress=False)
     m = make_model()
-    fit(m, loss_fn, get_batch, 5, tmp_path / "b", **KW)
+    fit(m, loss_fn, get_batch, tc(5), tmp_path / "b", progress=False)
     torch.manual_seed(99)
     info = load_checkpoint(tmp_path / "b" / "model.safetensors", m, restore_rng=False)
     assert info["step"] == 5
     # continue 5 more steps with a fresh optimizer and the wrong RNG: weights must differ from ref
-    fit(m, loss_fn, lambda i: get_batch(i + 5), 5, tmp_path / "c", **KW)
+    fit(m, loss_fn, lambda i: get_batch(i + 5), tc(5), tmp_path / "c", progress=False)
     assert not torch.equal(ref[0].weight, m[0].weight)
 
 
@@ -168,7 +205,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         return get_batch(i)
 
     with pytest.raises(RuntimeError, match=r"non-finite loss nan at step 7"):
-        fit(m, bad_loss, gb, 20, tmp_path, **KW)
+        fit(m, bad_loss, gb, tc(20), tmp_path, progress=False)
     ck = tmp_path / "model.safetensors"
     good = make_model()
     assert load_checkpoint(ck, good)["step"] == 5
@@ -271,9 +308,8 @@ def test_grad_accum_matches_full_batch(tmp_path):
     a = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     b = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     b.load_state_dict(a.state_dict())
-    kw = dict(lr=1e-2, log_every=0, progress=False)
-    fit(a, loss_fn, get_batch, 5, tmp_path / "a", grad_accum=1, **kw)
-    fit(b, loss_fn, get_batch, 5, tmp_path / "b", grad_accum=4, **kw)
+    fit(a, loss_fn, get_batch, tc(5, lr=1e-2, log_every=0, grad_accum=1), tmp_path / "a", progress=False)
+    fit(b, loss_fn, get_batch, tc(5, lr=1e-2, log_every=0, grad_accum=4), tmp_path / "b", progress=False)
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.allclose(x, y, atol=1e-5)
 
@@ -287,7 +323,8 @@ DDP_SCRIPT = SETUP + textwrap.dedent("""
     def gb(i):  # each rank gets its own half of the global batch
         x, y = get_batch(i)
         return x[d.rank::2], y[d.rank::2]
-    fit(m, loss_fn, gb, 6, sys.argv[1], dist=d, ckpt_every=3, lr=1e-2, log_every=2, progress=False, grad_accum=2)
+    fit(m, loss_fn, gb, TrainConfig(6, ckpt_every=3, lr=1e-2, log_every=2, grad_accum=2), sys.argv[1], dist=d,
+        progress=False)
     torch.set_printoptions(precision=10)
     vec = torch.cat([p.detach().flatten() for p in m.parameters()])
     open(f"{sys.argv[1]}/w{d.rank}.txt", "w").write(" ".join(repr(v) for v in vec.tolist()))
