@@ -880,13 +880,24 @@ def stack(samples, key, dtype=None):
     return out.to(dtype) if dtype is not None and torch.is_tensor(out) else out
 
 
-def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part", progress=True):
+def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part", progress=True, fingerprint=None):
     """Build a per-sample artifact by streaming: input units (a tar shard each, or shard_size indices of a map-style
     source) are dealt to ranks round-robin; for each unit whose output `{out_dir}/{prefix}-{unit:06d}.tar` does
     not exist yet, fn(samples) -> iterable of (key, {ext: bytes}) is written to it atomically (tmp + rename). So a
-    killed build resumes at the first missing shard, and no rank ever holds more than one unit. Returns all output
-    paths, after a barrier."""
+    killed build resumes at the first missing shard, and no rank ever holds more than one unit. fingerprint: the
+    config that determines the output; shards built under another one are deleted first, and out_dir is marked
+    (common.train.stage_current) once complete. Returns all output paths, after a barrier."""
+    from common.train import mark_stage, stage_current
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    if fingerprint is not None and os.path.isdir(out_dir) and not stage_current(out_dir, fingerprint):
+        if os.path.exists(os.path.join(out_dir, "stage.json")) or glob(os.path.join(out_dir, f"{prefix}-*.tar")):
+            if dist is not None:
+                dist.barrier()  # every rank has checked before rank 0 deletes
+            if rank == 0:
+                for p in glob(os.path.join(out_dir, f"{prefix}-*.tar")) + glob(os.path.join(out_dir, "stage.json")):
+                    os.remove(p)
+            if dist is not None:
+                dist.barrier()
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(source, ShardSource):
         units = [(j, u) for j, u in enumerate(source.urls)]
@@ -923,6 +934,10 @@ def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part
     if skipped:
         warnings.warn(f"for_each_shard {out_dir!r} rank {rank}: skipped {dict(skipped)}", RuntimeWarning,
                       stacklevel=2)
+    if dist is not None:
+        dist.barrier()
+    if fingerprint is not None and rank == 0:
+        mark_stage(out_dir, fingerprint)
     if dist is not None:
         dist.barrier()
     return paths

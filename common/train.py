@@ -587,6 +587,34 @@ def _header(path):
         return None
 
 
+def stage_current(path, fingerprint):
+    """True when `path` holds the finished output of a stage run with this fingerprint: a fit checkpoint (header),
+    a directory (its stage.json) or any other file (its `<path>.stage.json` sidecar). The one reuse test of every
+    non-fit stage (vocabularies, reinforced datasets, stored masks); fit applies the same rule to checkpoints."""
+    path = str(path)
+    fp = stage_fingerprint(fingerprint)
+    if not os.path.exists(path):
+        return False
+    if path.endswith(".safetensors"):
+        head = _header(path)
+        return head is not None and head.get("fingerprint") == fp
+    mark = os.path.join(path, "stage.json") if os.path.isdir(path) else path + ".stage.json"
+    try:
+        with open(mark) as f:
+            return json.load(f).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def mark_stage(path, fingerprint):
+    """Record that `path` (a directory or a file) is the finished output of the stage with this fingerprint."""
+    path = str(path)
+    mark = os.path.join(path, "stage.json") if os.path.isdir(path) else path + ".stage.json"
+    with open(mark + ".tmp", "w") as f:
+        json.dump({"fingerprint": stage_fingerprint(fingerprint)}, f)
+    os.replace(mark + ".tmp", mark)
+
+
 def fit(model, loss_fn, data, train, out_dir, name="model", dist=None, *, fingerprint=None, on_step=None,
         optimizer=None, config=None, progress=True, find_unused_parameters=False, **legacy):
     """Train `model` for `train.steps` optimizer steps; returns {"loss": [...] (every step), "steps", "seconds",

@@ -557,3 +557,21 @@ def test_val_data_halves(shards6, tmp_path):
     va = set(_keys(open_source(shards6, "val", val_data=str(tmp_path / "v"), holdout=0.05)))
     assert te | va == {f"s-{k:06d}" for k in range(20)} and not te & va  # the two halves, whatever --holdout
     assert len(_keys(open_source(shards6, "train", val_data=str(tmp_path / "v"), holdout=0.05))) == 30
+
+
+def test_for_each_shard_fingerprint_rebuilds_on_change(shards6, tmp_path):
+    from common.train import stage_current
+    n = []
+
+    def fn(samples):
+        for s in samples:
+            n.append(1)
+            yield s["__key__"], {"txt": b"x"}
+
+    out = str(tmp_path / "o")
+    for_each_shard(ShardSource(shards6), out, fn, fingerprint={"k": 1})
+    assert stage_current(out, {"k": 1}) and len(n) == 30
+    for_each_shard(ShardSource(shards6), out, fn, fingerprint={"k": 1})
+    assert len(n) == 30  # current: nothing rebuilt
+    for_each_shard(ShardSource(shards6), out, fn, fingerprint={"k": 2})
+    assert len(n) == 60 and stage_current(out, {"k": 2}) and not stage_current(out, {"k": 1})
