@@ -22,14 +22,16 @@ Run:
   python fastfill.py --smoke              # tiny end-to-end run (< 60 s)
   python fastfill.py --help               # every config field
   torchrun --nproc_per_node=2 fastfill.py # data-parallel training (gloo on CPU); rank 0 evaluates and writes
-  python fastfill.py --data=DIR           # real data: tar shards or an image folder with class labels
-Stages (old model, new model, one h per loss) are reused from --out when their fingerprint matches.
+  python fastfill.py --data='DIR/{split}' # tar shards (label + classes.txt) or class folders; else --holdout splits
+Stages (old model, new model, one h per loss) are common.train.fit checkpoints in --out: reused when finished and
+their fingerprint matches, continued mid-stage after a kill.
 """
+import itertools
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -37,11 +39,13 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
 
 from common.config import parse_config, print_table, save_json
-from common.train import Logger, cosine_lr, load_weights, make_optimizer, save_weights, seed_all, setup_distributed
-from common.world import World, load_arrays
+from common.data import (SampleSource, Stream, class_names_of, data_report, iter_samples, open_source, read_samples,
+                         stack)
+from common.train import TrainConfig, fit, seed_all, setup_distributed
+from common.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
+from common.world import World, class_names
 
 LOSSES = ("l2", "l2_ce", "fastfill")
 POLICIES = ("random", "entropy", "uncertainty", "oracle")
@@ -53,11 +57,14 @@ class Config:
     seed: int = 0  # all randomness (world content, init, data order, augmentation, random policy)
     device: str = ""  # cpu | cuda; empty = cuda if available
     data: str = ""  # real data (tar shards / class folders) instead of the synthetic world
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     smoke: bool = False  # tiny sizes, end to end in < 60 s
     retrain: bool = False  # ignore stages already valid in --out
     task: str = "label"  # world label used as class: label (10 shapes) or label_fine (90 shape x colour classes)
     size: int = 32  # image side in pixels
-    n_train: int = 12000  # training images (old model sees only those of its classes)
+    n_train: int = 12000  # training images: the world's first n_train; on --data the samples an epoch counts
     n_test: int = 1000  # test images: gallery and queries (leave-one-out)
     old_width: int = 16  # old CNN base width (smaller model)
     old_dim: int = 32  # old embedding dimension
@@ -80,13 +87,13 @@ class Config:
     distance: str = "l2"  # l2 | cosine (L2-normalised; FCT's released configs use l2)
     n_alpha: int = 21  # points of the backfilling curve in [0, 1]
     eval_batch: int = 512  # queries per distance block (shrunk automatically for huge galleries)
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    ckpt_every: int = 200  # checkpoint interval (steps) of every training stage: a killed run resumes mid-stage
 
 
-def smoke_overrides(cfg):
-    """Tiny sizes for --smoke: the same pipeline end to end."""
-    cfg.n_train, cfg.n_test, cfg.old_epochs, cfg.new_epochs, cfg.h_epochs = 2000, 400, 6, 8, 10
-    cfg.old_width, cfg.new_width, cfg.new_extra, cfg.batch_size, cfg.n_alpha = 8, 16, 0, 64, 11
-    return cfg
+# --smoke: tiny sizes, the same pipeline end to end (fields given on the command line win)
+SMOKE = dict(n_train=2000, n_test=400, old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
+             batch_size=64, n_alpha=11)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,7 +122,8 @@ class Encoder(nn.Module):
     def forward(self, x):
         """x (B, 3, H, W) -> (feature (B, dim), logits (B, C))."""
         f = self.embed(self.features(x).mean((2, 3)))
-        return f, self.fc(f)
+        with torch.autocast(x.device.type, enabled=False):  # logits in fp32 also under bf16 autocast
+            return f, self.fc(f.float())
 
 
 class Transformation(nn.Module):
@@ -139,11 +147,9 @@ class Transformation(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data: the world's classification task kept in memory (tiny), or real labelled data via common.data.
+# Data (common.data): labelled images. The encoders train from Streams over the train split, h from a Stream over
+# the frozen features of the train images; the test split (gallery = queries) is read once.
 # --------------------------------------------------------------------------------------------------------------
-LABEL_KEYS = {"label_fine": "label_fine", "label": "labels"}  # task -> key in common.world.load_arrays
-
-
 def all_gather_rows(x, dist):
     """Concatenate per-rank row blocks (possibly of unequal length) in rank order on every rank."""
     if not dist.distributed:
@@ -158,82 +164,24 @@ def all_gather_rows(x, dist):
     return torch.cat([p[: int(k.item())] for p, k in zip(parts, ns)])
 
 
-def world_split(cfg, split, n, dist):
-    """Render n world images of `split` (each rank renders a contiguous chunk, then all-gather).
-
-    Returns images uint8 (n, H, W, 3), labels int64 (n,). Cached in --out as .npy (rendering is the slow part).
-    """
-    path = os.path.join(cfg.out, f"data_{split}_n{n}_s{cfg.size}_seed{cfg.seed}_{cfg.task}")
-    if os.path.exists(path + "_x.npy") and os.path.exists(path + "_y.npy") and not cfg.retrain:
-        return torch.from_numpy(np.load(path + "_x.npy")), torch.from_numpy(np.load(path + "_y.npy"))
-    world = World(seed=cfg.seed, split=split, size=cfg.size, n=n)
-    per = -(-n // dist.world_size)
-    start = min(n, dist.rank * per)
-    a = load_arrays(world, min(n, start + per) - start, start=start)
-    x = all_gather_rows(torch.from_numpy(np.ascontiguousarray(a["images"])), dist)
-    y = all_gather_rows(torch.from_numpy(np.asarray(a[LABEL_KEYS[cfg.task]], dtype=np.int64)), dist)
-    if dist.is_master:
-        np.save(path + "_x.npy", x.numpy()), np.save(path + "_y.npy", y.numpy())
-    return x, y
+def prepare(to_input, field, n_classes, s, g=None, pad=3):
+    """sample -> {"x": float (3, size, size), roughly zero-mean unit-variance, "y": class id}. With g (training):
+    random translation (reflect pad + crop) and horizontal flip."""
+    y = int(s[field])
+    if not 0 <= y < n_classes:
+        raise ValueError(f"sample {s['__key__']!r}: {field} {y} outside the {n_classes} class names of the data")
+    x = to_input(s["image"])
+    if g is not None:
+        (i, j), H, W = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist(), x.shape[1], x.shape[2]
+        x = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0, :, i:i + H, j:j + W]
+        x = x.flip(-1) if torch.rand((), generator=g) < 0.5 else x
+    return {"__key__": s["__key__"], "x": x, "y": y}
 
 
-def real_data(cfg):
-    """Labelled images from --data via common.data.make_dataset, resized to cfg.size.
-
-    A "{split}" in the path reads the train and test splits; otherwise every 6th sample (by stream position) is test.
-    Every rank reads everything (the miniature keeps data in memory); labels come from cfg.task or "label".
-    """
-    from common.data import make_dataset
-
-    def read(split, limit):
-        ds = make_dataset(cfg.data, split=split, seed=cfg.seed, size=cfg.size)
-        if hasattr(ds, "world_size"):  # ShardDataset: do not split shards across ranks here
-            ds.rank, ds.world_size = 0, 1
-        xs, ys = [], []
-        iterable = isinstance(ds, torch.utils.data.IterableDataset)
-        stream = iter(ds) if iterable else (ds[j] for j in range(len(ds)))
-        for i, smp in enumerate(stream):
-            if i >= limit:
-                break
-            key = cfg.task if cfg.task in smp else "label"
-            if key not in smp:
-                raise ValueError(f"--data={cfg.data}: sample {smp.get('__key__', i)} has no {cfg.task!r} or 'label'")
-            img = Image.fromarray(np.asarray(smp["image"], dtype=np.uint8)).convert("RGB")
-            xs.append(np.asarray(img.resize((cfg.size, cfg.size), Image.BILINEAR))), ys.append(int(smp[key]))
-        if len(xs) < 12:
-            raise ValueError(f"--data={cfg.data} ({split}): found {len(xs)} labelled images, expected at least 12")
-        return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
-
-    if "{split}" in cfg.data:
-        return (*read("train", cfg.n_train), *read("test", cfg.n_test))
-    x, y = read("train", cfg.n_train + cfg.n_test)
-    test = torch.arange(len(y)) % 6 == 5
-    return x[~test], y[~test], x[test], y[test]
-
-
-def to_input(x_uint8):
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W), roughly zero-mean unit-variance."""
-    return (x_uint8.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
-
-
-def augment(x, g, pad=3):
-    """Random translation (reflect pad + crop) and horizontal flip per sample; x (B, 3, H, W)."""
-    B, _, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    off = torch.randint(0, 2 * pad + 1, (B, 2), generator=g)
-    flip = torch.rand(B, generator=g) < 0.5
-    out = torch.stack([xp[i, :, off[i, 0]:off[i, 0] + H, off[i, 1]:off[i, 1] + W] for i in range(B)])
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-def batch_indices(step, n, batch, seed, dist):
-    """This rank's slice of the global batch at `step`: epoch-wise permutation seeded by (seed, epoch)."""
-    per_epoch = max(1, n // batch)
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-    idx = perm[i * batch:(i + 1) * batch]
-    return idx[dist.rank::dist.world_size]
+def old_rows(n_old, batch):
+    """The old model's batch: the rows of the old classes (ids < n_old)."""
+    keep = batch["y"] < n_old
+    return batch["x"][keep], batch["y"][keep]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,92 +211,60 @@ def alignment_loss(mu, s, f_new, y, W, b, kind, ce_weight):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training (DDP-correct: each rank takes its slice of the global batch; gradients are averaged by DDP).
+# Training: every stage is one common.train.fit (AdamW + cosine, DDP, autocast, resumable mid-stage).
 # --------------------------------------------------------------------------------------------------------------
-def fingerprint(cfg, *keys):
-    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+def fingerprint(cfg, *keys, **extra):
+    """What a stage's result depends on: fit reuses a finished checkpoint only when this matches."""
+    return {**{k: getattr(cfg, k) for k in keys}, **extra}
 
 
-def valid_stage(path, fp, cfg):
-    """A stage in --out is reused when its safetensors header carries the same fingerprint."""
-    if cfg.retrain or not os.path.exists(path):
-        return False
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("fingerprint") == fp
-
-
-def run_steps(model, loss_fn, steps, lr, wd, dist, logger, name, log_every=25):
-    """Plain AdamW + cosine loop; loss_fn(module, step) -> (loss, metrics). Returns the final loss."""
-    module = model
-    if dist.distributed:
-        cuda = torch.device(dist.device).type == "cuda"
-        module = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if cuda else None)
-    opt = make_optimizer(model, lr, wd)
-    model.train()
-    t0, loss = time.time(), torch.zeros(())
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup_steps=min(50, steps // 10))
-        loss, metrics = loss_fn(module, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            logger.log(step, stage=name, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                       sec=round(time.time() - t0, 2), **metrics)
+def train_stage(model, loss_fn, stream, steps, name, fp, lr, wd, cfg, dist):
+    """Train `model` as stage `name` with common.train.fit, checkpointed in {out}/{name}.safetensors every ckpt_every
+    steps: a finished checkpoint with the same fingerprint is reused, an unfinished one continued (a killed run
+    resumes mid-stage), any other trained again."""
+    path = os.path.join(cfg.out, f"{name}.safetensors")
+    if cfg.retrain and dist.is_master and os.path.exists(path):
+        os.remove(path)
+    dist.barrier()
+    fit(model, loss_fn, stream, TrainConfig(steps, lr=lr, weight_decay=wd, warmup=min(50, steps // 10), grad_clip=0.0,
+                                            ckpt_every=cfg.ckpt_every, log_every=25, amp=cfg.amp, resume=True),
+        cfg.out, name=name, dist=dist, fingerprint=fp)
+    stream.close()
     if dist.distributed:  # BN running stats drift per rank after the last step: every rank keeps rank 0's (saved) ones
         for buf in model.buffers():
             torch_dist.broadcast(buf, 0)
-    model.eval()
-    return loss.item()
+    return model.eval()
 
 
-def train_encoder(model, x, y, epochs, cfg, dist, logger, name):
-    """Cross-entropy (label smoothing 0.1) on (x uint8 (N,H,W,3), y) with translation+flip augmentation."""
-    steps = epochs * max(1, len(y) // cfg.batch_size)
-    dev = torch.device(dist.device)
-
-    def loss_fn(module, step):
-        idx = batch_indices(step, len(y), cfg.batch_size, cfg.seed, dist)
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + dist.rank)
-        xb = augment(to_input(x[idx]), g).to(dev)
-        _, logits = module(xb)
-        yb = y[idx].to(dev)
-        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-        return loss, {"acc": (logits.argmax(-1) == yb).float().mean().item()}
-
-    return run_steps(model, loss_fn, steps, cfg.lr, cfg.weight_decay, dist, logger, name)
+def encoder_loss(label_smoothing, model, batch):
+    """Cross-entropy (label smoothing as in FCT's configs) on a batch of augmented images."""
+    x, y = batch
+    _, logits = model(x)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {"acc": (logits.argmax(-1) == y).float().mean()}
 
 
-def train_h(h, f_old, f_new, y, new_fc, kind, cfg, dist, logger):
-    """Fit h on frozen training features (f_old (N, d_old), f_new (N, d_new)), FCT-style (features precomputed)."""
-    W, b = new_fc.weight.detach(), new_fc.bias.detach()  # frozen new classifier: point-to-cluster targets
-    steps = cfg.h_epochs * max(1, len(y) // cfg.h_batch)
-    dev = torch.device(dist.device)
-
-    def loss_fn(module, step):
-        idx = batch_indices(step, len(y), cfg.h_batch, cfg.seed + 1, dist)
-        mu, s = module(f_old[idx].to(dev), detach_s=(kind != "fastfill"))
-        return alignment_loss(mu, s, f_new[idx].to(dev), y[idx].to(dev), W, b, kind, cfg.ce_weight)
-
-    return run_steps(h, loss_fn, steps, cfg.h_lr, 3e-5, dist, logger, f"h_{kind}")
+def h_loss(kind, ce_weight, W, b, model, batch):
+    """alignment_loss of h on a batch of frozen (old, new) training features, in fp32 also under autocast."""
+    f_old, f_new, y = batch
+    mu, s = model(f_old, detach_s=(kind != "fastfill"))
+    with torch.autocast(f_old.device.type, enabled=False):
+        return alignment_loss(mu.float(), s.float(), f_new, y, W, b, kind, ce_weight)
 
 
 @torch.no_grad()
-def extract(model, x, dist, batch=512):
-    """Features and logits of images x (N, H, W, 3) uint8; each rank does a chunk, all ranks get everything."""
-    model.eval()
-    per = -(-len(x) // dist.world_size)
-    mine = x[dist.rank * per:(dist.rank + 1) * per]
-    fs, ls = [], []
-    for i in range(0, len(mine), batch):
-        f, logit = model(to_input(mine[i:i + batch]).to(torch.device(dist.device)))
-        fs.append(f.float().cpu()), ls.append(logit.float().cpu())
-    f = torch.cat(fs) if fs else torch.zeros(0, model.embed.out_features)
-    logit = torch.cat(ls) if ls else torch.zeros(0, model.fc.out_features)
-    return all_gather_rows(f, dist), all_gather_rows(logit, dist)
+def extract(models, samples, dist, batch=512):
+    """Features and logits of each model, and the labels, on this rank's prepared samples; every rank gets all ranks'
+    rows in rank order. Returns [(features, logits) per model], labels."""
+    dev, it, out, ys = torch.device(dist.device), iter(samples), [([], []) for _ in models], []
+    while chunk := list(itertools.islice(it, batch)):
+        x = stack(chunk, "x").to(dev)
+        for m, (fs, ls) in zip(models, out):
+            f, logit = m.eval()(x)
+            fs.append(f.float().cpu()), ls.append(logit.float().cpu())
+        ys.append(stack(chunk, "y"))
+    cat = lambda v, d: all_gather_rows(torch.cat(v) if v else torch.zeros(0, d), dist)  # noqa: E731
+    return ([(cat(fs, m.embed.out_features), cat(ls, m.fc.out_features)) for m, (fs, ls) in zip(models, out)],
+            cat(ys, 0).view(-1).long())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -501,11 +417,9 @@ def plot_curves(path, alphas, curves, refs, losses, policies):
 # main: data -> old model -> new model -> h per loss -> curves per (loss, policy) -> results.json + plot.
 # --------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    if cfg.smoke:
-        cfg = smoke_overrides(cfg)
-        if cfg.out == Config.out:  # never overwrite the default run's stages with smoke-sized ones
-            cfg.out += "_smoke"
+    cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
+    if cfg.smoke and cfg.out == Config.out:  # never overwrite the default run's stages with smoke-sized ones
+        cfg.out += "_smoke"
     t_start, cpu_start = time.time(), time.process_time()
     dist = setup_distributed(cfg.device or None)
     seed_all(cfg.seed, dist.rank)
@@ -515,30 +429,46 @@ def main(argv=None):
     for v, ok, key in [(losses, LOSSES, "losses"), (policies, POLICIES, "policies")]:
         bad = [s for s in v if s not in ok]
         if bad:
-            raise SystemExit(f"--{key}: unknown {bad}, expected a comma list of {list(ok)}")
-    if cfg.task not in LABEL_KEYS or cfg.distance not in ("l2", "cosine") or cfg.n_alpha < 2:
-        raise SystemExit(f"--task={cfg.task!r} (expected {list(LABEL_KEYS)}), --distance={cfg.distance!r} (expected "
+            raise ValueError(f"--{key}: unknown {bad}, expected a comma list of {list(ok)}")
+    if cfg.task not in ("label", "label_fine") or cfg.distance not in ("l2", "cosine") or cfg.n_alpha < 2:
+        raise ValueError(f"--task={cfg.task!r} (expected label | label_fine), --distance={cfg.distance!r} (expected "
                          f"l2 | cosine), --n_alpha={cfg.n_alpha} (expected >= 2): one of them is invalid")
+    if cfg.batch_size % dist.world_size or cfg.h_batch % dist.world_size:
+        raise ValueError(f"--batch_size={cfg.batch_size} and --h_batch={cfg.h_batch} must be divisible by "
+                         f"{dist.world_size} ranks")
+    if cfg.data and cfg.task != "label":
+        raise ValueError(f"--task={cfg.task!r} is a world label; on --data the class is the 'label' field (class "
+                         "folders, .cls or json 'label' members, names in classes.txt)")
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    logger = Logger(cfg.out, dist.is_master)
-    dev, timing = torch.device(dist.device), {}
+    dev, timing, R = torch.device(dist.device), {}, dist.world_size
 
-    # 1. data: the world's labelled images (train: fit models and h; test: gallery = queries, leave-one-out)
+    # 1. data: labelled images (train: fit the models and h; test: gallery = queries, leave-one-out)
     t = time.time()
-    if cfg.data:
-        x_tr, y_tr, x_te, y_te = real_data(cfg)
-        C = int(max(y_tr.max(), y_te.max())) + 1
-    else:
-        x_tr, y_tr = world_split(cfg, "train", cfg.n_train, dist)
-        x_te, y_te = world_split(cfg, "test", cfg.n_test, dist)
-        C = len(World(seed=cfg.seed, split="train", size=cfg.size, n=1).class_names(
-            "shape_color" if cfg.task == "label_fine" else "shape"))
+    source = lambda split, n: open_source(  # noqa: E731
+        cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.size), n=n, val_data=cfg.val_data,
+        holdout=cfg.holdout, require=("image", cfg.task), keep=("image", cfg.task))
+    train = source("train", cfg.n_train)
+    C = len(class_names_of(train, default=None if cfg.data else class_names(
+        "shape_color" if cfg.task == "label_fine" else "shape")))
     C_old = C // 2  # FCT: the old model sees the first half of the classes (here: the first half of the shapes)
+    to_input = Compose([ToTensor(), Resize(cfg.size), CenterCrop(cfg.size), Normalize((0.5,) * 3, (0.25,) * 3)])
+    prep = partial(prepare, to_input, cfg.task, C)
+    test = read_samples(source("test", cfg.n_test), cfg.n_test, prep)
+    y_te = stack(test, "y")
+    dist.print(f"data: train {train.name}, class field {cfg.task!r}, {C} classes (the old model's: ids < {C_old}); "
+               f"test {test.name}, {len(test)} samples")
+    # one seed for both streams: each rank reads the same samples in both (data block: keys on several ranks = 0)
+    streams = {name: Stream(train, k * cfg.batch_size // R, prep, seed=cfg.seed, num_workers=cfg.num_workers,
+                            dist=dist, post=post, name=name)
+               for name, k, post in (("old", 2, partial(old_rows, C_old)), ("new", 1, lambda b: (b["x"], b["y"])))}
     timing["data"] = time.time() - t
 
-    # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid
-    data_keys = ("data", "task", "size", "n_train", "seed", "batch_size", "lr", "weight_decay", "label_smoothing")
+    # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid. The old
+    #    model's batch is the old-class rows of twice batch_size stream samples (about batch_size rows when half the
+    #    samples are of old classes); an epoch is n_train stream samples for both.
+    data_keys = ("data", "holdout", "task", "size", "n_train", "seed", "batch_size", "lr", "weight_decay",
+                 "label_smoothing")
     # (init seeded per stage, on rank 0's seed: DDP broadcasts rank 0's weights; reused stages leave RNG untouched)
     seed_all(cfg.seed)
     old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev)
@@ -546,43 +476,34 @@ def main(argv=None):
     new = Encoder(cfg.new_width, cfg.new_dim, C, extra=cfg.new_extra).to(dev)
     for name, model, epochs, keys in [("old", old, cfg.old_epochs, ("old_width", "old_dim", "old_epochs")),
                                       ("new", new, cfg.new_epochs, ("new_width", "new_dim", "new_extra", "new_epochs"))]:
-        t, path, fp = time.time(), os.path.join(cfg.out, f"{name}.safetensors"), fingerprint(cfg, *data_keys, *keys)
-        if valid_stage(path, fp, cfg):
-            load_weights(path, model)
-        else:
-            sel = y_tr < C_old if name == "old" else torch.ones_like(y_tr, dtype=torch.bool)
-            train_encoder(model, x_tr[sel], y_tr[sel], epochs, cfg, dist, logger, name)
-            if dist.is_master:
-                save_weights(path, model, metadata={"fingerprint": fp})
-            if dist.distributed:
-                torch_dist.barrier()
+        t, fp, B = time.time(), fingerprint(cfg, *data_keys, *keys), streams[name].B * R
+        train_stage(model, partial(encoder_loss, cfg.label_smoothing), streams[name],
+                    epochs * max(1, cfg.n_train // B), name, fp, cfg.lr, cfg.weight_decay, cfg, dist)
         timing[name] = time.time() - t
 
-    # 3. frozen features of both models on train (to fit h) and test (gallery/queries)
+    # 3. frozen features of both models on train (to fit h; each rank a share) and test (gallery/queries)
     t = time.time()
-    fo_tr, _ = extract(old, x_tr, dist)
-    fn_tr, _ = extract(new, x_tr, dist)
-    fo_te, lo_te = extract(old, x_te, dist)
-    fn_te, ln_te = extract(new, x_te, dist)
+    share = iter_samples(train, dist.rank, R, n=-(-cfg.n_train // R))
+    [(fo_tr, _), (fn_tr, _)], y_tr = extract([old, new], map(prep, share), dist)
+    per = -(-len(test) // R)
+    [(fo_te, lo_te), (fn_te, ln_te)], _ = extract([old, new], test[dist.rank * per:(dist.rank + 1) * per], dist)
+    feats = SampleSource([{"__key__": f"feature-{i}", "f_old": fo_tr[i], "f_new": fn_tr[i], "y": y_tr[i]}
+                          for i in range(len(y_tr))], name="train features")
     timing["features"] = time.time() - t
 
-    # 4. one transformation h per loss variant
+    # 4. one transformation h per loss variant, on the frozen training features (FCT-style)
     hs = {}
     for kind in losses:
-        t, path = time.time(), os.path.join(cfg.out, f"h_{kind}.safetensors")
-        fp = fingerprint(cfg, *data_keys, "old_width", "old_dim", "old_epochs", "new_width", "new_dim", "new_extra", "new_epochs",
-                         "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight") + kind
+        t = time.time()
+        fp = fingerprint(cfg, *data_keys, "old_width", "old_dim", "old_epochs", "new_width", "new_dim", "new_extra",
+                         "new_epochs", "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight", loss=kind)
         seed_all(cfg.seed + 2)  # the same init for every loss variant: a paired comparison
         h = Transformation(cfg.old_dim, cfg.new_dim, cfg.h_hidden).to(dev)
-        if valid_stage(path, fp, cfg):
-            load_weights(path, h)
-        else:
-            train_h(h, fo_tr, fn_tr, y_tr, new.fc, kind, cfg, dist, logger)
-            if dist.is_master:
-                save_weights(path, h, metadata={"fingerprint": fp})
-            if dist.distributed:
-                torch_dist.barrier()
-        hs[kind] = h.eval()
+        stream = Stream(feats, cfg.h_batch // R, seed=cfg.seed + 1, dist=dist, name=f"h_{kind}",
+                        post=lambda b: (b["f_old"], b["f_new"], b["y"]))
+        loss = partial(h_loss, kind, cfg.ce_weight, new.fc.weight.detach(), new.fc.bias.detach())
+        hs[kind] = train_stage(h, loss, stream, cfg.h_epochs * max(1, len(y_tr) // cfg.h_batch), f"h_{kind}", fp,
+                               cfg.h_lr, 3e-5, cfg, dist)
         timing[f"h_{kind}"] = time.time() - t
 
     # 5. evaluation: per loss, h(old) features, uncertainty and new-classifier logits of the test gallery; then the
@@ -606,6 +527,7 @@ def main(argv=None):
         buf[i] = torch.tensor([[r["map"], r["top1"], r["top5"]] for r in c], dtype=torch.float64)
     if dist.distributed:
         torch_dist.all_reduce(buf)  # each task was filled by exactly one rank, zeros elsewhere
+    data = data_report(list(streams.values()), [test], dist)  # collective: every rank (h reads features, not samples)
     if not dist.is_master:
         torch_dist.barrier()
         dist.cleanup()
@@ -620,7 +542,7 @@ def main(argv=None):
            "new_new_top1": nn_["top1"], "new_new_top5": nn_["top5"], "new_hold_top1": {}, "new_hold_top5": {},
            "chance_map": chance, "num_classes": C, "num_old_classes": C_old, "n_gallery": len(y_te),
            "old_acc_on_old_classes": float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean()),
-           "new_acc": float((ln_te.argmax(-1) == y_te).float().mean())}
+           "new_acc": float((ln_te.argmax(-1) == y_te).float().mean()), "class_field": cfg.task, "data": data}
     curves, ends_exact = {kind: {} for kind in losses}, True
     for i, (kind, p) in enumerate(tasks):
         curves[kind][p] = {m: buf[i, :, j].tolist() for j, m in enumerate(("map", "top1", "top5"))}

@@ -17,11 +17,12 @@ A smaller transformer is initialised from a larger trained one of the same famil
      their input; `middle`; `last`), always keeping the first and the last block.
 
 The experiment, in miniature, for a ViT on the synthetic world's shape classification and for a GPT-style decoder on
-the world's captions (tokenised with common.tokenizer.world_tokenizer and packed into one token stream): train a
-parent, subclone it to a child of half width and two-thirds depth, then train the child from (a) the subclone and
-(b) random init, each with a small learning-rate sweep (the paper: subclones want a lower lr), plus two ablations at
-the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. Reported: step-0 losses,
-steps to reach the random-init run's final loss, the speedup, final loss / accuracy (results.json, curves.png).
+the world's captions (common.tokenizer.world_tokenizer; each step packs its captions into one token stream cut into
+windows): train a parent, subclone it to a child of half width and two-thirds depth, then train the child from (a) the
+subclone and (b) random init, each with a small learning-rate sweep (the paper: subclones want a lower lr), plus two
+ablations at the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. Reported:
+step-0 losses, steps to reach the random-init run's final loss, the speedup, final loss / accuracy (results.json,
+curves.png).
 
 Run:
   python subclone.py                       # default run, both models (writes runs/subclone)
@@ -30,16 +31,17 @@ Run:
   python subclone.py clone --parent_ckpt=runs/subclone/vit_parent.safetensors --clone_out=child.safetensors \
       --child_width=32 --child_layers=4 --child_heads=2 --child_ffn=128 --drop=sim     # subclone one checkpoint
   torchrun --nproc_per_node=2 subclone.py --smoke                                     # data parallel (gloo on CPU)
-  python subclone.py --data='shards/{split}-{000..009}.tar'   # exported world / real shards (image, label, caption)
+  python subclone.py --data='shards/{split}'   # shards / folders (vit: image + label, classes.txt; gpt: caption)
 """
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -50,11 +52,12 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 from common.config import config_to_dict, parse_config, print_table, save_json
+from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
 from common.models import TextTransformer, VisionTransformer
 from common.tokenizer import world_tokenizer
-from common.train import fit, load_checkpoint, load_weights, save_weights, seed_all, setup_distributed
-from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform
-from common.world import SHAPES, World, load_arrays
+from common.train import TrainConfig, fit, load_weights, save_weights, seed_all, setup_distributed
+from common.transforms import eval_transform
+from common.world import SHAPES, World
 
 COMMANDS = ["run", "clone"]
 VARIANTS = ["subclone", "random", "random_indices", "no_scaling"]
@@ -66,14 +69,17 @@ class Config:
     seed: int = 0  # world, init, data order, random-index ablation all follow from it
     device: str = ""  # cpu | cuda (default: cuda if available)
     data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     smoke: bool = False  # tiny sizes, end to end in < 60 s
     retrain: bool = False  # ignore parents / child runs already valid in --out
     models: str = "vit,gpt"  # which experiments to run: vit, gpt or both (comma-separated)
     image_size: int = 32  # ViT input side (the world renders at this size; --data images are resized)
     patch: int = 8  # ViT patch size (32/8 -> 16 patches + class token)
     context: int = 24  # GPT context length (tokens)
-    n_train: int = 6000  # training samples in memory (images + captions)
-    n_test: int = 1000  # held-out samples for the final loss / accuracy
+    n_train: int = 6000  # world training samples (its first n_train, cached); --data streams its whole train split
+    n_test: int = 1000  # held-out samples (images / captions) for the final loss / accuracy
     n_eval: int = 400  # held-out samples (images or token windows) for the loss curves
     n_calib: int = 256  # calibration samples for activation statistics (images or token windows)
     width: int = 64  # parent width D
@@ -90,7 +96,7 @@ class Config:
     parent_lr: float = 2e-3  # parent peak learning rate
     steps: int = 250  # child training steps (every run)
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # child learning-rate sweep (subclone and random init each)
-    batch_size: int = 64  # global batch (images or token windows), split over torchrun ranks
+    batch_size: int = 64  # global batch (images, or captions packed into windows), split over torchrun ranks
     warmup: int = 20  # linear warm-up steps (parent and children)
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     eval_every: int = 20  # child loss-curve evaluation interval (steps)
@@ -102,20 +108,20 @@ class Config:
     clone_out: str = ""  # clone command: child checkpoint path (default {out}/{kind}_child.safetensors)
 
 
-def smoke_overrides(cfg, keep=()):
-    """Tiny sizes for --smoke; fields given explicitly on the command line (keep) win."""
-    old = {k: getattr(cfg, k) for k in keep if hasattr(cfg, k)}
-    cfg.n_train, cfg.n_test, cfg.n_eval, cfg.n_calib = 600, 200, 128, 64
-    cfg.width, cfg.layers, cfg.heads, cfg.ffn = 32, 3, 2, 128
-    cfg.child_width, cfg.child_layers, cfg.child_heads, cfg.child_ffn = 16, 2, 1, 64
-    cfg.parent_steps, cfg.parent_lr, cfg.steps, cfg.lrs, cfg.eval_every, cfg.warmup = 150, 3e-3, 40, (1e-3, 3e-3), 10, 5
-    cfg.batch_size, cfg.context, cfg.log_every, cfg.ckpt_every = 32, 16, 20, 40
-    for k, v in old.items():
-        setattr(cfg, k, v)
+# --smoke: tiny sizes (fields given on the command line win)
+SMOKE = dict(n_train=600, n_test=200, n_eval=128, n_calib=64, width=32, layers=3, heads=2, ffn=128, child_width=16,
+             child_layers=2, child_heads=1, child_ffn=64, parent_steps=150, parent_lr=3e-3, steps=40, lrs=(1e-3, 3e-3),
+             eval_every=10, warmup=5, batch_size=32, context=16, log_every=20, ckpt_every=40)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # models: both are built from common.models Blocks, so one subcloning routine serves them
+
+def fp32_logits(h, weight, bias=None):
+    """The output layer in fp32 even under bf16 autocast: the loss reads logits at full precision."""
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), weight.float(), None if bias is None else bias.float())
+
 
 class ViT(VisionTransformer):
     """common ViT (patch stem, class token, ln_pre/ln_post) + a linear classifier on the class token."""
@@ -127,7 +133,7 @@ class ViT(VisionTransformer):
 
     def forward(self, x):
         """x: (B, 3, S, S) -> logits (B, classes)."""
-        return self.head(super().forward(x))
+        return fp32_logits(super().forward(x), self.head.weight, self.head.bias)
 
 
 class GPT(TextTransformer):
@@ -140,7 +146,7 @@ class GPT(TextTransformer):
 
     def forward(self, tokens):
         """tokens: (B, T) -> next-token logits (B, T, V)."""
-        return self.forward_tokens(tokens) @ self.token_embedding.weight.T
+        return fp32_logits(self.forward_tokens(tokens), self.token_embedding.weight)
 
 
 def build(arch):
@@ -162,11 +168,11 @@ def child_arch_of(parent, cfg):
     hd = parent["width"] // parent["heads"]
     a = dict(parent, width=cfg.child_width, layers=cfg.child_layers, heads=cfg.child_heads, ffn=cfg.child_ffn)
     if cfg.child_heads * hd != cfg.child_width or cfg.child_heads > parent["heads"]:
-        raise SystemExit(f"config error: child_heads={cfg.child_heads} x parent head dim {hd} must equal "
+        raise ValueError(f"--child_heads={cfg.child_heads} x parent head dim {hd} must equal "
                          f"child_width={cfg.child_width} (and <= parent heads {parent['heads']})")
     if not (cfg.child_width <= parent["width"] and cfg.child_ffn <= parent["ffn"] and
             1 <= cfg.child_layers <= parent["layers"]):
-        raise SystemExit(f"config error: child (width {cfg.child_width}, ffn {cfg.child_ffn}, layers "
+        raise ValueError(f"child (width {cfg.child_width}, ffn {cfg.child_ffn}, layers "
                          f"{cfg.child_layers}) must not exceed the parent's {parent}")
     return a
 
@@ -353,75 +359,75 @@ def make_child(parent, arch, carch, stats, **kw):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data: the world's images + shape labels (ViT) and its captions as one token stream (GPT), all in memory
+# data (common.data): the ViT reads (image, label) samples, the GPT captions. Training batches come from a Stream over
+# the train split; the test set (final loss; its first n_eval items: the curves) and calibration inputs are read once.
 
-def load_split(cfg, split, n, start=0):
-    """Samples [start, start+n) -> dict(x float (n, 3, S, S) CLIP-normalised, y (n,) shape ids, captions)."""
-    if not cfg.data:
-        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.image_size, n=start + n), n, start)
-        x = torch.from_numpy(a["images"]).permute(0, 3, 1, 2).float().div_(255)
-        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return {"x": (x - mean) / std, "y": torch.from_numpy(a["labels"]), "captions": a["captions"]}
-    from common.data import make_dataset
-    ds = make_dataset(cfg.data, split=split, seed=cfg.seed, n=start + n, rank=0, world_size=1, require=("image",))
-    rows = [s for s, _ in zip(ds, range(start + n))][start:]
-    if len(rows) < n:
-        raise SystemExit(f"--data {cfg.data!r} ({split}): only {start + len(rows)} samples, need {start + n}")
-    prep = eval_transform(cfg.image_size)
-    y = torch.tensor([int(s.get("label", -1)) for s in rows])
-    return {"x": torch.stack([prep(s["image"]) for s in rows]), "y": y, "captions": [s.get("caption") for s in rows]}
+def vit_item(prep, n_classes, s, g=None):
+    """(image, label) -> {"x": CLIP-normalised (3, S, S), "y"}; with g (training) a random flip (keeps the class)."""
+    y = int(s["label"])
+    if not 0 <= y < n_classes:
+        raise ValueError(f"sample {s['__key__']!r}: label {y} outside the {n_classes} class names of the data")
+    x = prep(s["image"])
+    x = x.flip(-1) if g is not None and torch.rand((), generator=g) < 0.5 else x
+    return {"__key__": s["__key__"], "x": x, "y": y}
 
 
-def token_stream(tok, captions):
-    """Captions -> one long LongTensor: SOT caption EOT SOT caption EOT ... (GPT-style packing, no padding)."""
-    if any(c is None for c in captions):
-        raise SystemExit("the gpt experiment needs captions (.txt members) in --data; use --models=vit")
-    ids = []
-    for c in captions:
-        ids += [tok.sot_token_id] + tok.encode(c) + [tok.eot_token_id]
-    return torch.tensor(ids, dtype=torch.long)
+def gpt_item(tok, s, g=None):
+    """caption sample -> {"ids": SOT caption EOT} (variable length)."""
+    return {"__key__": s["__key__"], "ids": torch.tensor([tok.sot_token_id] + tok.encode(s["caption"]) +
+                                                         [tok.eot_token_id], dtype=torch.long)}
 
 
-def windows(stream, T, n):
-    """The first n non-overlapping windows of T+1 tokens: (n, T+1)."""
-    n = min(n, (len(stream) - 1) // (T + 1))
-    return stream[:n * (T + 1)].view(n, T + 1)
-
-
-def make_data(cfg, kind, train, test, tok):
-    """Per-model tensors: inputs/targets for eval, the calibration batch and the train pool."""
+def inputs_targets(cfg, kind, items, n=None):
+    """The first n (None: all) items as (inputs, targets): vit (images, labels); gpt the items' ids packed into one
+    stream (GPT-style, no padding), cut into non-overlapping windows of context+1 tokens (stops reading once full)."""
     if kind == "vit":
-        if int(train["y"].min()) < 0:
-            raise SystemExit("the vit experiment needs a 'label' for every sample in --data")
-        ev = {"x": test["x"], "y": test["y"]}
-        return {"train": train, "test": ev, "eval": {k: v[:cfg.n_eval] for k, v in ev.items()},
-                "calib": train["x"][:cfg.n_calib], "out": len(SHAPES) if not cfg.data else int(train["y"].max()) + 1}
-    tr, te = token_stream(tok, train["captions"]), token_stream(tok, test["captions"])
-    w = windows(te, cfg.context, cfg.n_test)
-    ev = {"x": w[:, :-1], "y": w[:, 1:]}
-    return {"train": {"stream": tr}, "test": ev, "eval": {k: v[:cfg.n_eval] for k, v in ev.items()},
-            "calib": windows(tr, cfg.context, cfg.n_calib)[:, :-1], "out": tok.vocab_size}
+        items = list(itertools.islice(items, n))
+        return stack(items, "x"), stack(items, "y")
+    T, parts, got = cfg.context + 1, [], 0
+    for it in items:
+        parts.append(it["ids"].flatten())
+        got += len(parts[-1])
+        if n is not None and got >= n * T:
+            break
+    ids = torch.cat(parts)
+    w = ids[:min(n or len(ids), len(ids) // T) * T].view(-1, T)
+    if not len(w):
+        raise ValueError(f"{len(parts)} captions have fewer than context+1 = {T} tokens: raise --batch_size")
+    return w[:, :-1], w[:, 1:]
 
 
-def batcher(cfg, kind, data, salt, dist):
-    """get_batch(i) -> (inputs, targets) for this rank: a pure function of (seed, salt, i), so every child run of a
-    model sees the same batches (a fair comparison) and kill + resume reproduces a run."""
-    B = cfg.batch_size
+def make_data(cfg, kind, tok, n_classes=None, test=True):
+    """One model's data: the train source (streamed), the per-sample transform, the calibration inputs (the first
+    n_calib training images / windows) and, with test, the test set and its first n_eval items (the curves)."""
+    need = ("image", "label") if kind == "vit" else ("caption",)
+    source = lambda split, n: open_source(  # noqa: E731
+        cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.image_size), n=n,
+        val_data=cfg.val_data, holdout=cfg.holdout, require=need, keep=need)
+    train = source("train", cfg.n_train)
+    if kind == "vit":
+        n_out = n_classes or len(class_names_of(train, default=None if cfg.data else SHAPES))
+        item = partial(vit_item, eval_transform(cfg.image_size), n_out)
+    else:
+        n_out, item = tok.vocab_size, partial(gpt_item, tok)
+    data = {"train": train, "item": item, "out": n_out, "streams": [],
+            "calib": inputs_targets(cfg, kind, map(item, iter_samples(train)), cfg.n_calib)[0]}
+    if test:
+        data["test_samples"] = read_samples(source("test", cfg.n_test), cfg.n_test, item)
+        data["test"] = dict(zip("xy", inputs_targets(cfg, kind, data["test_samples"], cfg.n_test)))
+        data["eval"] = {k: v[:cfg.n_eval] for k, v in data["test"].items()}
+    return data
 
-    def get(i):
-        rng = np.random.default_rng([cfg.seed, salt, i])
-        if kind == "vit":
-            idx = torch.from_numpy(rng.integers(0, len(data["train"]["y"]), B)[dist.rank::dist.world_size])
-            x = data["train"]["x"][idx]
-            flip = torch.from_numpy(rng.random(B)[dist.rank::dist.world_size] < 0.5)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)       # shapes keep their class when mirrored
-            return x.to(dist.device), data["train"]["y"][idx].to(dist.device)
-        s = data["train"]["stream"]
-        st = torch.from_numpy(rng.integers(0, len(s) - cfg.context - 1, B)[dist.rank::dist.world_size])
-        w = s[st[:, None] + torch.arange(cfg.context + 1)]
-        return w[:, :-1].to(dist.device), w[:, 1:].to(dist.device)
 
-    return get
+def make_stream(cfg, kind, data, dist, name):
+    """This rank's training batches (inputs, targets). Every run of a model (parent and children) uses the same seed,
+    so the children see the same batches (a fair comparison) and every rank reads its own samples in all of them."""
+    post = (lambda b: (b["x"], b["y"])) if kind == "vit" else (lambda b: tuple(  # a step's captions -> windows
+        t.to(dist.device) for t in inputs_targets(cfg, kind, ({"ids": t} for t in b["ids"]))))
+    stream = Stream(data["train"], batch_size=cfg.batch_size // dist.world_size, transform=data["item"],
+                    seed=cfg.seed, num_workers=cfg.num_workers, dist=dist, post=post, name=name)
+    data["streams"].append(stream)
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,40 +463,40 @@ def fingerprint(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def header(path):
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return f.metadata() or {}
-
-
 def read_arch(path):
-    """Architecture dict stored in a parent checkpoint (fit's config header) or a clone output (save_weights)."""
-    meta = header(path)
+    """Architecture stored in a parent checkpoint (fit's config) or a clone output; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any safetensors failure: truncated, or not a safetensors file
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); expected a subclone.py checkpoint") from None
     cfg = json.loads(meta.get("config", "null") or "null")
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     arch = arch or (json.loads(meta["arch"]) if "arch" in meta else None)
     if not arch:
-        raise SystemExit(f"{path}: no architecture in the safetensors header (expected a subclone.py checkpoint)")
+        raise ValueError(f"{path}: no architecture in the safetensors header (expected a subclone.py checkpoint)")
     return arch
 
 
 def train_parent(cfg, kind, arch, data, dist):
     path = os.path.join(cfg.out, f"{kind}_parent.safetensors")
     pcfg = {"arch": arch, "steps": cfg.parent_steps, "lr": cfg.parent_lr, "batch_size": cfg.batch_size,
-            "warmup": cfg.warmup, "wd": cfg.weight_decay, "seed": cfg.seed, "data": cfg.data, "n_train": cfg.n_train}
-    if dist.is_master and os.path.exists(path):
-        try:
-            stale = cfg.retrain or json.loads(header(path).get("config", "null")) != json.loads(json.dumps(pcfg))
-        except Exception:  # noqa: BLE001 - an unreadable file is stale too
-            stale = True
-        if stale:
-            os.remove(path)
+            "warmup": cfg.warmup, "wd": cfg.weight_decay, "seed": cfg.seed, "data": cfg.data, "n_train": cfg.n_train,
+            "holdout": cfg.holdout}
+    if cfg.retrain and dist.is_master and os.path.exists(path):
+        os.remove(path)
     dist.barrier()
     seed_all(cfg.seed)
     model = build(arch).to(dist.device)
     seed_all(cfg.seed, dist.rank)
-    fit(model, loss_fn, batcher(cfg, kind, data, 1, dist), cfg.parent_steps, cfg.out, name=f"{kind}_parent",
-        lr=cfg.parent_lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, ckpt_every=cfg.ckpt_every, resume=True,
-        dist=dist, log_every=cfg.log_every, desc=f"{kind} parent", amp=cfg.amp, config=pcfg)
+    stream = make_stream(cfg, kind, data, dist, f"{kind}_parent")
+    fit(model, loss_fn, stream, TrainConfig(cfg.parent_steps, lr=cfg.parent_lr, weight_decay=cfg.weight_decay,
+                                            warmup=cfg.warmup, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
+                                            amp=cfg.amp, resume=True),
+        cfg.out, name=f"{kind}_parent", dist=dist, fingerprint=pcfg, config=pcfg)
+    stream.close()
     return model, fingerprint(pcfg)
 
 
@@ -510,9 +516,11 @@ def train_child(cfg, kind, name, arch, init_sd, lr, data, dist, cache, fp):
 
     t0 = time.time()
     seed_all(cfg.seed, dist.rank)
-    fit(model, loss_fn, batcher(cfg, kind, data, 2, dist), cfg.steps, cfg.out, name=name, lr=lr,
-        weight_decay=cfg.weight_decay, warmup=cfg.warmup, dist=dist, log_every=cfg.log_every, desc=name,
-        amp=cfg.amp, progress=False, on_step=on_step, config={"lr": lr, "fp": fp})
+    stream = make_stream(cfg, kind, data, dist, name)
+    fit(model, loss_fn, stream, TrainConfig(cfg.steps, lr=lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                                            log_every=cfg.log_every, amp=cfg.amp),
+        cfg.out, name=name, dist=dist, progress=False, on_step=on_step, config={"lr": lr, "fp": fp})
+    stream.close()
     fl, fa = evaluate(model, data["test"], dist.device)
     r = {"fp": fp, "lr": lr, "curve": curve, "final_loss": fl, "final_acc": fa, "seconds": time.time() - t0}
     dist.print(f"  {name}: init {curve[0][1]:.4f} -> final {fl:.4f} (acc {fa:.4f}) in {r['seconds']:.0f}s")
@@ -674,16 +682,13 @@ def plot_curves(path, panels, size=(520, 380)):
 
 def clone_cmd(cfg, dist):
     if not cfg.parent_ckpt:
-        raise SystemExit("config error: clone needs --parent_ckpt=PATH (e.g. runs/subclone/vit_parent.safetensors)")
+        raise ValueError("clone needs --parent_ckpt=PATH (e.g. runs/subclone/vit_parent.safetensors)")
     arch = read_arch(cfg.parent_ckpt)
     parent = build(arch).to(dist.device)
-    (load_checkpoint if header(cfg.parent_ckpt).get("format", "").startswith("clipbook") else load_weights)(
-        cfg.parent_ckpt, parent)
+    load_weights(cfg.parent_ckpt, parent)  # a fit checkpoint or a clone output
     kind = arch["kind"]
     cfg.image_size, cfg.patch, cfg.context = arch.get("image_size", 32), arch.get("patch", 8), arch.get("context", 32)
-    split = load_split(cfg, "train", cfg.n_calib if kind == "vit" else max(cfg.n_calib, 64))
-    calib = split["x"] if kind == "vit" else windows(token_stream(world_tokenizer(), split["captions"]),
-                                                     cfg.context, cfg.n_calib)[:, :-1]
+    calib = make_data(cfg, kind, world_tokenizer(), n_classes=arch.get("classes"), test=False)["calib"]
     carch = child_arch_of(arch, cfg)
     child, info = make_child(parent, arch, carch, collect_stats(parent, calib), drop=cfg.drop, scale=cfg.scale)
     out = cfg.clone_out or os.path.join(cfg.out, f"{kind}_child.safetensors")
@@ -694,21 +699,18 @@ def clone_cmd(cfg, dist):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, commands=COMMANDS)
-    if cfg.smoke:
-        argv = sys.argv[1:] if argv is None else argv
-        smoke_overrides(cfg, keep={a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")})
+    cfg = parse_config(Config, argv, commands=COMMANDS, presets={"smoke": SMOKE})
     kinds = [k.strip() for k in cfg.models.split(",") if k.strip()]
     if not kinds or any(k not in ("vit", "gpt") for k in kinds):
-        raise SystemExit(f"config error: --models={cfg.models!r}; expected vit, gpt or vit,gpt")
+        raise ValueError(f"--models={cfg.models!r}; expected vit, gpt or vit,gpt")
     if cfg.drop not in ("sim", "middle", "last") or cfg.scale not in ("sqrt", "none"):
-        raise SystemExit(f"config error: --drop={cfg.drop!r} (sim|middle|last), --scale={cfg.scale!r} (sqrt|none)")
+        raise ValueError(f"--drop={cfg.drop!r} (expected sim|middle|last), --scale={cfg.scale!r} (expected sqrt|none)")
     t0 = time.time()
     if cfg.threads > 0:  # small matmuls: a second intra-op thread mostly spin-waits, badly so on shared cores
         torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
+        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
     os.makedirs(cfg.out, exist_ok=True)
     if cfg._command == "clone":
         clone_cmd(cfg, dist)
@@ -717,16 +719,19 @@ def main(argv=None):
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
 
-    train = load_split(cfg, "train", cfg.n_train)
-    test = load_split(cfg, "test", cfg.n_test, start=cfg.n_train if cfg.data and "{split}" not in cfg.data else 0)
     tok = world_tokenizer(context_length=cfg.context + 1) if "gpt" in kinds else None
-    res, panels = {}, []
+    res, panels, streams, evals = {}, [], [], []
     for kind in kinds:
-        dist.print(f"==== {kind}: parent -> subclone -> children")
-        r, curves = run_model(cfg, kind, make_data(cfg, kind, train, test, tok), dist)
+        data = make_data(cfg, kind, tok)
+        what = (f"{data['out']} classes ({'class names of the data' if cfg.data else 'world shapes'})" if kind == "vit"
+                else "text: the 'caption' field, world tokenizer")
+        dist.print(f"==== {kind}: parent -> subclone -> children; train {data['train'].name}, {what}")
+        r, curves = run_model(cfg, kind, data, dist)
         res[kind] = r
+        streams, evals = streams + data["streams"], evals + [data["test_samples"]]
         panels.append((f"{kind}: child eval loss (best lr each; parent {r['parent_loss']:.3f})", curves,
                        {"parent": r["parent_loss"], "target": r["target_loss"]}))
+    res["data"] = data_report(streams, evals, dist)  # collective: every rank
     res.update(seconds=time.time() - t0, cpu_seconds=time.process_time(), device=dist.device,
                world_size=dist.world_size)
     if dist.is_master:

@@ -655,13 +655,13 @@ class _Batches(IterableDataset):
                 except ValueError as err:
                     skipped[str(err).split(":")[0] or "bad_sample"] += 1
                     continue
-                # per-sample generator: augmentation depends only on (seed, consumer, sample count), never on
-                # how the run was split into sessions
-                g = torch.Generator().manual_seed(_mix(self.seed, c, count, 6))
                 count += 1
                 good += 1
                 key = s["__key__"]
-                s = self.transform(s, g) if self.transform is not None else s
+                if self.transform is not None:
+                    # per-sample generator: augmentation depends only on (seed, consumer, sample count), never on
+                    # how the run was split into sessions
+                    s = self.transform(s, torch.Generator().manual_seed(_mix(self.seed, c, count - 1, 6)))
                 s.setdefault("__key__", key)
                 batch.append(s)
                 if len(batch) == self.B:

@@ -1,4 +1,5 @@
-"""Tests for fastfill.py: metrics against hand computations, policies, backfilling, and a 2-process smoke run."""
+"""Tests for fastfill.py: metrics against hand computations, policies, backfilling, a 2-process smoke run, and smoke
+runs on exported world shards (1 process with bf16 autocast, 2 processes) checked through the results' data block."""
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import fastfill as ff
+from common.world import World, export_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,6 +213,7 @@ def test_torchrun_smoke_learns(tmp_path):
     assert r["new_new_map"] > 1.5 * r["chance_map"] and r["old_old_map"] > 1.15 * r["chance_map"]
     assert r["new_new_map"] > r["old_old_map"]
     assert r["curve_end_equals_new_new"] is True
+    assert r["data"]["eval_keys_in_train"] == 0 and r["data"]["skipped_corrupt"] == 0  # (several epochs: keys repeat)
     for L in ("l2", "l2_ce", "fastfill"):
         assert r["new_hold_map"][L] > 1.15 * r["chance_map"]
         for p_ in ("random", "entropy", "uncertainty", "oracle"):
@@ -221,12 +224,62 @@ def test_torchrun_smoke_learns(tmp_path):
         assert r["auc_map"][L]["oracle"] > r["auc_map"][L]["random"]
     for f in ("config.json", "log.jsonl", "old.safetensors", "new.safetensors", "h_fastfill.safetensors", "curves.png"):
         assert (out / f).exists(), f
-    # stages are reused from --out: a second single-process run trains nothing and reproduces the numbers
+    # stages are reused from --out: a second single-process run trains nothing (logs no step), same numbers
+    log = (out / "log.jsonl").read_text()
     p = subprocess.run([sys.executable, "fastfill.py", "--smoke", f"--out={out}", "--device=cpu"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "stage old" not in p.stdout and "stage h_l2" not in p.stdout
+    assert (out / "log.jsonl").read_text() == log
     r2 = json.loads((out / "results.json").read_text())
     # (features of reloaded weights may differ in the last bits across process layouts: compare loosely)
     assert r2["new_new_map"] == pytest.approx(r["new_new_map"], abs=2e-3)
     assert r2["auc_map"]["fastfill"]["oracle"] == pytest.approx(r["auc_map"]["fastfill"]["oracle"], abs=2e-3)
+
+
+# ---------------------------------------------------------------- exported world shards through --data
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """World shards at 40 px (the script resizes to 32 px): train/ (512 samples, 8 shards, classes.txt), test/."""
+    d = tmp_path_factory.mktemp("shards")
+    export_shards(World(seed=5, split="train", size=40, n=512), d / "train", 512, shard_size=64)
+    export_shards(World(seed=5, split="test", size=40, n=96), d / "test", 96, shard_size=48)
+    return d
+
+
+# one epoch of n_train=256 samples per encoder (old: 4 steps of 2 x 32, new: 8 steps of 32), half the exported data
+TINY = ["--smoke", "--n_train=256", "--n_test=96", "--old_epochs=1", "--new_epochs=1", "--batch_size=32",
+        "--h_batch=64", "--h_epochs=4", "--device=cpu"]
+
+
+def check_shard_run(out):
+    r = json.loads((out / "results.json").read_text())
+    assert r["num_classes"] == 10 and r["n_gallery"] == 96 and r["curve_end_equals_new_new"] is True
+    d = r["data"]
+    assert "shards(" in d["source"] and "test" in d["eval_source"], d
+    assert d["eval_keys_in_train"] == 0 and d["train_keys_on_several_ranks"] == 0 and d["skipped_corrupt"] == 0, d
+    assert d["train_samples_seen"] == 4 * 64 + 8 * 32 and d["eval_samples"] == 96, d
+    assert d["train_unique_keys"] == 256, d  # both encoders read the same first half-epoch
+    return r
+
+
+def test_shards_one_process_bf16(tmp_path, shards):
+    out = tmp_path / "one"
+    p = subprocess.run([sys.executable, "fastfill.py", *TINY, f"--data={shards}/{{split}}", "--amp=bf16",
+                        "--num_workers=2", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check_shard_run(out)
+
+
+def test_shards_two_processes(tmp_path, shards):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573", "fastfill.py",
+           *TINY, f"--data={shards}/{{split}}", "--num_workers=1", f"--out={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check_shard_run(out)
+
+
+def test_label_fine_needs_the_world(tmp_path, shards):
+    with pytest.raises(ValueError, match="label_fine"):
+        ff.main([f"--data={shards}/{{split}}", "--task=label_fine", f"--out={tmp_path}"])

@@ -1,6 +1,7 @@
 """Tests for subclone.py (weight subcloning, arXiv:2312.09299): identity at full size, sliced shapes, ranking
-consistency, the LayerNorm rescaling invariant, block-removal rules, checkpoint round trip (clone command), one smoke
-run that must learn, one 2-process torchrun smoke."""
+consistency, the LayerNorm rescaling invariant, block-removal rules, checkpoint round trip (clone command) and its
+errors, one smoke run that must learn, one 2-process torchrun smoke, and smoke runs on exported world shards (1 process
+with bf16 autocast, 2 processes) checked through the results' data block."""
 import json
 import math
 import os
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import subclone as S  # noqa: E402
 from common.train import load_weights, save_weights  # noqa: E402
+from common.world import World, export_shards  # noqa: E402
 
 CFG = replace(S.Config(), width=32, layers=4, heads=4, ffn=64, child_width=16, child_layers=3, child_heads=2,
               child_ffn=24, image_size=32, patch=8, context=12)
@@ -144,11 +146,22 @@ def test_checkpoint_round_trip(tmp_path):
     meta = load_weights(out, child)
     assert json.loads(meta["info"])["kept_blocks"] == [0, 2, 3]
     cfg = replace(CFG, n_calib=16)
-    calib = S.load_split(cfg, "train", 16)["x"]
+    calib = S.make_data(cfg, "vit", None, n_classes=10, test=False)["calib"]
     ref, _ = S.make_child(m, arch, carch, S.collect_stats(m, calib), drop="middle")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(child(x), ref(x))
+
+
+def test_clone_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors file"):
+        S.main(["clone", f"--parent_ckpt={bad}", f"--out={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        S.main(["clone", f"--parent_ckpt={tmp_path / 'missing.safetensors'}", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="--parent_ckpt"):
+        S.main(["clone", f"--out={tmp_path}"])
 
 
 KEYS = ["parent_loss", "child_init_loss", "steps_to_target", "speedup", "final_loss", "final_acc"]
@@ -193,3 +206,51 @@ def test_torchrun_two_processes(tmp_path):
     assert res["world_size"] == 2
     check_results(res, ["gpt"])
     assert res["gpt"]["parent_loss"] < math.log(802)
+
+
+# ---------------------------------------------------------------- exported world shards through --data
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """World shards at 40 px (the script resizes to its 32 px): train/ (320 samples, 5 shards, classes.txt), test/."""
+    d = tmp_path_factory.mktemp("shards")
+    export_shards(World(seed=3, split="train", size=40, n=320), d / "train", 320, shard_size=64)
+    export_shards(World(seed=3, split="test", size=40, n=48), d / "test", 48, shard_size=24)
+    return d
+
+
+# tiny: per model a parent of 8 steps and 4 children of 4 steps, batch 32 (every stream stays in its first epoch)
+TINY = ["--smoke", "--parent_steps=8", "--steps=4", "--lrs=1e-3", "--eval_every=2", "--n_test=32", "--n_eval=16",
+        "--n_calib=16", "--batch_size=32", "--log_every=4"]
+
+
+def check_shard_run(out):
+    res = json.loads((out / "results.json").read_text())
+    check_results(res, ["vit", "gpt"])
+    d = res["data"]
+    assert "shards(" in d["source"] and "test" in d["eval_source"], d
+    assert d["eval_keys_in_train"] == 0 and d["train_keys_on_several_ranks"] == 0 and d["skipped_corrupt"] == 0, d
+    assert d["train_samples_seen"] == 2 * (8 + 4 * 4) * 32, d       # every batch of both models' 10 runs
+    # every run of a model reads the same first-epoch order, so the distinct keys are the parent's 8 x 32
+    assert d["train_unique_keys"] == 8 * 32 and d["eval_samples"] == 2 * 32, d
+    return res
+
+
+def test_shards_one_process_bf16(tmp_path, shards):
+    out = tmp_path / "one"
+    p = subprocess.run([sys.executable, "subclone.py", *TINY, f"--data={shards}/{{split}}", "--amp=bf16",
+                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = check_shard_run(out)
+    assert res["world_size"] == 1 and res["vit"]["params"]["parent"] > 0
+
+
+def test_shards_two_processes(tmp_path, shards):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733", "subclone.py",
+           *TINY, f"--data={shards}/{{split}}", f"--out={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert check_shard_run(out)["world_size"] == 2
