@@ -23,7 +23,8 @@ What this file reproduces, in miniature on the synthetic world's noisy alt-texts
 
 Run:
   python catlip.py                          # default run (writes runs/catlip: results.json, *.png, *.safetensors)
-  python catlip.py --smoke                  # tiny end-to-end run (< 60 s)
+  python catlip.py --smoke                  # tiny end-to-end run (< 60 s); explicit flags win over its sizes
+  python catlip.py --steps=2000 --lr=1e-3   # both pretrainings; --resume continues killed ones, --retrain redoes all
   python catlip.py --wordnet=.cache/ref/wordnet-3.0   # mine real WordNet synsets instead of the world lexicon
   python catlip.py vocab                    # only build vocab.json;  python catlip.py bench   # only the scaling bench
   torchrun --nproc_per_node=2 catlip.py     # data parallel (gloo on CPU); rank 0 evaluates and writes
@@ -45,18 +46,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
 
-from common.config import config_to_dict, parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
 from common.eval import knn_accuracy, linear_probe
 from common.losses import clip_loss
 from common.models import CLIP, text_tiny, vit_tiny
-from common.train import autocast, fit, load_weights, save_weights, seed_all, setup_distributed, unwrap
+from common.plot import line_plot, panel
+from common.train import (TrainConfig, all_reduce, autocast, fit, load_weights, mark_stage, save_weights, seed_all,
+                          setup_distributed, stage_current, unwrap)
 from common.transforms import eval_transform
 from common.world import COLORS, NOUN_FORMS, SHAPES, SIZES, World
 from kernels.bce import linear_bce
@@ -72,11 +72,12 @@ class Config:
     data: str = ""  # tar shards or image folder instead of the synthetic world ("{split}" picks train/val/test)
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
-    smoke: bool = False  # tiny sizes, end to end in < 60 s
-    retrain: bool = False  # ignore vocab/checkpoints already valid in --out
+    smoke: bool = False  # tiny sizes (SMOKE), end to end in < 60 s; flags given explicitly win
+    retrain: bool = False  # train every stage again (vocab, tokenizer, CatLIP, CLIP) even if --out has it finished
+    resume: bool = False  # continue unfinished stages in --out (same config) from their last checkpoint
     wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
-    text: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
-    size: int = 32  # image side in pixels
+    caption: str = "alt_text"  # caption field to mine: alt_text (noisy, web-like) | caption (accurate)
+    image_size: int = 32  # image side in pixels
     n_train: int = 9600  # world pretraining images (same for CatLIP and CLIP); --data streams all training samples
     n_val: int = 500  # pool for the few-shot Transfer Init task
     n_test: int = 1000  # test images for probes and few-shot accuracy
@@ -85,8 +86,8 @@ class Config:
     width: int = 128  # ViT width (common.models.vit_tiny)
     layers: int = 4  # ViT depth
     heads: int = 4  # ViT heads
-    patch: int = 8  # ViT patch size (total stem stride): 8 -> 4x4 tokens at 32 px, cheap enough for 2 CPU cores
-    stem: str = "conv"  # conv: CatLIP's conv stem (clip-family.md §2.4; strides 2-2-2 for patch 8) | patch
+    patch_size: int = 8  # ViT patch size (total stem stride): 8 -> 4x4 tokens at 32 px, cheap enough for 2 CPU cores
+    stem: str = "conv"  # conv: CatLIP's conv stem (strides 2-2-2 for patch 8) | patch
     embed_dim: int = 128  # CLIP projection dim (CLIP only)
     text_width: int = 128  # CLIP text tower width (common.models.text_tiny)
     text_layers: int = 3  # CLIP text tower depth
@@ -115,18 +116,15 @@ class Config:
     bench_repeats: int = 2  # timed repeats per point (median)
 
 
-def smoke_overrides(cfg):
-    cfg.n_train, cfg.n_val, cfg.n_test, cfg.probe_n = 1600, 300, 400, 800
-    cfg.steps, cfg.batch_size, cfg.warmup, cfg.ckpt_every, cfg.log_every = 40, 64, 4, 20, 2
-    cfg.width, cfg.layers, cfg.heads, cfg.patch, cfg.min_count = 64, 2, 2, 8, 3
-    cfg.text_width, cfg.text_layers, cfg.context_length = 64, 1, 24
-    cfg.fewshot_draws, cfg.fewshot_steps, cfg.step_repeats = 2, 30, 2
-    cfg.bench_batches, cfg.bench_vocab, cfg.bench_repeats = "64,256", 128, 1
-    return cfg
+# --smoke: tiny sizes for every field not given on the command line
+SMOKE = dict(n_train=1600, n_val=300, n_test=400, probe_n=800, steps=40, batch_size=64, warmup=4, ckpt_every=20,
+             log_every=2, width=64, layers=2, heads=2, min_count=3, text_width=64, text_layers=1, context_length=24,
+             fewshot_draws=2, fewshot_steps=30, step_repeats=2, bench_batches="64,256", bench_vocab=128,
+             bench_repeats=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Caption -> synset labels (clip-family.md §2.2: corenet wordnet_tagged_classification.py, without nltk)
+# 1. Caption -> synset labels (corenet's wordnet_tagged_classification.py, without nltk)
 
 NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
               ("men", "man"), ("ies", "y")]   # NLTK's noun detachment rules (WordNet morph.c + "ves" -> "f")
@@ -252,34 +250,34 @@ def count_synsets(src, lex, field, dist):
         ks = caption_labels(s[field], lex)         # unique keys: the fancy-indexed += counts each once
         v[[index[k] for k in ks] + [-1]] += 1
         K = max(K, len(ks))
-    v, k = torch.from_numpy(v).to(dist.device), torch.tensor([K], device=dist.device)
-    if dist.distributed:
-        tdist.all_reduce(v)
-        tdist.all_reduce(k, op=tdist.ReduceOp.MAX)
-    v = v.cpu().tolist()
-    return Counter({space[i]: m for i, m in enumerate(v[:-1]) if m}), v[-1], int(k)
+    v, K = all_reduce(v, dist).tolist(), all_reduce(K, dist, "max")
+    return Counter({space[i]: m for i, m in enumerate(v[:-1]) if m}), v[-1], int(K)
+
+
+def source_fingerprint(cfg, field):
+    """The config values that decide the training captions (for the stages computed from them)."""
+    return {"caption": field, "data": cfg.data, "holdout": cfg.holdout, "n_train": cfg.n_train, "seed": cfg.seed}
 
 
 def build_vocab(cfg, lex, src, field, dist):
-    """vocab.json {fingerprint, lexicon, n_captions, max_labels, entries: [{key, lemma, count}]} over the training
-    source, reused when the fingerprint matches."""
+    """vocab.json {lexicon, n_captions, max_labels, entries: [{key, lemma, count}]} over the training source; a
+    stage of its own (common.train.stage_current): reused while the lexicon, captions and thresholds are the same."""
     path = os.path.join(cfg.out, "vocab.json")
-    fp = {"lexicon": lex.name, "text": field, "data": cfg.data, "holdout": cfg.holdout, "n_train": cfg.n_train,
-          "seed": cfg.seed, "min_count": cfg.min_count, "top_k": cfg.top_k}
-    if not cfg.retrain and os.path.isfile(path):
+    fp = {**source_fingerprint(cfg, field), "lexicon": lex.name, "min_count": cfg.min_count, "top_k": cfg.top_k}
+    if not cfg.retrain and stage_current(path, fp):
         v = json.load(open(path))
-        if v.get("fingerprint") == fp:
-            dist.print(f"vocab: reusing {path} ({len(v['entries'])} synsets)")
-            return v
+        dist.print(f"vocab: reusing {path} ({len(v['entries'])} synsets)")
+        return v
     counts, n, K = count_synsets(src, lex, field, dist)
     keys = select_vocab(counts, cfg.min_count, cfg.top_k)
     if not keys:
         raise ValueError(f"vocab: no synset reaches min_count={cfg.min_count} in the {n} {field} captions of "
                          f"{src.name} (lexicon {lex.name}); lower --min_count")
-    v = {"fingerprint": fp, "lexicon": lex.name, "n_captions": n, "max_labels": K, "n_synsets_seen": len(counts),
+    v = {"lexicon": lex.name, "n_captions": n, "max_labels": K, "n_synsets_seen": len(counts),
          "entries": [{"key": k, "lemma": lex.lemma(k), "count": counts[k]} for k in keys]}
     if dist.is_master:
         save_json(path, v)
+        mark_stage(path, fp)
     dist.print(f"vocab: {len(keys)} of {len(counts)} synsets in {n} captions kept (count >= {cfg.min_count}"
                f"{f', top {cfg.top_k}' if cfg.top_k else ''}) -> {path}")
     return v
@@ -324,8 +322,8 @@ class CatLIP(nn.Module):
 
 
 def make_vit(cfg, embed_dim=None):
-    return vit_tiny(image_size=cfg.size, patch_size=cfg.patch, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
-                    embed_dim=embed_dim, stem=cfg.stem)
+    return vit_tiny(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
+                    heads=cfg.heads, embed_dim=embed_dim, stem=cfg.stem)
 
 
 def pooled(vit, x):
@@ -334,15 +332,25 @@ def pooled(vit, x):
 
 
 class EMA:
-    """Exponential moving average of the weights: e <- (1 - m) e + m p after every step (corenet, momentum 5e-4)."""
+    """Exponential moving average of the weights: e <- (1 - m) e + m p after every step (corenet, momentum 5e-4).
+    `step` counts the updates it holds."""
 
     def __init__(self, model, m):
-        self.m, self.model = m, copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.m, self.step, self.model = m, 0, copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model):
         for e, p in zip(self.model.state_dict().values(), unwrap(model).state_dict().values()):
             e.lerp_(p, self.m) if e.is_floating_point() else e.copy_(p)
+        self.step += 1
+
+    def load(self, path, step):
+        """The average saved with the checkpoint of `step` (save_weights, {"step": step} in its header)."""
+        saved = load_weights(path, self.model).get("step")
+        if saved != str(step):
+            raise RuntimeError(f"{path} holds the EMA of step {saved}, its checkpoint is at step {step}: reuse and "
+                               "--resume need the two files of one run (or --retrain)")
+        self.step = step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +362,7 @@ KEEP = ("image", "caption", "alt_text", "label")   # the world fields this scrip
 def open_split(cfg, split, n, require=("image",)):
     """train / val (the few-shot pool) / test source. Eval data never comes from the training stream: the world's own
     splits, "{split}" in --data, --val_data, or a --holdout fraction chosen by key hash (common.data.open_source)."""
-    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.size), n=n,
+    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.image_size), n=n,
                        val_data=cfg.val_data, holdout=cfg.holdout, require=require, cache=split == "train", keep=KEEP)
 
 
@@ -373,11 +381,11 @@ def caption_field(src, want):
 
 class Prepare:
     """Transform of every sample (in the DataLoader workers for a Stream): the image resized and centre-cropped to
-    cfg.size and normalised with CLIP's mean/std (no augmentation: the miniature trains on the images as rendered);
+    image_size and normalised with CLIP's mean/std (no augmentation: the miniature trains on the images as rendered);
     optionally the caption's synset targets (CatLIP), its tokens (CLIP) and a class label < `classes` (evaluation)."""
 
-    def __init__(self, size, field, lex=None, keys=(), K=1, tokenizer=None, classes=0):
-        self.image, self.field, self.lex, self.K = eval_transform(size), field, lex, max(1, K)
+    def __init__(self, image_size, field, lex=None, keys=(), K=1, tokenizer=None, classes=0):
+        self.image, self.field, self.lex, self.K = eval_transform(image_size), field, lex, max(1, K)
         self.index = {k: i for i, k in enumerate(keys)} if lex is not None else None
         self.tokenizer, self.classes = tokenizer, classes
 
@@ -398,51 +406,46 @@ class Prepare:
 # ---------------------------------------------------------------------------------------------------------------
 # training stages (common.train.fit: DDP, autocast, cosine, clipping, atomic safetensors, resume)
 
-def stage_valid(path, fp):
-    """A checkpoint in --out is reused (or resumed) only if it was written with the same stage fingerprint."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        with safe_open(path, framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("config", "null")) == fp
-    except Exception:   # noqa: BLE001 - unreadable -> retrain
-        return False
-
-
-def run_stage(cfg, dist, name, model, loss_fn, get_batch, fp, ema=None):
-    path = os.path.join(cfg.out, f"{name}.safetensors")
-    if dist.is_master and os.path.isfile(path) and (cfg.retrain or not stage_valid(path, fp)):
-        os.remove(path)   # a different config: start this stage over
+def run_stage(cfg, dist, name, model, loss_fn, stream, fp, ema=None):
+    """One pretraining through common.train.fit. fp (the config values that change its result) decides reuse: a
+    finished checkpoint in --out with the same fp is reused, an unfinished one continued with --resume; --retrain
+    deletes it first. The EMA (optional) is saved beside the checkpoint at the same steps and follows it."""
+    path, ema_path = (os.path.join(cfg.out, f"{name}{s}.safetensors") for s in ("", "_ema"))
+    if cfg.retrain and dist.is_master and os.path.isfile(path):
+        os.remove(path)
     dist.barrier()
-    on_step, ema_path = None, os.path.join(cfg.out, f"{name}_ema.safetensors")
-    if ema is not None:
-        def on_step(step, raw, metrics):
-            ema.update(raw)
-            if dist.is_master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_weights(ema_path, ema.model, {"step": step})
-        if os.path.isfile(path) and os.path.isfile(ema_path):   # resume the EMA with the checkpoint it belongs to
-            load_weights(ema_path, ema.model)
-    t0 = time.time()
-    hist = fit(model, loss_fn, get_batch, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               warmup=cfg.warmup, betas=(0.9, 0.999), grad_clip=1.0, ckpt_every=cfg.ckpt_every, resume=True,
-               dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, config=fp, on_step=on_step)
-    hist["wall"] = time.time() - t0
+
+    def ema_step(step, raw, metrics):
+        if ema.step != step - 1:   # fit resumed at step - 1: continue from the average saved there
+            ema.load(ema_path, step - 1)
+        ema.update(raw)
+        if dist.is_master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+            save_weights(ema_path, ema.model, {"step": step})
+
+    train = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                        betas=(0.9, 0.999), grad_clip=1.0, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
+                        amp=cfg.amp, resume=cfg.resume)
+    hist = fit(model, loss_fn, stream, train, cfg.out, name, dist, fingerprint=fp,
+               on_step=ema_step if ema is not None else None)
+    if ema is not None and hist["reused"]:
+        ema.load(ema_path, hist["steps"])
     return hist
 
 
 def text_tokenizer(cfg, dist, src, field):
     """common.tokenizer.world_tokenizer; if its merges file is missing (or --data is used), learn a small BPE on the
-    first 3000 training captions once (rank 0) and keep it in --out."""
+    first 3000 training captions (rank 0), a stage kept in --out (bpe.txt) and reused while they are the same."""
     from common.tokenizer import Tokenizer, learn_bpe, read_merges, save_merges, world_tokenizer
     try:
         if cfg.data:
             raise FileNotFoundError
         return world_tokenizer(cfg.context_length)
     except FileNotFoundError:
-        path = os.path.join(cfg.out, "bpe.txt")
-        if dist.is_master and not os.path.isfile(path):
+        path, fp = os.path.join(cfg.out, "bpe.txt"), {**source_fingerprint(cfg, field), "captions": 3000, "merges": 600}
+        if dist.is_master and (cfg.retrain or not stage_current(path, fp)):
             dist.print(f"world tokenizer unavailable: learning 600 BPE merges on the training captions -> {path}")
             save_merges(path, learn_bpe([s[field] for s in iter_samples(src, n=3000, images=False)], 600))
+            mark_stage(path, fp)
         dist.barrier()
         return Tokenizer(read_merges(path), context_length=cfg.context_length)
 
@@ -490,7 +493,7 @@ def transfer_rows(classnames, vocab_keys, lex):
 
 def init_head(W_rand, b_rand, W_cat, b_cat, rows):
     """Transfer Init: copy the CatLIP rows (weight and bias) of the classes found in the vocabulary; a class that is
-    missing keeps its random row (the fallback corenet leaves undecided, clip-family.md §2.5)."""
+    missing keeps its random row (a fallback corenet leaves undecided)."""
     W, b = W_rand.clone(), b_rand.clone()
     for c, r in enumerate(rows):
         if r >= 0:
@@ -562,9 +565,7 @@ def _bench_points(cfg, dist):
                 t0 = time.perf_counter()
                 if name == "bce":
                     linear_bce(x, Wh, bh, t).backward()
-                    if dist.distributed:
-                        tdist.all_reduce(Wh.grad)
-                        tdist.all_reduce(bh.grad)
+                    Wh.grad, bh.grad = all_reduce(Wh.grad, dist), all_reduce(bh.grad, dist)   # what DDP adds
                 else:
                     clip_loss(F.normalize(fi, dim=-1), F.normalize(ft, dim=-1), 100.0).backward()
                 if dev.startswith("cuda"):
@@ -611,44 +612,7 @@ def run_bench(cfg, dist):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# plots (PIL; matplotlib is not a dependency)
-
-def line_plot(path, series, title, xlabel, ylabel, logx=False, logy=False, size=(560, 380)):
-    """series: {name: (xs, ys, (r, g, b))} -> PNG with axes, ticks at the data range ends and a legend."""
-    W, H, L, R, T, Bm = *size, 64, 16, 30, 44
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    tx = (lambda v: math.log10(v)) if logx else (lambda v: v)
-    ty = (lambda v: math.log10(v)) if logy else (lambda v: v)
-    xs = [tx(x) for s in series.values() for x in s[0]]
-    ys = [ty(y) for s in series.values() for y in s[1]]
-    x0, x1 = min(xs), max(xs) + 1e-9
-    y0, y1 = min(ys), max(ys) + 1e-9
-    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
-    px = lambda v: L + (tx(v) - x0) / (x1 - x0) * (W - L - R)        # noqa: E731
-    py = lambda v: H - Bm - (ty(v) - y0) / (y1 - y0) * (H - T - Bm)  # noqa: E731
-    d.rectangle([L, T, W - R, H - Bm], outline="black")
-    d.text((L, 8), title, fill="black", font=font)
-    d.text((W // 2 - 40, H - 18), xlabel, fill="black", font=font)
-    d.text((4, T - 16), ylabel, fill="black", font=font)
-    for v in sorted({x for s in series.values() for x in s[0]}):
-        d.line([px(v), H - Bm, px(v), H - Bm + 4], fill="black")
-        d.text((px(v) - 10, H - Bm + 6), f"{v:g}", fill="black", font=font)
-    for v in (y0, (y0 + y1) / 2, y1):
-        val = 10 ** v if logy else v
-        d.text((4, py(val) - 6), f"{val:.3g}", fill="black", font=font)
-    for i, (name, (sx, sy, col)) in enumerate(series.items()):
-        pts = [(px(a), py(b)) for a, b in zip(sx, sy)]
-        if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        if len(pts) <= 12:
-            for p in pts:
-                d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
-        d.rectangle([L + 10, T + 8 + 14 * i, L + 22, T + 16 + 14 * i], fill=col)
-        d.text((L + 26, T + 5 + 14 * i), name, fill="black", font=font)
-    im.save(path)
-
+# outputs: losses from log.jsonl, plots (common.plot), the results table with its verdicts
 
 def final_loss(out, run, n=5):
     """Mean of the last n logged training losses of a run (log.jsonl)."""
@@ -661,17 +625,60 @@ def read_losses(out, run):
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
+def plot_bench(cfg, res):
+    P = res["points"]
+    G = [p["global_batch"] for p in P]
+    line_plot(os.path.join(cfg.out, "bench.png"), [panel(
+        f"head + loss, forward + backward, {res['world_size']} processes",
+        {f"BCE over V={res['V']} (+ head grad all-reduce)": (G, [p["bce_ms"] for p in P], (200, 60, 40)),
+         "contrastive (all-gather, B x G logits)": (G, [p["contrastive_ms"] for p in P], (40, 80, 200))},
+        "global batch", "ms", logx=True, logy=True)])
+
+
+def plot_runs(cfg, r):
+    series = {}
+    for run, col in (("catlip", (200, 60, 40)), ("clip", (40, 80, 200))):
+        s, l = read_losses(cfg.out, run)
+        if s:
+            series[f"{run} loss / first logged"] = (s, [v / l[0] for v in l], col)
+    if series:
+        line_plot(os.path.join(cfg.out, "loss.png"), [panel("training loss (relative)", series, "step",
+                                                            "loss / loss0")])
+    shots = [int(k) for k in r["transfer_init_acc"]]
+    line_plot(os.path.join(cfg.out, "transfer_init.png"), [panel(
+        "few-shot classification (frozen CatLIP encoder)",
+        {"Transfer Init (CatLIP rows)": (shots, list(r["transfer_init_acc"].values()), (200, 60, 40)),
+         "random head": (shots, list(r["random_init_acc"].values()), (90, 90, 90))},
+        "labelled images per class", "test acc", logx=True)])
+
+
+def report(r):
+    """The results table, then each expected miniature effect: yes / NO, or n/a when it cannot be compared."""
+    print_table({k: v for k, v in r.items() if k != "bench"}, title="CatLIP vs CLIP (results.json)")
+    lp = r["catlip_linear_probe_acc"] - r["clip_linear_probe_acc"]
+    ti, ri, nt = r["transfer_init_acc"], r["random_init_acc"], r["transfer_classes_in_vocab"]
+    checks = [(lp >= -0.03, f"CatLIP linear probe within 3 points of CLIP or better: {lp:+.3f}"),
+              (r["catlip_step_ms"] < r["clip_step_ms"],
+               f"CatLIP step faster than CLIP: {r['catlip_step_ms']:.1f} vs {r['clip_step_ms']:.1f} ms"),
+              # with no class in the vocabulary both heads start from the same random rows: nothing is compared
+              (all(ti[k] >= ri[k] for k in ti) if nt else None,
+               f"Transfer Init >= random head at every shot count ({nt} of {r['n_classes']} classes in the "
+               "vocabulary): " + ", ".join(f"{k}: {ti[k]:.3f} vs {ri[k]:.3f}" for k in ti))]
+    if "bench" in r:
+        rat = [p["ratio"] for p in r["bench"]["points"]]
+        checks.append((all(b > a for a, b in zip(rat, rat[1:])), "contrastive/BCE cost ratio grows with batch: " +
+                       ", ".join(f"{p['global_batch']}: {p['ratio']:.2f}" for p in r["bench"]["points"])))
+    print("expected effects:")
+    for ok, msg in checks:
+        print(f"  [{'n/a' if ok is None else 'yes' if ok else 'NO '}] {msg}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, commands=COMMANDS)
+    cfg = parse_config(Config, argv, commands=COMMANDS, presets={"smoke": SMOKE})
     command = getattr(cfg, "_command", None) or "run"
-    if cfg.smoke:   # smoke sizes for every field not given on the command line
-        small, default = smoke_overrides(Config()), Config()
-        for k in config_to_dict(default):
-            if getattr(cfg, k) == getattr(default, k):
-                setattr(cfg, k, getattr(small, k))
     t_start = time.time()
     dist = setup_distributed(cfg.device)
     dev = dist.device
@@ -689,7 +696,7 @@ def main(argv=None):
 
     # ---- 1-2. labels and vocabulary, over the training source only
     lex = load_lexicon(cfg)
-    field, why = caption_field(open_split(cfg, "train", cfg.n_train), cfg.text)
+    field, why = caption_field(open_split(cfg, "train", cfg.n_train), cfg.caption)
     train_src = open_split(cfg, "train", cfg.n_train, require=("image", field))
     dist.print(f"lexicon: {lex.name}; captions: {field}{why}; training data: {train_src.name}")
     vocab = build_vocab(cfg, lex, train_src, field, dist)
@@ -710,8 +717,8 @@ def main(argv=None):
     val_src, test_src = open_split(cfg, "val", cfg.n_val), open_split(cfg, "test", cfg.n_test)
     names = class_names_of(test_src, default=None if cfg.data else SHAPES)
     if dist.is_master:
-        ev = Prepare(cfg.size, field, classes=len(names))
-        probe = read_samples(train_src, cfg.probe_n, Prepare(cfg.size, field, lex, keys, K, classes=len(names)))
+        ev = Prepare(cfg.image_size, field, classes=len(names))
+        probe = read_samples(train_src, cfg.probe_n, Prepare(cfg.image_size, field, lex, keys, K, classes=len(names)))
         pool, test = read_samples(val_src, cfg.n_val, ev), read_samples(test_src, cfg.n_test, ev)
         covered = float((stack(probe, "targets")[:, 0] >= 0).float().mean())
         dist.print(f"targets: {V} synsets, <= {K} per caption, {covered:.1%} of the first {len(probe)} training "
@@ -719,9 +726,10 @@ def main(argv=None):
                    f"({test.name}), {len(names)} classes")
 
     # ---- 3. CatLIP pretraining
-    arch = {k: getattr(cfg, k) for k in ("size", "width", "layers", "heads", "patch", "stem", "steps", "batch_size",
-                                         "lr", "weight_decay", "warmup", "seed", "data", "holdout", "n_train")}
-    arch["text"] = field
+    # the config values that change a pretraining's result (common.train.fit reuses a finished stage while they hold)
+    arch = {**source_fingerprint(cfg, field), **{k: getattr(cfg, k) for k in (
+        "image_size", "width", "layers", "heads", "patch_size", "stem", "steps", "batch_size", "lr", "weight_decay",
+        "warmup")}}
     torch.manual_seed(cfg.seed)
     prior = torch.tensor([e["count"] for e in vocab["entries"]], dtype=torch.float32) / vocab["n_captions"]
     catlip = CatLIP(make_vit(cfg), V, prior).to(dev)
@@ -731,7 +739,7 @@ def main(argv=None):
         return Stream(train_src, B // dist.world_size, prep, seed=cfg.seed, num_workers=cfg.num_workers, dist=dist,
                       name=name, post=lambda b: (b["image"], b[field_out]))
 
-    s_cat = stream("catlip", Prepare(cfg.size, field, lex, keys, K), "targets")
+    s_cat = stream("catlip", Prepare(cfg.image_size, field, lex, keys, K), "targets")
     ema = EMA(catlip, cfg.ema) if cfg.ema > 0 else None
     h_cat = run_stage(cfg, dist, "catlip", catlip, lambda m, b: m(*b), s_cat,
                       {**arch, "stage": "catlip", "vocab": keys, "ema": cfg.ema}, ema)
@@ -747,15 +755,15 @@ def main(argv=None):
         img_f, txt_f, s = m(*b)
         return clip_loss(img_f, txt_f, s), {"scale": float(s.detach())}
 
-    s_clip = stream("clip", Prepare(cfg.size, field, tokenizer=tokenizer), "tokens")
+    s_clip = stream("clip", Prepare(cfg.image_size, field, tokenizer=tokenizer), "tokens")
     h_clip = run_stage(cfg, dist, "clip", clip, clip_step, s_clip,
                        {**arch, "stage": "clip", "embed_dim": cfg.embed_dim, "vocab_size": tokenizer.vocab_size,
-                        "text": [field, cfg.text_width, cfg.text_layers, cfg.context_length]})
+                        **{k: getattr(cfg, k) for k in ("text_width", "text_layers", "context_length")}})
     s_clip.close()
 
     # step time: same batch (this rank's first training samples), same image encoder, forward + backward, on every
     # rank at once (under torchrun CLIP's time then includes its feature all-gathers; CatLIP's loss has no collective)
-    tb = read_samples(train_src, B // dist.world_size, Prepare(cfg.size, field, lex, keys, K, tokenizer),
+    tb = read_samples(train_src, B // dist.world_size, Prepare(cfg.image_size, field, lex, keys, K, tokenizer),
                       dist.rank, dist.world_size)
     x, t, tk = (stack(tb, k).to(dev) for k in ("image", "targets", "tokens"))
     med, _ = step_times(cfg, dev, copy.deepcopy(catlip).train(), copy.deepcopy(clip).train(), x, t, tk,
@@ -787,7 +795,7 @@ def main(argv=None):
                    "majority_class_acc": float(torch.bincount(yte).max()) / len(yte),
                    "lexicon": lex.name, "captions": field, "label_coverage": covered,
                    "transfer_classes_in_vocab": sum(r >= 0 for r in rows), "n_classes": C,
-                   "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["wall"], "clip_train_s": h_clip["wall"],
+                   "samples_seen": cfg.steps * B, "catlip_train_s": h_cat["seconds"], "clip_train_s": h_clip["seconds"],
                    # chance levels of the two training losses: image-blind synset frequencies, uniform over the batch
                    "catlip_final_loss": final_loss(cfg.out, "catlip"), "catlip_constant_loss": constant_loss(prior),
                    "clip_final_loss": final_loss(cfg.out, "clip"), "clip_chance_loss": math.log(B), "data": data}
@@ -807,52 +815,5 @@ def main(argv=None):
     return results
 
 
-def plot_bench(cfg, res):
-    P = res["points"]
-    G = [p["global_batch"] for p in P]
-    line_plot(os.path.join(cfg.out, "bench.png"),
-              {f"BCE over V={res['V']} (+ head grad all-reduce)": (G, [p["bce_ms"] for p in P], (200, 60, 40)),
-               "contrastive (all-gather, B x G logits)": (G, [p["contrastive_ms"] for p in P], (40, 80, 200))},
-              f"head + loss, forward + backward, {res['world_size']} processes", "global batch", "ms",
-              logx=True, logy=True)
-
-
-def plot_runs(cfg, r):
-    series = {}
-    for run, col in (("catlip", (200, 60, 40)), ("clip", (40, 80, 200))):
-        s, l = read_losses(cfg.out, run)
-        if s:
-            series[f"{run} loss / first logged"] = (s, [v / l[0] for v in l], col)
-    if series:
-        line_plot(os.path.join(cfg.out, "loss.png"), series, "training loss (relative)", "step", "loss / loss0")
-    shots = [int(k) for k in r["transfer_init_acc"]]
-    line_plot(os.path.join(cfg.out, "transfer_init.png"),
-              {"Transfer Init (CatLIP rows)": (shots, list(r["transfer_init_acc"].values()), (200, 60, 40)),
-               "random head": (shots, list(r["random_init_acc"].values()), (90, 90, 90))},
-              "few-shot classification (frozen CatLIP encoder)", "labelled images per class", "test acc",
-              logx=True)
-
-
-def report(r):
-    """The results table, then each expected miniature effect: yes / NO, or n/a when it cannot be compared."""
-    print_table({k: v for k, v in r.items() if k != "bench"}, title="CatLIP vs CLIP (results.json)")
-    lp = r["catlip_linear_probe_acc"] - r["clip_linear_probe_acc"]
-    ti, ri, nt = r["transfer_init_acc"], r["random_init_acc"], r["transfer_classes_in_vocab"]
-    checks = [(lp >= -0.03, f"CatLIP linear probe within 3 points of CLIP or better: {lp:+.3f}"),
-              (r["catlip_step_ms"] < r["clip_step_ms"],
-               f"CatLIP step faster than CLIP: {r['catlip_step_ms']:.1f} vs {r['clip_step_ms']:.1f} ms"),
-              # with no class in the vocabulary both heads start from the same random rows: nothing is compared
-              (all(ti[k] >= ri[k] for k in ti) if nt else None,
-               f"Transfer Init >= random head at every shot count ({nt} of {r['n_classes']} classes in the "
-               "vocabulary): " + ", ".join(f"{k}: {ti[k]:.3f} vs {ri[k]:.3f}" for k in ti))]
-    if "bench" in r:
-        rat = [p["ratio"] for p in r["bench"]["points"]]
-        checks.append((all(b > a for a, b in zip(rat, rat[1:])), "contrastive/BCE cost ratio grows with batch: " +
-                       ", ".join(f"{p['global_batch']}: {p['ratio']:.2f}" for p in r["bench"]["points"])))
-    print("expected effects:")
-    for ok, msg in checks:
-        print(f"  [{'n/a' if ok is None else 'yes' if ok else 'NO '}] {msg}")
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,42 +14,46 @@ predictions into the student on an unlabelled transfer set (best: images retriev
 ones), then fine-tune on the labels (methods.md sec. 8).
 
 What this file reproduces on the synthetic world (common/world.py, 32 px, shape classification):
-  mode dr:       teachers (2 wider CNNs trained on 5x more data) -> reinforced shards (safetensors + JSON
-                 params, fp16 top-k, manifest, merge, rank-parallel and resumable) -> students at equal epochs:
-                 ERM (CE + label smoothing), online KD (teachers at train time), DR (stored targets).
+  mode dr:       teachers (2 wider CNNs trained on 5x more data) -> reinforced store (tar shards: image, fp16 top-k,
+                 JSON augmentation params, mixing partners; rank-parallel, resumable per shard, mergeable) ->
+                 students at equal epochs: ERM (CE + label smoothing), online KD (teachers at train time), DR.
   mode transfer: a 5-class task with 10 labels per class; a VFM (wider CNN pretrained with a CatLIP-like multi-label
                  objective on the whole world); linear-probe adaptation; task-oriented KD on in-domain / retrieved /
                  generic transfer sets + fine-tune; baselines: scratch, task-agnostic feature distillation.
 
 Run:
   python reinforce.py                          # default run, both modes (writes runs/reinforce)
-  python reinforce.py --smoke                  # tiny end-to-end run (< 60 s)
-  python reinforce.py --mode=dr|transfer|all   # one mode
-  python reinforce.py reinforce --run_seed=1 --out=runs/r1   # only teachers + reinforced shards
+  python reinforce.py --smoke --mode=dr       # tiny end-to-end run (< 60 s); --mode=dr|transfer|all
+  python reinforce.py reinforce --run_seed=1 --out=runs/r1   # only teachers + reinforced store
   python reinforce.py merge --merge_from=runs/r0/reinforced,runs/r1/reinforced --out=runs/rm  # NS adds up
-  torchrun --nproc_per_node=2 reinforce.py --smoke           # data parallel (gloo); shards split over ranks
-  python reinforce.py --data='shards/{split}-{000..009}.tar' # exported world / real labelled shards
-Teachers, the VFM and the reinforced shards are reused from --out when their fingerprint matches (--retrain: no).
+  torchrun --nproc_per_node=2 reinforce.py --smoke           # data parallel (gloo); store shards split over ranks
+  python reinforce.py --data='shards/{split}'  # labelled shards with train/test/val splits
+Teachers, the VFM and the reinforced store are reused from --out when their fingerprint matches (--retrain: no).
 """
+import io
+import itertools
 import json
-import math
 import os
+import tarfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
+from glob import glob
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save as save_tensors
 
 from common.config import config_to_dict, parse_config, print_table, save_json
-from common.train import fit, load_weights, seed_all, setup_distributed, unwrap
+from common.data import (SampleSource, Stream, class_names_of, data_report, decode_image, for_each_shard,
+                         iter_samples, key_hash, open_source, read_samples, stack)
+from common.train import Dist, TrainConfig, fit, load_weights, seed_all, setup_distributed, unwrap
 from common.transforms import (Compose, RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
-                               RandomResizedCrop)
-from common.world import COLORS, SHAPES, World, load_arrays
+                               RandomResizedCrop, eval_transform, to_tensor, to_uint8)
+from common.world import COLORS, SHAPES, World
 
 COMMANDS = ["all", "reinforce", "merge"]
 
@@ -59,18 +63,22 @@ class Config:
     """Dataset Reinforcement + task-oriented knowledge transfer on the synthetic world."""
     out: str = "runs/reinforce"  # output folder (created if missing)
     seed: int = 0  # world, init, data order, augmentation all follow from it
-    data: str = ""  # labelled tar shards / class folders instead of the world ("{split}" -> train/test)
+    data: str = ""  # labelled tar shards / class folders instead of the world ("{split}" -> train/test/val)
+    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
+    num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     device: str = ""  # cpu | cuda (default: cuda if available)
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     mode: str = "all"  # dr | transfer | all
     smoke: bool = False  # tiny sizes, end to end in < 60 s
-    retrain: bool = False  # ignore teachers / VFM / reinforced shards already valid in --out
+    retrain: bool = False  # ignore teachers / VFM / reinforced store already valid in --out
     resume: bool = False  # resume interrupted student fits from their checkpoints in --out
     size: int = 32  # image side (px)
     batch_size: int = 100  # global batch of every fit (split over ranks)
     lr: float = 3e-3  # peak AdamW learning rate (cosine, 5% warm-up)
     weight_decay: float = 0.05  # decoupled weight decay
     log_every: int = 25  # log.jsonl row every N steps
-    # --- DR: data, teachers, reinforcement (DR sec. 3.1)
+    # --- DR: data, teachers, reinforcement (DR sec. 3.1); with --data the n_* set epoch lengths: steps = epochs x n / B
     n_train: int = 1000  # images of the reinforced training set
     n_test: int = 1000  # held-out test images
     n_teacher: int = 5000  # images the teachers train on (a superset: DR's teachers saw far more data than ImageNet)
@@ -81,7 +89,7 @@ class Config:
     teacher_weights: str = ""  # load a trained ensemble from this safetensors file instead of training one
     ns: int = 8  # stored augmentations per image (ImageNet+ uses 50..400)
     topk: int = 3  # top-k teacher probabilities kept per augmentation (ImageNet+: 10 of 1000)
-    shard_size: int = 250  # images per reinforcement shard (the unit of rank parallelism and of resumption)
+    shard_size: int = 250  # world images per reinforced shard (--data: one per input shard); unit of ranks and resume
     run_seed: int = 0  # seed of this reinforcement run; runs with different run_seed can be merged
     crop: str = "pad"  # pad: RandomCrop after zero padding (ml-dr CIFAR configs) | rrc: RandomResizedCrop (ImageNet)
     crop_pad: int = 4  # padding of the "pad" crop (px)
@@ -94,9 +102,9 @@ class Config:
     epochs: int = 40  # student epochs (equal for ERM / KD / DR)
     merge_from: str = ""  # merge: comma-separated reinforced dirs to merge into {out}/reinforced
     # --- TOKT (methods.md sec. 8)
-    task_classes: str = "0,1,2,3,4"  # shape ids of the target task
+    task_classes: str = "0,1,2,3,4"  # class ids of the target task
     n_labels: int = 10  # labelled images per task class
-    n_pool: int = 3000  # mixed unlabelled pool (task and other shapes) from the val split
+    n_pool: int = 3000  # mixed unlabelled pool (task and other classes) from the val split
     n_transfer: int = 600  # images per transfer set
     n_vfm: int = 6000  # images the VFM pretrains on (the whole world: every shape)
     vfm_width: int = 32  # VFM CNN width (the student's is `width`)
@@ -107,18 +115,10 @@ class Config:
     ft_lr: float = 1e-3  # fine-tuning learning rate
 
 
-SMOKE = dict(n_train=300, n_test=300, n_teacher=600, teacher_epochs=6, ns=2, shard_size=100, epochs=6, batch_size=50,
-             teacher_widths="12,8", width=8, n_pool=600, n_transfer=100, n_vfm=600, vfm_epochs=6, vfm_width=12,
-             kd_epochs=4, ft_steps=20, log_every=10, mix_p=0.5, erase_p=0.25)  # smoke: also mixing + erasing
-
-
-def smoke_overrides(cfg):
-    """Tiny sizes for --smoke, except for fields also given on the command line."""
-    defaults = Config()
-    for k, v in SMOKE.items():
-        if getattr(cfg, k) == getattr(defaults, k):
-            setattr(cfg, k, v)
-    return cfg
+# smoke: every stage, also mixing + erasing; teachers and VFM long enough to learn (tested), the rest a few steps
+SMOKE = dict(n_train=200, n_test=300, n_teacher=600, teacher_epochs=6, ns=2, shard_size=100, epochs=4, batch_size=50,
+             teacher_widths="12,8", width=8, n_pool=300, n_transfer=100, n_vfm=600, vfm_epochs=6, vfm_width=12,
+             kd_epochs=2, ft_steps=8, log_every=10, mix_p=0.5, erase_p=0.25)
 
 
 def ints(s):
@@ -126,9 +126,7 @@ def ints(s):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# models: small CNNs (any architecture works with DR). Why CNNs and not the conv-stem ViT of common.models: on this
-# world's shape label, 600 steps x 100 images of 3000 (1 core), a width-32 CNN reaches 0.86 test accuracy in 136 s of
-# CPU, a conv-stem ViT (width 64, 4 layers, 8 px patches) 0.57 in 104 s. Teachers, VFM and students must learn fast.
+# models: small CNNs (any architecture works with DR; CNNs learn this world's shapes fastest, docs/reinforce.md)
 
 
 class Net(nn.Module):
@@ -170,22 +168,20 @@ class Ensemble(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# replayable augmentation: common.transforms for the per-image part, MixUp/CutMix with a stored partner here
+# replayable augmentation: common.transforms for the per-image part, MixUp/CutMix with a partner image here. Draws
+# come from the Stream's per-sample generator (so every rank draws its own views), or a key-seeded one for the store.
 
 
 def crop(cfg):
     """DR's pre-collate crop: RandomResizedCrop (ImageNet configs) or padded RandomCrop (ml-dr's CIFAR configs,
     our default for 32 px images: RRC crops that lose the largest object mislabel this world's samples)."""
-    if cfg.crop == "rrc":
-        return RandomResizedCrop(cfg.size, scale=(cfg.rrc_min, 1.0))
-    return RandomCrop(cfg.size, padding=cfg.crop_pad)
+    return RandomResizedCrop(cfg.size, (cfg.rrc_min, 1.0)) if cfg.crop == "rrc" else RandomCrop(cfg.size, cfg.crop_pad)
 
 
 def heavy_pipeline(cfg):
     """DR's "+RA/RE" pipeline (ml-dr configs): crop, flip, RandAugment(2, m), RandomErasing (constant black box, as
-    ml-dr erases before normalising). Caveat of this world: a large black box looks like a black square, and the
-    teachers score such crops "square", which costs the distilled students ~4 points; hence erase_p=0 by default
-    (docs/reinforce.md; noise-filled boxes were tried and hurt more)."""
+    ml-dr erases before normalising). In this world a large black box looks like a black square, which the teachers
+    then predict, hence erase_p=0 by default (docs/reinforce.md; noise-filled boxes were tried and hurt more)."""
     return Compose([crop(cfg), RandomHorizontalFlip(), RandAugment(2, cfg.ra_magnitude), RandomErasing(cfg.erase_p)])
 
 
@@ -194,22 +190,24 @@ def light_pipeline(cfg):
     return Compose([crop(cfg), RandomHorizontalFlip()])
 
 
-def sample_mix(g, n, size, p):
-    """Mixing params: {"kind": "none"} or {"kind": "mixup"|"cutmix", "partner": j, "lam": l, "box": [t, l, h, w]}.
+def draw(g, n=0):  # an int in [0, n), or for n=0 a float in [0, 1), from a torch Generator
+    return int(torch.randint(n, (), generator=g)) if n else float(torch.rand((), generator=g, dtype=torch.float64))
 
-    The partner is drawn from the whole dataset and stored by index (ml-dr draws it from the batch and stores id2).
-    MixUp keeps the anchor at weight lam ~ Beta(1, 1) (ml-dr divides lam by 2, so there the partner always dominates:
-    a quirk we do not copy). CutMix pastes a partner box of area fraction 1 - lam."""
-    if g.random() >= p:
+
+def sample_mix(g, n, size, p):
+    """Mixing params: {"kind": "none"} or {"kind": "mixup"|"cutmix", "partner": j < n, "lam": l, "box": [t, l, h, w]}.
+    The partner is a position in a pool of n images: the input shard when the store is built, the batch when views
+    are drawn online (ml-dr draws it from the batch and stores id2). MixUp keeps the anchor at weight lam ~ Beta(1, 1)
+    = U(0, 1) (ml-dr divides lam by 2, so its partner always dominates). CutMix pastes a box of area 1 - lam."""
+    if draw(g) >= p:
         return {"kind": "none"}
-    kind = "mixup" if g.random() < 0.5 else "cutmix"
-    m = {"kind": kind, "partner": int(g.integers(n)), "lam": float(g.beta(1.0, 1.0))}
+    kind = "mixup" if draw(g) < 0.5 else "cutmix"
+    m = {"kind": kind, "partner": draw(g, n), "lam": draw(g)}
     if kind == "cutmix":
-        r = math.sqrt(1.0 - m["lam"])
-        h, w = int(size * r), int(size * r)
-        cy, cx = int(g.integers(size)), int(g.integers(size))
-        t, l = min(max(cy - h // 2, 0), size - h), min(max(cx - w // 2, 0), size - w)
-        m["box"] = [t, l, h, w]
+        r = (1.0 - m["lam"]) ** 0.5
+        h = w = int(size * r)
+        cy, cx = draw(g, size), draw(g, size)
+        m["box"] = [min(max(cy - h // 2, 0), size - h), min(max(cx - w // 2, 0), size - w), h, w]
     return m
 
 
@@ -225,30 +223,40 @@ def apply_mix(x, x2, m):
 
 def mix_weight(m, size):
     """Weight of the anchor's label in a mixed image (for one-hot targets): lam, or the un-pasted area fraction."""
-    if m["kind"] == "none":
-        return 1.0
-    if m["kind"] == "mixup":
-        return m["lam"]
-    return 1.0 - m["box"][2] * m["box"][3] / float(size * size)
+    if m["kind"] == "cutmix":
+        return 1.0 - m["box"][2] * m["box"][3] / float(size * size)
+    return m["lam"] if m["kind"] == "mixup" else 1.0
 
 
-def draw_aug(pipe, X, i, g, cfg):
-    """Draw a fresh augmentation of X[i] -> (image (3, H, W), record {"aug": params, "mix": mix params})."""
-    x, p = pipe.sample_apply(X[i], g)
-    m = sample_mix(g, len(X), cfg.size, cfg.mix_p)
+def draw_aug(pipe, x, pool, g, cfg):
+    """Draw a fresh augmentation of image x with a partner from `pool` (a list of images) -> (image (3, H, W),
+    record {"aug": params, "mix": mix params}); the partner gets its own augmentation, stored in the record."""
+    y, p = pipe.sample_apply(x, g)
+    m = sample_mix(g, len(pool), cfg.size, cfg.mix_p)
     if m["kind"] != "none":
-        x2, m["partner_aug"] = pipe.sample_apply(X[m["partner"]], g)  # the partner gets its own augmentation
-        x = apply_mix(x, x2, m)
-    return x, {"aug": p, "mix": m}
+        y2, m["partner_aug"] = pipe.sample_apply(pool[m["partner"]], g)
+        y = apply_mix(y, y2, m)
+    return y, {"aug": p, "mix": m}
 
 
-def replay_aug(pipe, X, i, rec):
-    """Re-apply a stored record to X[i] (and its partner): pixel-identical to draw_aug's image (DR sec. 3.2)."""
-    x = pipe.apply(X[i], rec["aug"])
+def replay_aug(pipe, x, pool, rec):
+    """Re-apply a stored record to x (and its partner pool[rec partner]): pixel-identical to draw_aug (DR sec. 3.2)."""
+    y = pipe.apply(x, rec["aug"])
     m = rec["mix"]
     if m["kind"] != "none":
-        x = apply_mix(x, pipe.apply(X[m["partner"]], m["partner_aug"]), m)
-    return x
+        y = apply_mix(y, pipe.apply(pool[m["partner"]], m["partner_aug"]), m)
+    return y
+
+
+def mix_batch(x, y, mixes, C, size):
+    """Online mixing with partners from the same batch (their own augmented views) -> images, mixed one-hot targets."""
+    xm, t = x.clone(), F.one_hot(y, C).float()
+    tm = t.clone()
+    for i, m in enumerate(mixes):
+        if m["kind"] != "none":
+            w = mix_weight(m, size)
+            xm[i], tm[i] = apply_mix(x[i], x[m["partner"]], m), w * t[i] + (1 - w) * t[m["partner"]]
+    return xm, tm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,187 +280,223 @@ def densify(v, i, C):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reinforced storage: shard-{s}.safetensors (index int64 (n_s,), values fp16 (n_s, NS, k), indices int16 (n_s, NS, k),
-# JSON augmentation records in the header) + manifest.json. No pickle (ml-dr stores one torch.save pickle per image).
+# data: sources, per-sample views (run in the Stream's workers), one-pass sets
 
 
-def shard_path(d, s):
-    return os.path.join(d, f"shard-{s:05d}.safetensors")
+def source(cfg, split, n=None, require=("image", "label"), cache=True):
+    """One split of --data (or n samples of the world's split, rendered lazily, cached when read every epoch)."""
+    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.size), n=n,
+                       val_data=cfg.val_data, holdout=cfg.holdout, require=require, cache=cache,
+                       keep=("image", "label", "objects"))
 
 
-def generate_shard(teachers, X, s, cfg, fp):
-    """Reinforce images [s*S, (s+1)*S): NS fresh augmentations each, scored by the ensemble; write the shard."""
-    lo, hi = s * cfg.shard_size, min(len(X), (s + 1) * cfg.shard_size)
-    g = np.random.default_rng([cfg.seed, cfg.run_seed, s, 0x5D])  # per shard: same bytes whatever the rank count
-    pipe, xs, recs = heavy_pipeline(cfg), [], []
-    for i in range(lo, hi):
-        row = []
-        for _ in range(cfg.ns):
-            x, rec = draw_aug(pipe, X, i, g, cfg)
-            xs.append(x), row.append(rec)
-        recs.append(row)
-    teachers.eval()
-    v, ix = sparsify(teachers.probs(torch.stack(xs).to(next(teachers.parameters()).device)).cpu(), cfg.topk)
-    tensors = {"index": torch.arange(lo, hi), "values": v.view(hi - lo, cfg.ns, -1).contiguous(),
-               "indices": ix.view(hi - lo, cfg.ns, -1).contiguous()}
-    path = shard_path(os.path.join(cfg.out, "reinforced"), s)
-    save_file(tensors, path + ".tmp", metadata={"params": json.dumps(recs), "fingerprint": fp})
-    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half shard behind
+def prep(s, size):
+    """A decoded image (any size; grey / RGBA already RGB) -> float (3, size, size) in [0, 1]. Other sizes: shorter side
+    resized, centre crop, rounded to uint8 levels, so that the stored copy (png) replays the very pixels seen."""
+    x = to_tensor(s["image"])
+    return x if x.shape[-2:] == (size, size) else to_tensor(to_uint8(eval_transform(size, mean=None)(x)))
 
 
-def shard_valid(path, fp):
-    if not os.path.exists(path):
-        return False
-    try:
-        with safe_open(path, "pt") as f:
-            return (f.metadata() or {}).get("fingerprint") == fp
-    except Exception:  # noqa: BLE001 - a corrupt file is simply regenerated
-        return False
+def concepts(s, names):
+    """The VFM's multi-hot target (CatLIP-like): the label, plus each object's shape and colour where the data lists
+    its objects (the world's json "objects"; real data without them: the label only)."""
+    t = torch.zeros(len(names) + len(COLORS))
+    t[int(s["label"])] = 1.0
+    for o in s.get("objects") or []:
+        if o.get("shape") in names and o.get("color") in COLORS:
+            t[names.index(o["shape"])] = t[len(names) + COLORS.index(o["color"])] = 1.0
+    return t
 
 
-def reinforce(teachers, X, num_classes, cfg, dist, fp):
-    """Generate every missing shard (shard s on rank s % W), then rank 0 writes the manifest. Returns seconds."""
-    d = os.path.join(cfg.out, "reinforced")
-    os.makedirs(d, exist_ok=True)
-    n_shards = math.ceil(len(X) / cfg.shard_size)
-    t0 = time.time()
-    for s in range(dist.rank, n_shards, dist.world_size):
-        if not shard_valid(shard_path(d, s), fp):
-            generate_shard(teachers, X, s, cfg, fp)
-            dist.print(f"reinforce: shard {s + 1}/{n_shards} written")
-    dist.barrier()
+def view(s, g, cfg, pipe, mix_p=0.0, batch=1, names=None):
+    """A training view: prep + augmentation; mixing params name a partner position in the same batch (mix_batch)."""
+    out = {"image": pipe(prep(s, cfg.size), g), "label": int(s["label"]), "mix": sample_mix(g, batch, cfg.size, mix_p)}
+    return dict(out, multi=concepts(s, names)) if names is not None else out
+
+
+def dr_view(s, g, cfg, C, heavy, light):
+    """DR sec. 3.2: with probability p_reinforced one stored augmentation (uniformly), replayed, with its densified
+    teacher target; else the plain sample (crop + flip) with its one-hot label. s: a store sample (or unpacked)."""
+    u = s if "partners" in s else unpack(s)
+    if draw(g) < cfg.p_reinforced:
+        k = draw(g, len(u["aug"]))
+        return {"image": replay_aug(heavy, u["image"], u["partners"], u["aug"][k]),
+                "target": densify(u["v"][k], u["ix"][k], C)}
+    return {"image": light(u["image"], g), "target": F.one_hot(torch.tensor(u["label"]), C).float()}
+
+
+def make_stream(src, fn, seed, cfg, dist, name, post, batch=None):
+    """A Stream of `batch` (global; default batch_size) split over ranks; the world and in-memory sets in-process."""
+    return Stream(src, max(1, (batch or cfg.batch_size) // dist.world_size), fn, seed=seed, dist=dist, post=post,
+                  num_workers=cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0, name=name)
+
+
+def eval_set(cfg, split, n, names):
+    """n labelled samples of `split` (one pass, never the training stream) -> {"x", "y", "samples" (provenance)}."""
+    got = read_samples(source(cfg, split, n, require=("image",), cache=False), n,
+                       transform=lambda s: {"__key__": s["__key__"], "x": prep(s, cfg.size), "label": s.get("label")})
+    bad = [s["label"] for s in got if not isinstance(s["label"], int) or not 0 <= s["label"] < len(names)]
+    if bad:
+        raise ValueError(f"{got.name}: label {bad[0]!r} is not a class id in 0..{len(names) - 1}; reinforce.py needs a "
+                         ".cls member or 'label' in the .json of every sample (or class folders) and their names")
+    return {"x": stack(got, "x"), "y": stack(got, "label"), "samples": got}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reinforced store: {out}/reinforced/reinforced-{j:06d}.tar, one per input unit (an input shard, or shard_size
+# world samples), + manifest.json. Per sample (webdataset members, no pickle; ml-dr stores one torch.save per image):
+#   KEY.png: the image at model size, as the teachers saw it, so that the store alone rebuilds every view;
+#   KEY.json: {"label", "aug": NS records {"aug": params, "mix": params}}; KEY.topk.safetensors: "v" fp16 (NS, k) top-k
+#   teacher probabilities, "ix" int16 their classes; KEY.partners.png: mixing partners side by side (record: slot)
+STORE = "reinforced"
+
+
+def encode(x, y, recs, v, ix, partners):
+    """One store sample's members (the layout above)."""
+    def png(x):
+        b = io.BytesIO()
+        Image.fromarray(to_uint8(x)).save(b, format="PNG", compress_level=1)
+        return b.getvalue()
+    m = {"png": png(x), "json": json.dumps({"label": y, "aug": recs}).encode(),
+         "topk.safetensors": save_tensors({"v": v.contiguous(), "ix": ix.contiguous()})}
+    return dict(m, **{"partners.png": png(torch.cat(partners, -1))}) if partners else m
+
+
+def unpack(s):
+    """A decoded store sample -> {"image", "label", "aug" [NS], "v" fp16 (NS, k), "ix" (NS, k), "partners" [images]}."""
+    x = to_tensor(s["image"])
+    strip = to_tensor(decode_image(s["partners.png"])) if "partners.png" in s else x[:, :, :0]
+    return {"__key__": s["__key__"], "image": x, "label": int(s["label"]), "aug": s["aug"],
+            **load_tensors(s["topk.safetensors"]), "partners": list(strip.split(x.shape[-1], dim=-1))}
+
+
+def reinforce_unit(samples, teachers, cfg, chunk=64):
+    """for_each_shard's fn: one input unit -> (key, members). Each sample's NS views are drawn with a generator seeded
+    by its key (so the bytes depend neither on the rank count nor on the order of the units), partners from the same
+    unit; the teachers score them chunk by chunk, so memory is one unit of model-size images."""
+    unit = [(s["__key__"], prep(s, cfg.size), int(s["label"])) for s in samples]
+    pool, pipe, dev = [x for _, x, _ in unit], heavy_pipeline(cfg), next(teachers.parameters()).device
+    for a in range(0, len(unit), chunk):
+        views, recs, strips = [], [], []
+        for key, x, _ in unit[a:a + chunk]:
+            g = torch.Generator().manual_seed(key_hash(f"{cfg.seed}/{cfg.run_seed}/{key}"))
+            recs.append([]), strips.append([])
+            for _ in range(cfg.ns):
+                v, rec = draw_aug(pipe, x, pool, g, cfg)
+                m = rec["mix"]
+                if m["kind"] != "none":  # the store keeps the partner's pixels: its record names its slot
+                    strips[-1].append(pool[m["partner"]])
+                    m["partner_key"], m["partner"] = unit[m["partner"]][0], len(strips[-1]) - 1
+                views.append(v), recs[-1].append(rec)
+        v, ix = sparsify(teachers.probs(torch.stack(views).to(dev)).cpu(), cfg.topk)
+        for j, (key, x, y) in enumerate(unit[a:a + chunk]):
+            yield key, encode(x, y, recs[j], v.view(len(recs), cfg.ns, -1)[j], ix.view(len(recs), cfg.ns, -1)[j],
+                              strips[j])
+
+
+def read_manifest(d):
+    p = Path(d) / "manifest.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def build_store(d, src, fn, fp, dist, shard_size=1, retrain=False, **manifest):
+    """Keep the shards of a build (complete or cut short) with the same fingerprint, else empty d; for_each_shard writes
+    the missing ones (units dealt to ranks, atomic, present ones skipped); rank 0 the manifest. Collective."""
     if dist.is_master:
-        save_json(os.path.join(d, "manifest.json"), {
-            "format": "clipbook-reinforced-v1", "n": len(X), "ns": cfg.ns, "topk": cfg.topk,
-            "num_classes": num_classes, "shard_size": cfg.shard_size, "fingerprint": fp,
-            "shards": [os.path.basename(shard_path(d, s)) for s in range(n_shards)],
-            "runs": [{"run_seed": cfg.run_seed, "ns": cfg.ns}]})
+        os.makedirs(d, exist_ok=True)
+        if retrain or read_manifest(d).get("fingerprint") != fp:
+            for p in glob(os.path.join(d, f"{STORE}-*.tar")):
+                os.remove(p)
+            save_json(os.path.join(d, "manifest.json"), {"fingerprint": fp, "complete": False})
     dist.barrier()
-    return time.time() - t0
-
-
-def load_reinforced(d):
-    """-> manifest, values fp16 (n, NS, k), indices (n, NS, k), records list[n][NS]."""
-    man = json.load(open(os.path.join(d, "manifest.json")))
-    vs, ixs, recs = [], [], []
-    for name in man["shards"]:
-        p = os.path.join(d, name)
-        t = load_file(p)
-        with safe_open(p, "pt") as f:
-            recs += json.loads(f.metadata()["params"])
-        vs.append(t["values"]), ixs.append(t["indices"])
-    v, ix = torch.cat(vs), torch.cat(ixs)
-    if v.shape[:2] != (man["n"], man["ns"]):
-        raise ValueError(f"{d}: shards hold {tuple(v.shape[:2])} (images, NS), manifest says ({man['n']}, {man['ns']})")
-    return man, v, ix, recs
-
-
-def storage_bytes(d):
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if not f.endswith(".tmp"))
-
-
-def merge_reinforced(dirs, out_dir):
-    """Concatenate the stored augmentations of several runs over the same images: NS adds up (ImageNet+'s NS=400 is
-    8 runs x 50; ml-dr picks one run per access instead, here the merged file is one dataset)."""
-    parts = [load_reinforced(d) for d in dirs]
-    m0 = parts[0][0]
-    for d, (m, *_) in zip(dirs, parts):
-        for k in ("n", "topk", "num_classes"):
-            if m[k] != m0[k]:
-                raise ValueError(f"merge: {d} has {k}={m[k]}, {dirs[0]} has {m0[k]}; runs must cover the same data")
-    v = torch.cat([p[1] for p in parts], 1)
-    ix = torch.cat([p[2] for p in parts], 1)
-    recs = [sum((p[3][i] for p in parts), []) for i in range(m0["n"])]
-    os.makedirs(out_dir, exist_ok=True)
-    S, n = m0["shard_size"], m0["n"]
-    fp = json.dumps([p[0]["fingerprint"] for p in parts])
-    names = []
-    for s in range(math.ceil(n / S)):
-        lo, hi = s * S, min(n, (s + 1) * S)
-        p = shard_path(out_dir, s)
-        save_file({"index": torch.arange(lo, hi), "values": v[lo:hi].contiguous(), "indices": ix[lo:hi].contiguous()},
-                  p + ".tmp", metadata={"params": json.dumps(recs[lo:hi]), "fingerprint": fp})
-        os.replace(p + ".tmp", p)
-        names.append(os.path.basename(p))
-    man = dict(m0, ns=int(v.shape[1]), fingerprint=fp, shards=names, runs=sum((p[0]["runs"] for p in parts), []))
-    save_json(os.path.join(out_dir, "manifest.json"), man)
+    paths = for_each_shard(src, d, fn, dist, shard_size=shard_size, prefix=STORE, progress=False)
+    man = dict(manifest, format="clipbook-reinforced-v2", complete=True, fingerprint=fp, source=src.name,
+               shards=[os.path.basename(p) for p in paths])
+    if dist.is_master:
+        save_json(os.path.join(d, "manifest.json"), man)
+    dist.barrier()
     return man
 
 
+def reinforce(teachers, src, C, cfg, dist, fp):
+    """Build the reinforced store {out}/reinforced from the training source `src`."""
+    return build_store(os.path.join(cfg.out, "reinforced"), src, partial(reinforce_unit, teachers=teachers.eval(),
+                       cfg=cfg), fp, dist, cfg.shard_size, cfg.retrain, ns=cfg.ns, topk=cfg.topk, num_classes=C,
+                       size=cfg.size, runs=[{"run_seed": cfg.run_seed, "ns": cfg.ns}])
+
+
+def store_source(d):
+    """The store as a source (its shards in manifest order), for a Stream or a one-pass read."""
+    man = read_manifest(d)
+    if not man.get("complete"):
+        raise FileNotFoundError(f"{d}: no complete reinforced store (manifest.json): run `reinforce.py reinforce`")
+    return open_source("::".join(os.path.join(d, n) for n in man["shards"]))
+
+
+def storage_bytes(d):
+    """Bytes per image of the reinforcement (targets, records, partners: not the image copy nor the tar framing)."""
+    extra = images = 0
+    for p in glob(os.path.join(d, f"{STORE}-*.tar")):
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                image = m.name.endswith(".png") and not m.name.endswith(".partners.png")
+                images, extra = images + image, extra + (0 if image else m.size)
+    return extra / max(images, 1)
+
+
+def merge_unit(runs):
+    """for_each_shard's fn of a merge: the same shard of every run -> samples with NS concatenated."""
+    for item in runs:
+        for group in itertools.zip_longest(*(iter_samples(open_source(p)) for p in item["paths"])):
+            if None in group or len({s["__key__"] for s in group}) != 1:
+                raise ValueError(f"merge: shards {item['paths']} do not hold the same samples")
+            us, recs = [unpack(s) for s in group], []
+            for j, u in enumerate(us):  # partner slots of run j follow those of the runs before it
+                off = sum(len(w["partners"]) for w in us[:j])
+                recs += [dict(r, mix=dict(r["mix"], partner=r["mix"]["partner"] + off)) if "partner" in r["mix"] else r
+                         for r in u["aug"]]
+            yield us[0]["__key__"], encode(us[0]["image"], us[0]["label"], recs, torch.cat([u["v"] for u in us]),
+                                           torch.cat([u["ix"] for u in us]), sum((u["partners"] for u in us), []))
+
+
+def merge_reinforced(dirs, out_dir, dist=Dist()):
+    """Concatenate the stored augmentations of several runs over the same images: NS adds up (ImageNet+'s NS=400 is
+    8 runs x 50; ml-dr picks one run per access). A merge builds a store too: unit j is shard j of every run."""
+    mans = [read_manifest(d) for d in dirs]
+    for d, m in zip(dirs, mans):
+        if not m.get("complete"):
+            raise FileNotFoundError(f"merge: {d} holds no complete reinforced store (manifest.json)")
+        for k in ("shards", "topk", "num_classes", "size"):
+            if m[k] != mans[0][k]:
+                raise ValueError(f"merge: {d} has {k}={m[k]}, {dirs[0]} {mans[0][k]}; runs must cover the same data")
+    units = SampleSource([{"__key__": n, "paths": [os.path.join(d, n) for d in dirs]} for n in mans[0]["shards"]],
+                         name="+".join(dirs))
+    return build_store(out_dir, units, merge_unit, [m["fingerprint"] for m in mans], dist,
+                       **{k: mans[0][k] for k in ("topk", "num_classes", "size")}, ns=sum(m["ns"] for m in mans),
+                       runs=sum((m["runs"] for m in mans), []))
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# data (in memory: the batch of step i is a pure function of (seed, i), which common.train.fit needs for resume)
+# losses (on fp32 logits, also under bf16 autocast) and fits
 
 
-def load_images(cfg, split, n, start=0):
-    """-> dict x float (n, 3, S, S) in [0, 1], y int64 (n,), multi (n, |SHAPES|+|COLORS|) multi-hot concepts."""
-    if not cfg.data:
-        a = load_arrays(World(seed=cfg.seed, split=split, size=cfg.size, n=start + n), n, start)
-        imgs, ys, objs = a["images"], a["labels"], a["objects"]
-    else:
-        from common.data import make_dataset
-        ds = make_dataset(cfg.data, split=split, seed=cfg.seed, size=cfg.size, rank=0, world_size=1)
-        iterable = isinstance(ds, torch.utils.data.IterableDataset)
-        stream = iter(ds) if iterable else (ds[j] for j in range(len(ds)))
-        rows = [s for _, s in zip(range(start + n), stream)][start:]
-        if len(rows) < n or any("label" not in r for r in rows):
-            raise SystemExit(f"--data={cfg.data!r} ({split}): need {start + n} samples with a 'label', got "
-                             f"{start + len(rows)}")
-        imgs = np.stack([np.asarray(Image.fromarray(np.asarray(r["image"], np.uint8)).convert("RGB")
-                                    .resize((cfg.size, cfg.size), Image.BILINEAR)) for r in rows])
-        ys = np.array([int(r["label"]) for r in rows], np.int64)
-        objs = [r.get("objects") or [] for r in rows]
-    multi = torch.zeros(n, len(SHAPES) + len(COLORS))
-    for j, ob in enumerate(objs):
-        multi[j, int(ys[j]) % len(SHAPES)] = 1.0  # the label's shape is always a concept (real data: no objects)
-        for o in ob:
-            multi[j, SHAPES.index(o["shape"])] = 1.0
-            multi[j, len(SHAPES) + COLORS.index(o["color"])] = 1.0
-    x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float().div(255.0)
-    return {"x": x, "y": torch.from_numpy(np.asarray(ys, np.int64)), "multi": multi}
+def fp32_loss(fn):
+    """loss_fn(model, (x, target)) computing fn(logits, target) on fp32 logits with autocast off."""
+    def loss(m, batch):
+        z, t = m(batch[0]), batch[1]
+        with torch.autocast(z.device.type, enabled=False):
+            return fn(z.float(), t.float() if t.is_floating_point() else t)
+    return loss
 
 
-def split_streams(cfg):
-    """(split, start offset) of train / test / pool: with a single --data stream, consecutive ranges."""
-    if cfg.data and "{split}" not in cfg.data:
-        n_tr = max(cfg.n_teacher, cfg.n_train, cfg.n_vfm)
-        return {"train": ("train", 0), "test": ("train", n_tr), "pool": ("train", n_tr + cfg.n_test)}
-    return {"train": ("train", 0), "test": ("test", 0), "pool": ("val" if not cfg.data else "train",
-                                                                 0 if not cfg.data else max(cfg.n_teacher, cfg.n_vfm))}
-
-
-def batch_idx(i, n, B, seed, dist):
-    """This rank's slice of global batch i: positions [i*B, (i+1)*B) of per-epoch permutations seeded by (seed, e)."""
-    pos = i * B + np.arange(B)[dist.rank::dist.world_size]
-    return np.array([np.random.default_rng([seed, int(e)]).permutation(n)[p] for e, p in zip(pos // n, pos % n)])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# losses
-
-
-def kl_loss(m, batch):
-    """KL(target || student) = cross-entropy to the soft target up to a constant (ml-dr uses F.kl_div batchmean)."""
-    x, t = batch
-    return F.kl_div(F.log_softmax(m(x), -1), t, reduction="batchmean")
+# KL(target || student) = cross-entropy to the soft target up to a constant (ml-dr uses F.kl_div batchmean)
+kl_loss = fp32_loss(lambda z, t: F.kl_div(F.log_softmax(z, -1), t, reduction="batchmean"))
 
 
 def fingerprint(cfg, *keys, **extra):
-    return json.dumps({**{k: getattr(cfg, k) for k in keys}, **extra}, sort_keys=True)
-
-
-def stage(path, fp, cfg):
-    """Delete a checkpoint whose fingerprint (stored as the fit config) differs, so fit(resume=True) retrains it;
-    a matching complete one is reused as is."""
-    if os.path.exists(path) and (cfg.retrain or not shard_valid_ckpt(path, fp)):
-        os.remove(path)
-
-
-def shard_valid_ckpt(path, fp):
-    try:
-        with safe_open(path, "pt") as f:
-            return json.loads((f.metadata() or {}).get("config", "null")) == {"fingerprint": fp}
-    except Exception:  # noqa: BLE001
-        return False
+    """The config values a stage's result depends on (with --data also where its train split is cut)."""
+    keys += ("holdout",) if cfg.data else ()
+    return {**{k: getattr(cfg, k) for k in keys}, **extra}
 
 
 @torch.no_grad()
@@ -462,144 +506,99 @@ def accuracy(model, x, y, dev, chunk=500):
     return float((pred == y).float().mean())
 
 
-def run_fit(model, loss_fn, get_batch, steps, cfg, dist, name, lr=None, fp=None, wd=None, find_unused=False):
-    """common.train.fit with this file's defaults; fp given -> a cached stage (reused when complete and matching)."""
+def run_fit(model, loss_fn, stream, steps, cfg, dist, name, streams, lr=None, fp=None, find_unused=False):
+    """common.train.fit on a Stream (whose state it checkpoints); fp: the stage's fingerprint (a finished stage with
+    the same one is reused; --retrain: trained again). The stream is kept in `streams` for the data block."""
     path = os.path.join(cfg.out, f"{name}.safetensors")
-    if fp is not None:
-        if dist.is_master:
-            stage(path, fp, cfg)
-        dist.barrier()
-    elif not cfg.resume and dist.is_master and os.path.exists(path):
+    if cfg.retrain and fp is not None and dist.is_master and os.path.exists(path):
         os.remove(path)
     dist.barrier()
-    h = fit(model, loss_fn, get_batch, steps, cfg.out, name=name, lr=lr or cfg.lr,
-            weight_decay=cfg.weight_decay if wd is None else wd, warmup=max(1, steps // 20), resume=True,
-            dist=dist, log_every=cfg.log_every, desc=name, config={"fingerprint": fp} if fp else config_to_dict(cfg),
+    streams[name] = stream
+    tc = TrainConfig(steps, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, steps // 20),
+                     log_every=cfg.log_every, amp=cfg.amp, resume=cfg.resume)
+    h = fit(model, loss_fn, stream, tc, cfg.out, name, dist, fingerprint=fp, config=config_to_dict(cfg),
             progress=False, find_unused_parameters=find_unused)
+    stream.close()
+    if dist.distributed:  # each rank's last step updated its own BatchNorm statistics: keep rank 0's everywhere
+        for b in unwrap(model).buffers():
+            torch.distributed.broadcast(b, 0)
     unwrap(model).eval()
     return h
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# mode dr: teachers -> reinforced data -> ERM / online KD / DR students at equal epochs
+# mode dr: teachers -> reinforced store -> ERM / online KD / DR students at equal epochs
 
 
-def train_teachers(train, C, cfg, dist):
+def train_teachers(src, C, cfg, dist, streams):
     """Both members train on the same augmented batches (teacher_aug=heavy: DR's pipeline + MixUp/CutMix with
     mixed one-hot labels; light: crop + flip, see docs/reinforce.md for why light is the default here)."""
-    dev = dist.device
     seed_all(cfg.seed + 1)
-    ens = Ensemble(ints(cfg.teacher_widths), C).to(dev)
+    ens = Ensemble(ints(cfg.teacher_widths), C).to(dist.device)
     if cfg.teacher_weights:
         load_weights(cfg.teacher_weights, ens)
-        return ens.eval()
-    X, Y = train["x"], train["y"]
-    pipe = heavy_pipeline(cfg) if cfg.teacher_aug == "heavy" else light_pipeline(cfg)
-    tc = cfg if cfg.teacher_aug == "heavy" else replace(cfg, mix_p=0.0)
-    B = cfg.batch_size
-
-    def get_batch(i):
-        xs, ts = [], []
-        for j in batch_idx(i, len(X), B, cfg.seed + 11, dist):
-            x, rec = draw_aug(pipe, X, j, np.random.default_rng([cfg.seed, 11, i, int(j)]), tc)
-            t = F.one_hot(Y[j], C).float() * mix_weight(rec["mix"], cfg.size)
-            if rec["mix"]["kind"] != "none":
-                t += F.one_hot(Y[rec["mix"]["partner"]], C).float() * (1 - mix_weight(rec["mix"], cfg.size))
-            xs.append(x), ts.append(t)
-        return torch.stack(xs).to(dev), torch.stack(ts).to(dev)
-
-    def loss_fn(m, batch):
-        x, t = batch
-        logits = m(x)  # (M, B, C)
-        return sum(torch.sum(-t * F.log_softmax(lg, -1), -1).mean() for lg in logits)
-
-    heavy_keys = ("ra_magnitude", "erase_p", "mix_p") if cfg.teacher_aug == "heavy" else ()  # light: unused
+        return ens.eval(), cfg.teacher_weights
+    heavy = cfg.teacher_aug == "heavy"
+    fn = partial(view, cfg=cfg, pipe=heavy_pipeline(cfg) if heavy else light_pipeline(cfg),
+                 mix_p=cfg.mix_p if heavy else 0.0, batch=cfg.batch_size // dist.world_size)
+    stream = make_stream(src, fn, cfg.seed + 11, cfg, dist, "teachers",
+                         lambda b: mix_batch(b["image"], b["label"], b["mix"], C, cfg.size))
+    loss = fp32_loss(lambda z, t: sum(torch.sum(-t * F.log_softmax(lg, -1), -1).mean() for lg in z))  # z (M, B, C)
     fp = fingerprint(cfg, "seed", "size", "n_teacher", "teacher_widths", "teacher_epochs", "teacher_aug", "batch_size",
-                     "lr", "crop", "crop_pad", "rrc_min", "data", *heavy_keys)
-    run_fit(ens, loss_fn, get_batch, cfg.teacher_epochs * len(X) // B, cfg, dist, "teachers", fp=fp)
-    return ens.eval()
+                     "lr", "crop", "crop_pad", "rrc_min", "data",
+                     *(("ra_magnitude", "erase_p", "mix_p") if heavy else ()))
+    run_fit(ens, loss, stream, cfg.teacher_epochs * cfg.n_teacher // cfg.batch_size, cfg, dist, "teachers", streams,
+            fp=fp)
+    return ens.eval(), fp
 
 
-def train_student(kind, train, C, cfg, dist, teachers=None, rdata=None):
-    """kind: erm | kd | dr. Same student, steps, optimizer; only the targets and augmentations differ."""
-    dev, X, Y, B = dist.device, train["x"], train["y"], cfg.batch_size
+def train_student(kind, src, C, cfg, dist, streams, teachers=None):
+    """kind: erm | kd | dr. Same student, steps, optimizer; only the targets and augmentations differ. src: the
+    training images (ERM, KD), or the reinforced store (DR: the same images, with their stored views)."""
     seed_all(cfg.seed + 2)
-    student = Net(cfg.width, C).to(dev)
-    light, heavy = light_pipeline(cfg), heavy_pipeline(cfg)
-    if rdata is not None:
-        man, v, ix, recs = rdata
-        T = densify(v, ix, C)  # (n, NS, C) dense targets, computed once
+    student = Net(cfg.width, C).to(dist.device)
+    light, heavy, loss = light_pipeline(cfg), heavy_pipeline(cfg), kl_loss
+    if kind == "erm":
+        fn, post = partial(view, cfg=cfg, pipe=light), lambda b: (b["image"], b["label"])
+        loss = fp32_loss(lambda z, t: F.cross_entropy(z, t, label_smoothing=cfg.label_smoothing))
+    elif kind == "kd":  # the same augmentation distribution as DR, drawn fresh every time
+        fn = partial(view, cfg=cfg, pipe=heavy, mix_p=cfg.mix_p, batch=cfg.batch_size // dist.world_size)
 
-    def get_batch(i):
-        xs, ts = [], []
-        for j in batch_idx(i, len(X), B, cfg.seed + 22, dist):
-            g = np.random.default_rng([cfg.seed, 22, i, int(j)])
-            if kind == "erm":
-                xs.append(light(X[j], g)), ts.append(F.one_hot(Y[j], C).float())
-            elif kind == "kd":  # the same augmentation distribution as DR, drawn fresh every time
-                xs.append(draw_aug(heavy, X, j, g, cfg)[0])
-            elif g.random() < cfg.p_reinforced:  # DR sec. 3.2: one stored augmentation, uniformly
-                s = int(g.integers(man["ns"]))
-                xs.append(replay_aug(heavy, X, j, recs[j][s])), ts.append(T[j, s])
-            else:  # the 1% plain sample with its one-hot label
-                xs.append(light(X[j], g)), ts.append(F.one_hot(Y[j], C).float())
-        x = torch.stack(xs).to(dev)
-        if kind == "kd":  # online KD: the teachers run at every step (this is the cost DR removes)
-            teachers.eval()
-            return x, teachers.probs(x)
-        return x, torch.stack(ts).to(dev)
-
-    def ce_ls(m, batch):
-        x, t = batch
-        return F.cross_entropy(m(x), t.argmax(-1), label_smoothing=cfg.label_smoothing)
-
-    steps = cfg.epochs * len(X) // B
+        def post(b):  # online KD: the teachers run at every step (this is the cost DR removes)
+            x = mix_batch(b["image"], b["label"], b["mix"], C, cfg.size)[0]
+            return x, teachers.eval().probs(x)
+    else:
+        fn, post = partial(dr_view, cfg=cfg, C=C, heavy=heavy, light=light), lambda b: (b["image"], b["target"])
     cpu = time.process_time()  # CPU seconds too: on a shared machine wall-clock ratios are mostly load noise
-    h = run_fit(student, ce_ls if kind == "erm" else kl_loss, get_batch, steps, cfg, dist, f"student_{kind}")
+    h = run_fit(student, loss, make_stream(src, fn, cfg.seed + 22, cfg, dist, f"student_{kind}", post),
+                cfg.epochs * cfg.n_train // cfg.batch_size, cfg, dist, f"student_{kind}", streams)
     return student, h["seconds"] / cfg.epochs, (time.process_time() - cpu) / cfg.epochs
 
 
-def run_dr(cfg, dist, res, plots):
-    S = split_streams(cfg)
-    full = load_images(cfg, S["train"][0], max(cfg.n_teacher, cfg.n_train), S["train"][1])
-    train = {k: v[:cfg.n_train] for k, v in full.items()}
-    tch = {k: v[:cfg.n_teacher] for k, v in full.items()}
-    test = load_images(cfg, S["test"][0], cfg.n_test, S["test"][1])
-    C = max(int(full["y"].max()), int(test["y"].max())) + 1
-    teachers = train_teachers(tch, C, cfg, dist)
-    res["teacher_acc"] = accuracy_ens(teachers, test, dist.device)
+def run_dr(cfg, dist, res, plots, streams, test, names):
+    C = len(names)
+    teachers, tid = train_teachers(source(cfg, "train", cfg.n_teacher), C, cfg, dist, streams)
+    res["teacher_acc"] = float((teachers.probs(test["x"].to(dist.device)).argmax(-1).cpu() == test["y"]).float().mean())
     dist.print(f"teachers: ensemble test accuracy {res['teacher_acc']:.4f}")
     fp = fingerprint(cfg, "seed", "size", "n_train", "ns", "topk", "shard_size", "run_seed", "crop", "crop_pad",
-                     "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data",
-                     teachers=shard_fp(os.path.join(cfg.out, "teachers.safetensors")) or cfg.teacher_weights)
-    res["reinforce_s"] = reinforce(teachers, train["x"], C, cfg, dist, fp)
+                     "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data", teachers=tid)
+    train = source(cfg, "train", cfg.n_train)  # the students' images: the first n_train of the teachers' (world)
+    t0 = time.time()
+    reinforce(teachers, train, C, cfg, dist, fp)
+    res["reinforce_s"] = time.time() - t0
     d = os.path.join(cfg.out, "reinforced")
-    rdata = load_reinforced(d)
-    res.update(ns=rdata[0]["ns"], topk=rdata[0]["topk"], storage_bytes_per_image=storage_bytes(d) / len(train["x"]))
+    man, store = read_manifest(d), store_source(d)
+    if not cfg.data:  # the miniature holds its decoded store, as the world source its renders: DR pays no decoding
+        store = SampleSource(read_samples(store, cfg.n_train, transform=unpack), name=store.name)  # ERM/KD do not
+    res.update(ns=man["ns"], topk=man["topk"], storage_bytes_per_image=storage_bytes(d))
+    plots["samples"] = d
     if cfg._command == "reinforce":
-        return teachers
+        return
     for kind in ("erm", "kd", "dr"):
-        st, sec, cpu = train_student(kind, train, C, cfg, dist, teachers, rdata if kind == "dr" else None)
-        res[f"{kind}_acc"], res[f"{kind}_epoch_s"] = accuracy(st, test["x"], test["y"], dist.device), sec
-        res[f"{kind}_epoch_cpu_s"] = cpu
+        st, sec, cpu = train_student(kind, store if kind == "dr" else train, C, cfg, dist, streams, teachers)
+        res.update({f"{kind}_acc": accuracy(st, test["x"], test["y"], dist.device), f"{kind}_epoch_s": sec,
+                    f"{kind}_epoch_cpu_s": cpu})
         dist.print(f"{kind}: test accuracy {res[f'{kind}_acc']:.4f}, {sec:.2f} s/epoch ({cpu:.2f} CPU s/epoch)")
-    plots["samples"] = (train, rdata)
-    return teachers
-
-
-@torch.no_grad()
-def accuracy_ens(ens, data, dev):
-    ens.eval()
-    return float((ens.probs(data["x"].to(dev)).argmax(-1).cpu() == data["y"]).float().mean())
-
-
-def shard_fp(path):
-    """A checkpoint's identity for downstream fingerprints: its step + config header."""
-    if not os.path.exists(path):
-        return None
-    with safe_open(path, "pt") as f:
-        m = f.metadata() or {}
-    return m.get("config", "") + m.get("step", "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -617,23 +616,17 @@ class FeatureHead(nn.Module):
         return self.proj(self.net.features(x))
 
 
-def train_vfm(data, cfg, dist):
+def train_vfm(src, names, cfg, dist, streams):
     """The "foundation model": a wider CNN pretrained on the whole world with a CatLIP-like objective (multi-label
     BCE on every shape and colour present), knowing nothing of the target task."""
-    dev, X, M, B = dist.device, data["x"], data["multi"], cfg.batch_size
     seed_all(cfg.seed + 3)
-    vfm = Net(cfg.vfm_width, M.shape[1]).to(dev)
-    light = light_pipeline(cfg)
-
-    def get_batch(i):
-        idx = batch_idx(i, len(X), B, cfg.seed + 33, dist)
-        g = np.random.default_rng([cfg.seed, 33, i])
-        return torch.stack([light(X[j], g) for j in idx]).to(dev), M[idx].to(dev)
-
+    vfm = Net(cfg.vfm_width, len(names) + len(COLORS)).to(dist.device)
+    stream = make_stream(src, partial(view, cfg=cfg, pipe=light_pipeline(cfg), names=names), cfg.seed + 33, cfg, dist,
+                         "vfm", lambda b: (b["image"], b["multi"]))
     fp = fingerprint(cfg, "seed", "size", "n_vfm", "vfm_width", "vfm_epochs", "batch_size", "lr", "crop", "crop_pad",
                      "rrc_min", "data")
-    run_fit(vfm, lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]), b[1]), get_batch,
-            cfg.vfm_epochs * len(X) // B, cfg, dist, "vfm", fp=fp)
+    run_fit(vfm, fp32_loss(F.binary_cross_entropy_with_logits), stream, cfg.vfm_epochs * cfg.n_vfm // cfg.batch_size,
+            cfg, dist, "vfm", streams, fp=fp)
     return vfm.eval()
 
 
@@ -654,7 +647,7 @@ def fit_head(f, y, C, steps=300, lr=0.05, wd=1e-3):
         for _ in range(steps):
             loss = F.cross_entropy(lin(z), y)
             opt.zero_grad(), loss.backward(), opt.step()
-    return lambda g: lin((g - mu) / sd).detach()
+    return lambda g: lin((g.float().cpu() - mu) / sd).detach().to(g.device)
 
 
 def retrieve(q, pool, n, k=None):
@@ -673,78 +666,79 @@ def retrieve(q, pool, n, k=None):
     return torch.tensor(out)
 
 
-def run_transfer(cfg, dist, res):
-    dev, B = dist.device, cfg.batch_size
-    S = split_streams(cfg)
-    task = ints(cfg.task_classes)
-    remap = {c: t for t, c in enumerate(task)}
-    K = len(task)
-    world = load_images(cfg, S["train"][0], max(cfg.n_vfm, cfg.n_teacher), S["train"][1])
-    vfm = train_vfm({k: v[:cfg.n_vfm] for k, v in world.items()}, cfg, dist)
-    # labelled task images: the first n_labels of each task class in the train stream
-    lab = torch.cat([torch.nonzero(world["y"] == c)[:cfg.n_labels, 0] for c in task])
-    xl, yl = world["x"][lab], torch.tensor([remap[int(c)] for c in world["y"][lab]])
-    if len(yl) < K * cfg.n_labels:
-        raise SystemExit(f"transfer: only {len(yl)} labelled images for classes {task}; raise n_vfm/n_teacher")
-    test = load_images(cfg, S["test"][0], cfg.n_test, S["test"][1])
+def labelled_set(src, remap, n):
+    """The first n samples of each task class in the training split's natural order (one pass, stops early)."""
+    got = {c: [] for c in remap}
+    for s in iter_samples(src):
+        c = int(s["label"])
+        if c in got and len(got[c]) < n:
+            got[c].append({"__key__": s["__key__"], "image": s["image"], "label": remap[c]})
+            if all(len(v) == n for v in got.values()):
+                return [s for c in remap for s in got[c]]
+    raise ValueError(f"{src.name}: fewer than {n} images of a task class (found {[len(v) for v in got.values()]} of "
+                     f"classes {list(got)}); lower --n_labels or raise --n_vfm")
+
+
+def run_transfer(cfg, dist, res, streams, test, names):
+    dev, B, task = dist.device, cfg.batch_size, ints(cfg.task_classes)
+    if not task or any(not 0 <= c < len(names) for c in task):
+        raise ValueError(f"--task_classes={cfg.task_classes!r}: expected class ids in 0..{len(names) - 1}")
+    remap, K = {c: t for t, c in enumerate(task)}, len(task)
+    kd_steps = cfg.kd_epochs * cfg.n_transfer // B  # before finetune reads it (scratch trains ft_steps + kd_steps)
+    train = source(cfg, "train", cfg.n_vfm)
+    vfm = train_vfm(train, names, cfg, dist, streams)
+    lab = labelled_set(train, remap, cfg.n_labels)
+    xl, yl = torch.stack([prep(s, cfg.size) for s in lab]), torch.tensor([s["label"] for s in lab])
     keep = torch.tensor([int(c) in remap for c in test["y"]])
     xt, yt = test["x"][keep], torch.tensor([remap[int(c)] for c in test["y"][keep]])
-    pool = load_images(cfg, S["pool"][0], cfg.n_pool, S["pool"][1])
-    inside = torch.tensor([int(c) in remap for c in pool["y"]])
+    pool = read_samples(source(cfg, "val", cfg.n_pool, cache=False), cfg.n_pool,
+                        transform=lambda s: {"__key__": s["__key__"], "image": s["image"], "label": int(s["label"])})
+    inside = torch.tensor([s["label"] in remap for s in pool])
     # TOKT step 1: adapt the VFM to the task with the few labels (linear probe on frozen features)
-    fv_pool, fv_lab = feats(vfm, pool["x"], dev), feats(vfm, xl, dev)
+    fv_pool, fv_lab = feats(vfm, torch.stack([prep(s, cfg.size) for s in pool]), dev), feats(vfm, xl, dev)
     head = fit_head(fv_lab, yl, K)
     res["vfm_adapted_acc"] = float((head(feats(vfm, xt, dev)).argmax(-1) == yt).float().mean())
     sets = {"in_domain": torch.nonzero(inside)[:cfg.n_transfer, 0],
             "retrieved": retrieve(fv_lab, fv_pool, cfg.n_transfer),
             "generic": torch.nonzero(~inside)[:cfg.n_transfer, 0]}
     res["transfer_set_task_fraction"] = {k: float(inside[v].float().mean()) for k, v in sets.items()}
-    light = light_pipeline(cfg)
+    light = partial(view, cfg=cfg, pipe=light_pipeline(cfg))
 
     def finetune(st, name):
         """TOKT step 3 (and the scratch baseline): CE on the labelled images, light augmentation."""
-
-        def get_batch(i):
-            idx = batch_idx(i, len(yl), min(B, len(yl)), cfg.seed + 44, dist)
-            g = np.random.default_rng([cfg.seed, 44, i])
-            return torch.stack([light(xl[j], g) for j in idx]).to(dev), yl[idx].to(dev)
-        steps = cfg.ft_steps if name != "scratch" else cfg.ft_steps + kd_steps
-        run_fit(st, lambda m, b: F.cross_entropy(m(b[0]), b[1]), get_batch, steps, cfg, dist, f"tokt_{name}",
-                lr=cfg.ft_lr if name != "scratch" else cfg.lr)
+        stream = make_stream(SampleSource(lab, name=f"{len(lab)} labelled images of {train.name}"), light,
+                             cfg.seed + 44, cfg, dist, f"tokt_{name}", lambda b: (b["image"], b["label"]),
+                             batch=min(B, len(lab)))
+        run_fit(st, fp32_loss(F.cross_entropy), stream, cfg.ft_steps + (kd_steps if name == "scratch" else 0), cfg,
+                dist, f"tokt_{name}", streams, lr=cfg.ft_lr if name != "scratch" else cfg.lr)
         return accuracy(st, xt, yt, dev)
 
     def distil(idx, name, agnostic=False):
         """TOKT step 2: match the adapted VFM's task predictions (KL, temperature kd_temp) on the transfer set;
-        agnostic=True: match the VFM's features through a linear projection (cosine), no task knowledge. The VFM
-        runs online on the same light-augmented view as the student (standard KD: a fixed target per image would
-        be wrong for crops), which also makes every epoch a fresh view of the small transfer set."""
+        agnostic=True: its features through a linear projection (cosine), no task knowledge. The VFM scores the
+        student's own light-augmented view online (a fixed target per image would be wrong for crops)."""
         seed_all(cfg.seed + 4)
         st = Net(cfg.width, K).to(dev)
-        xs = pool["x"][idx]
-        model = FeatureHead(st, fv_pool.shape[1]).to(dev) if agnostic else st
 
-        def get_batch(i):
-            g = np.random.default_rng([cfg.seed, 55, i])
-            x = torch.stack([light(xs[j], g) for j in batch_idx(i, len(xs), B, cfg.seed + 55, dist)]).to(dev)
-            with torch.no_grad():
-                fv = unwrap(vfm).eval().features(x)
-                return x, fv if agnostic else (head(fv) / cfg.kd_temp).softmax(-1)
-
-        def loss(m, b):
-            if agnostic:
-                return 1 - F.cosine_similarity(m(b[0]), b[1], dim=-1).mean()
-            return cfg.kd_temp ** 2 * F.kl_div(F.log_softmax(m(b[0]) / cfg.kd_temp, -1), b[1], reduction="batchmean")
-        run_fit(model, loss, get_batch, kd_steps, cfg, dist, f"tokt_kd_{name}", find_unused=agnostic)
+        @torch.no_grad()
+        def post(b):
+            fv = unwrap(vfm).eval().features(b["image"])
+            return b["image"], fv if agnostic else (head(fv) / cfg.kd_temp).softmax(-1)
+        stream = make_stream(SampleSource([pool[int(j)] for j in idx], name=f"transfer set {name} of {pool.name}"),
+                             light, cfg.seed + 55, cfg, dist, f"tokt_kd_{name}", post)
+        T = cfg.kd_temp
+        loss = (lambda z, t: 1 - F.cosine_similarity(z, t, dim=-1).mean()) if agnostic else \
+            (lambda z, t: T ** 2 * F.kl_div(F.log_softmax(z / T, -1), t, reduction="batchmean"))
+        run_fit(FeatureHead(st, fv_pool.shape[1]).to(dev) if agnostic else st, fp32_loss(loss), stream, kd_steps, cfg,
+                dist, f"tokt_kd_{name}", streams, find_unused=agnostic)
         return st
 
-    kd_steps = cfg.kd_epochs * cfg.n_transfer // B
     res["task_kd_acc"], res["task_kd_no_ft_acc"] = {}, {}
     for name, idx in sets.items():
         st = distil(idx, name)
         res["task_kd_no_ft_acc"][name] = accuracy(st, xt, yt, dev)
         res["task_kd_acc"][name] = finetune(st, f"ft_{name}")
-    st = distil(sets["in_domain"], "agnostic", agnostic=True)
-    res["agnostic_kd_acc"] = finetune(st, "ft_agnostic")
+    res["agnostic_kd_acc"] = finetune(distil(sets["in_domain"], "agnostic", agnostic=True), "ft_agnostic")
     seed_all(cfg.seed + 4)
     res["scratch_acc"] = finetune(Net(cfg.width, K).to(dev), "scratch")
     res["task_chance"] = 1.0 / K
@@ -791,22 +785,21 @@ def plot_results(path, res):
     img.save(path)
 
 
-def plot_samples(path, train, rdata, cfg, n_img=6, n_aug=6):
-    """Each row: an original image, then stored augmentations replayed, labelled with the top-1 teacher class."""
-    man, v, ix, recs = rdata
+def plot_samples(path, d, names, cfg, n_img=6, n_aug=6):
+    """Rows: an image of the store, then its stored augmentations replayed, labelled with the top-1 teacher class."""
+    man, samples = read_manifest(d), list(iter_samples(store_source(d), n=n_img))
     pipe, cell = heavy_pipeline(cfg), 64
     n_aug = min(n_aug, man["ns"])
-    img = Image.new("RGB", ((n_aug + 1) * cell + 10, n_img * (cell + 14) + 10), "white")
+    img = Image.new("RGB", ((n_aug + 1) * cell + 10, len(samples) * (cell + 14) + 10), "white")
     dr, font = ImageDraw.Draw(img), ImageFont.load_default()
-    for r in range(n_img):
-        ims = [train["x"][r]] + [replay_aug(pipe, train["x"], r, recs[r][s]) for s in range(n_aug)]
-        caps = [SHAPES[int(train["y"][r])] if int(train["y"][r]) < len(SHAPES) else str(int(train["y"][r]))]
-        for s in range(n_aug):
-            c = int(ix[r, s, 0])
-            caps.append(f"{SHAPES[c] if c < len(SHAPES) else c} {float(v[r, s, 0]):.2f}")
+    name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
+    for r, s in enumerate(samples):
+        u = unpack(s)
+        ims = [u["image"]] + [replay_aug(pipe, u["image"], u["partners"], u["aug"][k]) for k in range(n_aug)]
+        caps = [name(u["label"])] + [f"{name(int(u['ix'][k, 0]))} {float(u['v'][k, 0]):.2f}" for k in range(n_aug)]
         for k, (x, cap) in enumerate(zip(ims, caps)):
-            a = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            img.paste(Image.fromarray(a).resize((cell, cell), Image.NEAREST), (5 + k * cell, 5 + r * (cell + 14)))
+            img.paste(Image.fromarray(to_uint8(x)).resize((cell, cell), Image.NEAREST),
+                      (5 + k * cell, 5 + r * (cell + 14)))
             dr.text((5 + k * cell, 5 + r * (cell + 14) + cell), cap[:11], fill="black", font=font)
     img.save(path)
 
@@ -828,39 +821,44 @@ def expected_effects(res):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, commands=COMMANDS)
-    if cfg.smoke:
-        cfg = smoke_overrides(cfg)
-    if cfg.mode not in ("dr", "transfer", "all"):
-        raise SystemExit(f"config error: --mode={cfg.mode!r}; expected dr, transfer or all")
-    if cfg.teacher_aug not in ("light", "heavy") or cfg.crop not in ("pad", "rrc"):
-        raise SystemExit(f"config error: --teacher_aug={cfg.teacher_aug!r} (light|heavy), "
-                         f"--crop={cfg.crop!r} (pad|rrc)")
-    if len(ints(cfg.teacher_widths)) < 2:
-        raise SystemExit(f"config error: --teacher_widths={cfg.teacher_widths!r}; the ensemble needs >= 2 members")
-    if cfg.topk < 1 or cfg.ns < 1:
-        raise SystemExit(f"config error: --topk={cfg.topk}, --ns={cfg.ns}; expected >= 1")
+    cfg = parse_config(Config, argv, commands=COMMANDS, presets={"smoke": SMOKE})
+    for bad, want in ((cfg.mode not in ("dr", "transfer", "all"), f"--mode={cfg.mode!r}: dr|transfer|all"),
+                      (cfg.teacher_aug not in ("light", "heavy") or cfg.crop not in ("pad", "rrc"),
+                       f"--teacher_aug={cfg.teacher_aug!r}: light|heavy and --crop={cfg.crop!r}: pad|rrc"),
+                      (len(ints(cfg.teacher_widths)) < 2, f"--teacher_widths={cfg.teacher_widths!r}: >= 2 widths"),
+                      (min(cfg.topk, cfg.ns) < 1, f"--topk={cfg.topk}, --ns={cfg.ns}: >= 1 each")):
+        if bad:
+            raise ValueError(f"config error: {want} expected")
     t0 = time.time()
     dist = setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
+        raise ValueError(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
     os.makedirs(cfg.out, exist_ok=True)
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
-    res, plots = {}, {}
+    res, plots, streams = {}, {}, {}
     if cfg._command == "merge":
         dirs = [d for d in cfg.merge_from.split(",") if d.strip()]
         if len(dirs) < 2:
-            raise SystemExit(f"config error: merge needs --merge_from=DIR1,DIR2[,...], got {cfg.merge_from!r}")
-        if dist.is_master:
-            man = merge_reinforced(dirs, os.path.join(cfg.out, "reinforced"))
-            res = {"ns": man["ns"], "topk": man["topk"], "n": man["n"], "runs": len(man["runs"]),
-                   "storage_bytes_per_image": storage_bytes(os.path.join(cfg.out, "reinforced")) / man["n"]}
+            raise ValueError(f"config error: merge needs --merge_from=DIR1,DIR2[,...], got {cfg.merge_from!r}")
+        man = merge_reinforced(dirs, os.path.join(cfg.out, "reinforced"), dist)
+        res = {"ns": man["ns"], "topk": man["topk"], "runs": len(man["runs"]),
+               "storage_bytes_per_image": storage_bytes(os.path.join(cfg.out, "reinforced"))}
     else:
+        names = class_names_of(source(cfg, "train"), default=None if cfg.data else SHAPES)
+        test = eval_set(cfg, "test", cfg.n_test, names)
         if cfg._command == "reinforce" or cfg.mode in ("dr", "all"):
-            run_dr(cfg, dist, res, plots)
+            run_dr(cfg, dist, res, plots, streams, test, names)
         if cfg._command != "reinforce" and cfg.mode in ("transfer", "all"):
-            run_transfer(cfg, dist, res)
+            run_transfer(cfg, dist, res, streams, test, names)
+        # provenance (collective), all stages and each alone; ranks' shares differ between stages by design, so keys
+        # on several ranks are those one stage dealt to two ranks, summed over stages
+        stages = {k: data_report([s], [test["samples"]], dist) for k, s in streams.items()}
+        res["data"] = dict(data_report(list(streams.values()), [test["samples"]], dist),
+                           train_keys_on_several_ranks=sum(v["train_keys_on_several_ranks"] for v in stages.values()),
+                           stages={k: {f: x for f, x in v.items() if f not in ("eval_source", "eval_samples",
+                                                                                "skipped_by_reason")}
+                                   for k, v in stages.items()})
     if not dist.is_master:
         dist.cleanup()
         return None
@@ -869,8 +867,10 @@ def main(argv=None):
     save_json(os.path.join(cfg.out, "results.json"), res)
     plot_results(os.path.join(cfg.out, "reinforce_results.png"), res)
     if "samples" in plots:
-        plot_samples(os.path.join(cfg.out, "reinforce_samples.png"), *plots["samples"], cfg)
-    print_table(res, title=f"reinforce.py results ({cfg.out})")
+        plot_samples(os.path.join(cfg.out, "reinforce_samples.png"), plots["samples"], names, cfg)
+    print_table({k: v for k, v in res.items() if k != "data"}, title=f"reinforce.py results ({cfg.out})")
+    if "data" in res:
+        print("data: " + ", ".join(f"{k}={v}" for k, v in res["data"].items() if k not in ("source", "stages")))
     missing = [k for k, ok in res["expected"].items() if not ok]
     if missing:
         print("expected effects NOT reached in this run: " + ", ".join(missing))

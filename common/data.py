@@ -887,17 +887,22 @@ def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part
     killed build resumes at the first missing shard, and no rank ever holds more than one unit. fingerprint: the
     config that determines the output; shards built under another one are deleted first, and out_dir is marked
     (common.train.stage_current) once complete. Returns all output paths, after a barrier."""
-    from common.train import mark_stage, stage_current
+    from common.train import _stage_mark, mark_stage, stage_fingerprint
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    if fingerprint is not None and os.path.isdir(out_dir) and not stage_current(out_dir, fingerprint):
-        if os.path.exists(os.path.join(out_dir, "stage.json")) or glob(os.path.join(out_dir, f"{prefix}-*.tar")):
-            if dist is not None:
-                dist.barrier()  # every rank has checked before rank 0 deletes
-            if rank == 0:
-                for p in glob(os.path.join(out_dir, f"{prefix}-*.tar")) + glob(os.path.join(out_dir, "stage.json")):
+    if fingerprint is not None:
+        mark = _stage_mark(out_dir) if os.path.isdir(out_dir) else None
+        same = mark is not None and mark.get("fingerprint") == stage_fingerprint(fingerprint)
+        if dist is not None:
+            dist.barrier()  # every rank has read the mark before rank 0 changes anything
+        if rank == 0:
+            if not same:  # built under another configuration (or unmarked): start from nothing
+                for p in glob(os.path.join(out_dir, f"{prefix}-*.tar")):
                     os.remove(p)
-            if dist is not None:
-                dist.barrier()
+            os.makedirs(out_dir, exist_ok=True)
+            if not (same and mark.get("complete", True)):
+                mark_stage(out_dir, fingerprint, complete=False)
+        if dist is not None:
+            dist.barrier()
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(source, ShardSource):
         units = [(j, u) for j, u in enumerate(source.urls)]

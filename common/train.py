@@ -598,20 +598,27 @@ def stage_current(path, fingerprint):
     if path.endswith(".safetensors"):
         head = _header(path)
         return head is not None and head.get("fingerprint") == fp
-    mark = os.path.join(path, "stage.json") if os.path.isdir(path) else path + ".stage.json"
+    mark = _stage_mark(path)
+    return mark is not None and mark.get("fingerprint") == fp and mark.get("complete", True)
+
+
+def _stage_mark(path):
+    path = str(path)
+    p = os.path.join(path, "stage.json") if os.path.isdir(path) else path + ".stage.json"
     try:
-        with open(mark) as f:
-            return json.load(f).get("fingerprint") == fp
+        with open(p) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def mark_stage(path, fingerprint):
-    """Record that `path` (a directory or a file) is the finished output of the stage with this fingerprint."""
+def mark_stage(path, fingerprint, complete=True):
+    """Record that `path` (a directory or a file) holds the output of the stage with this fingerprint; complete=False
+    while it is being built (a restarted build with the same fingerprint then keeps what is there)."""
     path = str(path)
     mark = os.path.join(path, "stage.json") if os.path.isdir(path) else path + ".stage.json"
     with open(mark + ".tmp", "w") as f:
-        json.dump({"fingerprint": stage_fingerprint(fingerprint)}, f)
+        json.dump({"fingerprint": stage_fingerprint(fingerprint), "complete": bool(complete)}, f)
     os.replace(mark + ".tmp", mark)
 
 
@@ -750,5 +757,9 @@ def fit(model, loss_fn, data, train, out_dir, name="model", dist=None, *, finger
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == steps:
             save(done)
     bar.close()
+    if dist.distributed:  # BatchNorm statistics: each rank's last forward updated them on its own batch
+        for b in raw.buffers():
+            if b.is_floating_point():
+                tdist.broadcast(b.data, 0)
     return {"loss": past + losses, "steps": steps, "start": start, "seconds": time.time() - t0, "resumed": start > 0,
             "reused": False}

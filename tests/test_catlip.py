@@ -1,6 +1,7 @@
 """catlip.py: caption -> synset mining (hand-written WordNet fixture + real WordNet when present), vocabulary
-counting and selection, Transfer Init row mapping, honest header/verdicts, one --smoke run that must learn, and the
-smoke on exported shards as 1 process (bf16) and as 2 gloo processes, checked from results.json's data block."""
+counting and selection, Transfer Init row mapping, honest header/verdicts, the renamed flags, the EMA across a kill and
+--resume, one --smoke run that must learn, and the smoke on exported shards as 1 process (bf16; then again in the same
+--out: stages reused or retrained by their fingerprints) and as 2 gloo processes, checked from results.json."""
 import json
 import os
 import socket
@@ -96,7 +97,7 @@ def test_caption_labels_real_wordnet(wordnet_dir):
     lemmas = [wn.lemma(k) for k in keys]
     assert "image" in lemmas and "dog" in lemmas and "goose" in lemmas and "cross" in lemmas
     assert "photograph" not in lemmas and "photo" not in lemmas
-    assert wn.key("image") == "n5928118"           # clip-family.md §2.2: unpadded offset
+    assert wn.key("image") == "n5928118"           # corenet's key: the synset offset, unpadded
     assert "n5928118" in wn.all_keys()
     assert wn.key("the") is None and wn.key("a") is None   # "a" -> angstrom.n.01: head lemma differs
     # the world lexicon's colour/size words are WordNet nouns kept by corenet's rule (why WorldLexicon has them)
@@ -131,7 +132,7 @@ def test_count_synsets_and_caption_field():
     with pytest.raises(ValueError, match="no caption"):
         catlip.caption_field(SampleSource([{"__key__": "k0", "image": img, "label": 3}]), "alt_text")
     p = catlip.Prepare(8, "caption", classes=2)
-    assert p(src.samples[0])["image"].shape == (3, 8, 8)          # any input size -> cfg.size
+    assert p(src.samples[0])["image"].shape == (3, 8, 8)          # any input size -> image_size
     with pytest.raises(ValueError, match="need one in 0..1"):
         catlip.Prepare(8, "caption", classes=2)({**src.samples[0], "label": 5})
 
@@ -156,6 +157,45 @@ def test_transfer_rows_and_init(mini_wordnet):
     assert torch.equal(W[0], Wc[1]) and torch.equal(W[2], Wc[2]) and b[0] == bc[1] and b[2] == bc[2]
     assert torch.equal(W[1], Wr[1]) and torch.equal(W[3], Wr[3]) and b[3] == br[3]   # fallback: random row
     assert catlip.transfer_rows(["circle", "moon"], ["moon"], catlip.WorldLexicon()) == [-1, 0]
+
+
+@pytest.mark.parametrize("old,new", [("size", "image_size"), ("patch", "patch_size"), ("text", "caption")])
+def test_old_flag_spellings_name_the_new_ones(old, new):
+    with pytest.raises(SystemExit, match=f"--{old} is now --{new}"):
+        catlip.main([f"--{old}=1"])
+
+
+class Killed(Exception):
+    pass
+
+
+def _toy_stage(out, kill_at=None, resume=False):
+    """A 6-step EMA stage of a linear toy model through catlip.run_stage (checkpoints every 2 steps); the data
+    raises at step kill_at, as a kill would."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    ema = catlip.EMA(model, 0.3)
+    cfg = catlip.Config(out=str(out), steps=6, ckpt_every=2, log_every=0, warmup=0, lr=0.1, resume=resume)
+
+    def data(i):
+        if i == kill_at:
+            raise Killed
+        return torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+
+    hist = catlip.run_stage(cfg, Dist(), "toy", model, lambda m, x: (m(x) - 1).pow(2).mean(), data, {"toy": 1}, ema)
+    return ema, hist
+
+
+def test_ema_follows_its_checkpoint_on_resume_and_reuse(tmp_path):
+    straight, _ = _toy_stage(tmp_path / "a")
+    with pytest.raises(Killed):
+        _toy_stage(tmp_path / "b", kill_at=3)          # steps 1-3 done, the last checkpoint (and EMA file) at 2
+    resumed, hist = _toy_stage(tmp_path / "b", resume=True)
+    assert hist["start"] == 2 and resumed.step == 6
+    assert torch.equal(resumed.model.weight, straight.model.weight) and torch.equal(resumed.model.bias,
+                                                                                    straight.model.bias)
+    reused, hist = _toy_stage(tmp_path / "b")           # finished: reused with the EMA saved at its last step
+    assert hist["reused"] and reused.step == 6 and torch.equal(reused.model.weight, straight.model.weight)
 
 
 KEYS = {"catlip_linear_probe_acc", "clip_linear_probe_acc", "catlip_knn_acc", "clip_knn_acc", "catlip_step_ms",
@@ -222,6 +262,7 @@ def test_smoke_on_exported_shards(shards, tmp_path, procs):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
+    assert "reusing" not in r.stdout
     assert KEYS <= set(res) and res["world_size"] == procs and res["captions"] == "alt_text"
     assert "captions: alt_text;" in r.stdout
     d = res["data"]
@@ -234,3 +275,11 @@ def test_smoke_on_exported_shards(shards, tmp_path, procs):
     assert {e["key"]: e["count"] for e in v["entries"]} == {k: c for k, c in counts.items() if c >= 2}
     if procs == 2:
         assert res["bench"]["world_size"] == 2
+        return
+    # the same --out again with a smaller vocabulary: vocab and CatLIP (trained on it) are redone, CLIP is reused
+    r = subprocess.run(cmd + ["--top_k=5"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    again = json.load(open(out / "results.json"))
+    assert "vocab: reusing" not in r.stdout and again["vocab_size"] == 5 < res["vocab_size"]
+    assert "catlip: reusing" not in r.stdout and "catlip.safetensors was trained with another configuration" in r.stdout
+    assert "clip: reusing" in r.stdout and again["clip_knn_acc"] == res["clip_knn_acc"]

@@ -1,5 +1,6 @@
 """common.data: url expansion, tar-shard decoding and round trip, the Stream's rank x worker split, shuffling,
 endless epochs, exact resume, corrupt-data skipping, folders, held-out splits without leakage, provenance."""
+import glob
 import io
 import itertools
 import json
@@ -575,3 +576,23 @@ def test_for_each_shard_fingerprint_rebuilds_on_change(shards6, tmp_path):
     assert len(n) == 30  # current: nothing rebuilt
     for_each_shard(ShardSource(shards6), out, fn, fingerprint={"k": 2})
     assert len(n) == 60 and stage_current(out, {"k": 2}) and not stage_current(out, {"k": 1})
+
+
+def test_for_each_shard_fingerprint_resumes_a_killed_build(shards6, tmp_path):
+    from common.train import stage_current
+    out, n = str(tmp_path / "o"), []
+
+    def boom(samples):
+        for s in samples:
+            if len(n) == 12:
+                raise KeyboardInterrupt  # killed after two full shards of five and part of the third
+            n.append(1)
+            yield s["__key__"], {"txt": b"x"}
+
+    with pytest.raises(KeyboardInterrupt):
+        for_each_shard(ShardSource(shards6), out, boom, fingerprint={"k": 1})
+    assert not stage_current(out, {"k": 1}) and len(glob.glob(out + "/part-*.tar")) == 2
+    n.clear()
+    for_each_shard(ShardSource(shards6), out, lambda ss: ((s["__key__"], {"txt": b"x"}) for s in ss if not n.append(1)),
+                   fingerprint={"k": 1})
+    assert len(n) == 20 and stage_current(out, {"k": 1})  # the two finished shards were kept

@@ -1,19 +1,22 @@
 """Tests for reinforce.py: exact replay of every augmentation (incl. mixing with the stored partner), top-k
-sparsify/densify, storage, merge of two runs, resumable and rank-parallel generation, smoke runs (1 and 2 processes)."""
+sparsify/densify, the reinforced store (targets, replay from the store alone, merge, resumable and rank-independent
+builds), per-rank views, fp32 losses under bf16, smoke runs on the world and on exported shards (1 and 2 processes)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 import reinforce as rf
 from common.config import parse_config
+from common.data import SampleSource, Stream, iter_samples
 from common.train import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +29,18 @@ def tiny_cfg(out, **kw):
 
 
 def images(n=10, seed=0):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return list(torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+
+
+def samples(n=10, seed=0):
+    """A labelled in-memory source: uint8 images (as decoded data), keys k0..k{n-1}."""
+    x = torch.randint(0, 256, (n, 32, 32, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return SampleSource([{"__key__": f"k{i}", "image": x[i].numpy(), "label": i % 10} for i in range(n)])
+
+
+def load(d):
+    """A store's manifest and its samples, decoded, in store order."""
+    return rf.read_manifest(d), list(iter_samples(rf.store_source(d)))
 
 
 def teachers(C=10):
@@ -34,34 +48,36 @@ def teachers(C=10):
     return rf.Ensemble([8, 6], C).eval()
 
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 # ---------------------------------------------------------------- augmentation replay
 def test_replay_is_pixel_identical_for_every_augmentation_type(tmp_path):
     cfg = tiny_cfg(tmp_path, mix_p=1.0, erase_p=1.0)
-    X, pipe = images(), rf.heavy_pipeline(cfg)
-    g = np.random.default_rng(0)
+    X, pipe, g = images(), rf.heavy_pipeline(cfg), gen(0)
     kinds, ops, erased = set(), set(), 0
     for t in range(60):
         i = t % len(X)
-        x, rec = rf.draw_aug(pipe, X, i, g, cfg)
-        rec = json.loads(json.dumps(rec))  # the stored form: JSON in the safetensors header
-        assert torch.equal(rf.replay_aug(pipe, X, i, rec), x)
+        x, rec = rf.draw_aug(pipe, X[i], X, g, cfg)
+        rec = json.loads(json.dumps(rec))  # the stored form: JSON in the store
+        assert torch.equal(rf.replay_aug(pipe, X[i], X, rec), x)
         kinds.add(rec["mix"]["kind"])
         ops.update(op for op, _, _ in rec["aug"][2]["ops"])
         erased += rec["aug"][3]["applied"]
         assert rec["aug"][0]["box"] and "flip" in rec["aug"][1]
     assert kinds == {"mixup", "cutmix"} and erased > 0 and len(ops) >= 10
-    # no-mix records replay too
-    x, rec = rf.draw_aug(pipe, X, 3, np.random.default_rng(1), replace(cfg, mix_p=0.0))
-    assert rec["mix"] == {"kind": "none"} and torch.equal(rf.replay_aug(pipe, X, 3, json.loads(json.dumps(rec))), x)
+    x, rec = rf.draw_aug(pipe, X[3], X, gen(1), replace(cfg, mix_p=0.0))  # no-mix records replay too
+    assert rec["mix"] == {"kind": "none"} and torch.equal(rf.replay_aug(pipe, X[3], X, json.loads(json.dumps(rec))), x)
 
 
 def test_replay_depends_on_the_stored_partner(tmp_path):
     cfg = tiny_cfg(tmp_path, mix_p=1.0)
     X, pipe = images(), rf.heavy_pipeline(cfg)
-    x, rec = rf.draw_aug(pipe, X, 0, np.random.default_rng(5), cfg)
+    x, rec = rf.draw_aug(pipe, X[0], X, gen(5), cfg)
     other = json.loads(json.dumps(rec))
     other["mix"]["partner"] = (rec["mix"]["partner"] + 1) % len(X)
-    assert not torch.equal(rf.replay_aug(pipe, X, 0, other), x)
+    assert not torch.equal(rf.replay_aug(pipe, X[0], X, other), x)
 
 
 def test_mix_ops_by_hand():
@@ -70,9 +86,14 @@ def test_mix_ops_by_hand():
     out = rf.apply_mix(a, b, {"kind": "cutmix", "lam": 0.75, "box": [1, 2, 2, 2]})
     assert out.sum() == 3 * 4 and out[:, 1:3, 2:4].eq(1).all() and a.sum() == 0
     assert rf.mix_weight({"kind": "cutmix", "box": [1, 2, 2, 2]}, 4) == pytest.approx(0.75)
+    # online mixing inside a batch: sample 0 takes sample 1 as partner, sample 1 stays itself
+    mixes = [{"kind": "mixup", "partner": 1, "lam": 0.75}, {"kind": "none"}]
+    xm, t = rf.mix_batch(torch.stack([a, b]), torch.tensor([0, 2]), mixes, 3, 4)
+    assert torch.allclose(xm[0], torch.full((3, 4, 4), 0.25)) and torch.equal(xm[1], b)
+    assert torch.allclose(t, torch.tensor([[0.75, 0.0, 0.25], [0.0, 0.0, 1.0]]))
 
 
-# ---------------------------------------------------------------- top-k targets
+# ---------------------------------------------------------------- top-k targets, losses
 def test_sparsify_densify_by_hand():
     p = torch.tensor([[0.1, 0.5, 0.05, 0.2, 0.15]])
     v, i = rf.sparsify(p, 2)
@@ -82,124 +103,7 @@ def test_sparsify_densify_by_hand():
     # stored mass at the top-k, the remaining 0.3 spread uniformly over the other three classes
     assert torch.allclose(d, torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1]]), atol=1e-3)
     assert torch.allclose(d.sum(-1), torch.ones(1), atol=1e-3)
-    # k = C reproduces p (up to fp16)
-    assert torch.allclose(rf.densify(*rf.sparsify(p, 5), 5), p, atol=1e-3)
-
-
-# ---------------------------------------------------------------- storage, merge, resume, ranks
-def test_generation_storage_and_dr_targets(tmp_path):
-    cfg, X, T = tiny_cfg(tmp_path), images(), teachers()
-    rf.reinforce(T, X, 10, cfg, Dist(), "fp")
-    man, v, ix, recs = rf.load_reinforced(tmp_path / "reinforced")
-    assert (man["n"], man["ns"], man["topk"], len(man["shards"])) == (10, 2, 3, 3)
-    assert v.shape == (10, 2, 3) and v.dtype == torch.float16 and ix.dtype == torch.int16
-    # the stored top-k equals the teachers' scores of the replayed image
-    pipe = rf.heavy_pipeline(cfg)
-    x = rf.replay_aug(pipe, X, 7, recs[7][1])
-    pv, pi = rf.sparsify(T.probs(x[None]), 3)
-    assert torch.equal(pi[0], ix[7, 1]) and torch.allclose(pv[0].float(), v[7, 1].float())
-    assert not any(f.endswith((".pt", ".pth", ".pkl", ".tmp")) for f in os.listdir(tmp_path / "reinforced"))
-
-
-def test_merge_two_runs_adds_ns(tmp_path):
-    X, T = images(), teachers()
-    for r, ns in ((0, 2), (1, 3)):
-        rf.reinforce(T, X, 10, tiny_cfg(tmp_path / f"r{r}", ns=ns, run_seed=r), Dist(), f"fp{r}")
-    a, b = (rf.load_reinforced(tmp_path / f"r{r}" / "reinforced") for r in (0, 1))
-    man = rf.merge_reinforced([str(tmp_path / "r0" / "reinforced"), str(tmp_path / "r1" / "reinforced")],
-                              str(tmp_path / "m"))
-    m, v, ix, recs = rf.load_reinforced(tmp_path / "m")
-    assert man["ns"] == m["ns"] == 5 and len(m["runs"]) == 2
-    assert torch.equal(v, torch.cat([a[1], b[1]], 1)) and torch.equal(ix, torch.cat([a[2], b[2]], 1))
-    assert recs[4] == a[3][4] + b[3][4]
-    assert a[3][4][0] != b[3][4][0]  # different run seeds drew different augmentations
-    with pytest.raises(ValueError, match="n="):
-        rf.reinforce(T, X[:8], 10, tiny_cfg(tmp_path / "r2"), Dist(), "fp2")
-        rf.merge_reinforced([str(tmp_path / "r0" / "reinforced"), str(tmp_path / "r2" / "reinforced")],
-                            str(tmp_path / "bad"))
-
-
-def content(path):
-    """A shard's tensors and header (its bytes are not canonical: safetensors orders header keys by a hash map)."""
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k).tolist() for k in f.keys()}, f.metadata()
-
-
-def test_generation_resumes_per_shard_and_is_rank_independent(tmp_path):
-    X, T = images(), teachers()
-    d = tmp_path / "one" / "reinforced"
-    rf.reinforce(T, X, 10, tiny_cfg(tmp_path / "one"), Dist(), "fp")
-    names = sorted(n for n in os.listdir(d) if n.startswith("shard"))
-    ref = {n: content(d / n) for n in names}
-    ref_manifest = json.load(open(d / "manifest.json"))
-    # kill simulation: shard 1 lost; the others must be kept (same mtime), shard 1 regenerated bit-identically
-    os.remove(d / "shard-00001.safetensors")
-    os.utime(d / "shard-00000.safetensors", (1, 1))
-    rf.reinforce(T, X, 10, tiny_cfg(tmp_path / "one"), Dist(), "fp")
-    assert os.path.getmtime(d / "shard-00000.safetensors") == 1
-    assert {n: content(d / n) for n in names} == ref
-    # a different fingerprint (e.g. other teachers) invalidates the shards
-    rf.reinforce(T, X, 10, tiny_cfg(tmp_path / "one"), Dist(), "other")
-    assert os.path.getmtime(d / "shard-00000.safetensors") != 1
-    # two ranks (run one after the other: barriers are no-ops without a process group) split the shards and
-    # produce the same bytes as one process
-    d2 = tmp_path / "two" / "reinforced"
-    for r in (1, 0):
-        rf.reinforce(T, X, 10, tiny_cfg(tmp_path / "two"), Dist(rank=r, world_size=2, is_master=r == 0), "fp")
-    assert {n: content(d2 / n) for n in names} == ref
-    assert json.load(open(d2 / "manifest.json")) == ref_manifest
-
-
-def test_retrieval_is_balanced_and_deduplicated():
-    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    pool = torch.tensor([[1.0, 0.1], [1.0, 0.2], [0.1, 1.0], [0.2, 1.0], [1.0, 1.0], [-1.0, 0.0]])
-    got = rf.retrieve(q, pool, 4).tolist()
-    assert got == [0, 2, 1, 3]  # round robin: best of each query first, then the second best of each
-    assert len(set(rf.retrieve(q, pool, 6).tolist())) == 6
-
-
-# ---------------------------------------------------------------- end to end
-def _losses(out):
-    runs = {}
-    for line in open(os.path.join(out, "log.jsonl")):
-        r = json.loads(line)
-        runs.setdefault(r["run"], []).append(r["loss"])
-    return runs
-
-
-def test_smoke_learns_and_writes_results(tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "reinforce.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.load(open(out / "results.json"))
-    for k in ("erm_acc", "kd_acc", "dr_acc", "erm_epoch_s", "kd_epoch_s", "dr_epoch_s", "dr_epoch_cpu_s",
-              "storage_bytes_per_image", "ns", "topk", "scratch_acc", "agnostic_kd_acc", "task_kd_acc", "seconds",
-              "device"):
-        assert k in res, k
-    assert set(res["task_kd_acc"]) == {"in_domain", "retrieved", "generic"}
-    runs = _losses(out)
-    for name in ("teachers", "student_erm", "student_dr", "vfm", "tokt_kd_in_domain"):
-        assert runs[name][-1] < runs[name][0], (name, runs[name])
-    # above chance (1/10 shapes, 1/5 task classes) by a margin: the smoke is too short for the paper's effects
-    assert res["teacher_acc"] > 0.1 + 0.05 and res["vfm_adapted_acc"] > res["task_chance"] + 0.05
-    # the teacher forward is what DR removes from training (CPU seconds: wall time depends on the machine's load)
-    assert res["kd_epoch_cpu_s"] > res["dr_epoch_cpu_s"]
-    assert os.path.exists(out / "reinforced" / "manifest.json") and os.path.exists(out / "reinforce_results.png")
-    assert "reinforce.py results" in p.stdout
-
-
-def test_torchrun_two_processes(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "reinforce.py", "--smoke",
-           "--mode=dr", f"--out={out}", "--n_train=200", "--n_test=100", "--n_teacher=200", "--epochs=2",
-           "--teacher_epochs=1", "--shard_size=50"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.load(open(out / "results.json"))
-    assert res["world_size"] == 2 and res["ns"] == 2
-    assert len(os.listdir(out / "reinforced")) == 5  # 4 shards (2 per rank) + manifest
+    assert torch.allclose(rf.densify(*rf.sparsify(p, 5), 5), p, atol=1e-3)  # k = C reproduces p (up to fp16)
 
 
 def test_kl_loss_is_kl_target_to_student():
@@ -214,3 +118,199 @@ def test_kl_loss_is_kl_target_to_student():
     # a densified top-k target is a distribution, so the KL is >= 0 and the loss is CE up to the target's entropy
     d = rf.densify(*rf.sparsify(t, 2), 5)
     assert torch.allclose(d.sum(-1), torch.ones(3), atol=1e-3) and rf.kl_loss(m, (x, d)) > 0
+
+
+def test_kl_loss_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(16, 10)
+    x, t = torch.randn(8, 16), torch.softmax(torch.randn(8, 10), -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.bfloat16  # the forward is bf16 ...
+        loss = rf.kl_loss(m, (x, t))
+    assert loss.dtype == torch.float32  # ... the loss on fp32 logits: within bf16's forward error of the fp32 one
+    assert torch.allclose(loss, rf.kl_loss(m, (x, t)), rtol=0.05)
+
+
+# ---------------------------------------------------------------- the store: build, read, replay, merge, resume
+def test_store_targets_and_replay_from_the_store_alone(tmp_path):
+    cfg, T = tiny_cfg(tmp_path, mix_p=0.5), teachers()
+    rf.reinforce(T, samples(), 10, cfg, Dist(), "fp")
+    d = tmp_path / "reinforced"
+    man, got = load(d)
+    assert (man["ns"], man["topk"], len(man["shards"]), len(got)) == (2, 3, 3, 10)
+    assert [s["__key__"] for s in got] == [f"k{i}" for i in range(10)] and [s["label"] for s in got] == list(range(10))
+    mixed = 0
+    for s in got:  # the stored top-k equals the teachers' scores of the view replayed from the store alone
+        u = rf.unpack(s)
+        assert u["v"].dtype == torch.float16 and u["ix"].dtype == torch.int16 and u["v"].shape == (2, 3)
+        for k, rec in enumerate(u["aug"]):
+            x = rf.replay_aug(rf.heavy_pipeline(cfg), u["image"], u["partners"], rec)
+            pv, pi = rf.sparsify(T.probs(x[None]), 3)
+            assert torch.equal(pi[0], u["ix"][k]) and torch.allclose(pv[0].float(), u["v"][k].float(), atol=1e-3)
+            mixed += rec["mix"]["kind"] != "none"
+    assert mixed > 0
+    assert not any(f.endswith((".pt", ".pth", ".pkl", ".tmp")) for f in os.listdir(d))
+    # DR's training view (p_reinforced=1): one of the stored views with its densified target
+    s, u = got[4], rf.unpack(got[4])
+    out = rf.dr_view(s, gen(0), replace(cfg, p_reinforced=1.0), 10, rf.heavy_pipeline(cfg), rf.light_pipeline(cfg))
+    k = next(k for k in range(2) if torch.equal(out["target"], rf.densify(u["v"][k], u["ix"][k], 10)))
+    assert torch.equal(out["image"], rf.replay_aug(rf.heavy_pipeline(cfg), u["image"], u["partners"], u["aug"][k]))
+
+
+def test_merge_two_runs_adds_ns(tmp_path):
+    T = teachers()
+    for r, ns in ((0, 2), (1, 3)):
+        rf.reinforce(T, samples(), 10, tiny_cfg(tmp_path / f"r{r}", ns=ns, run_seed=r, mix_p=1.0), Dist(), f"fp{r}")
+    a, b = (load(tmp_path / f"r{r}" / "reinforced")[1] for r in (0, 1))
+    man = rf.merge_reinforced([str(tmp_path / "r0" / "reinforced"), str(tmp_path / "r1" / "reinforced")],
+                              str(tmp_path / "m"))
+    m, got = load(tmp_path / "m")
+    assert man["ns"] == m["ns"] == 5 and len(m["runs"]) == 2 and len(got) == 10
+    pipe = rf.heavy_pipeline(tiny_cfg(tmp_path))
+    for sa, sb, sm in zip(a, b, got):
+        ua, ub, um = rf.unpack(sa), rf.unpack(sb), rf.unpack(sm)
+        for k in ("v", "ix"):
+            assert torch.equal(um[k], torch.cat([ua[k], ub[k]]))
+        # every merged record replays to its run's view (partner slots renumbered)
+        for k, (u, j) in enumerate([(ua, j) for j in range(2)] + [(ub, j) for j in range(3)]):
+            assert torch.equal(rf.replay_aug(pipe, um["image"], um["partners"], um["aug"][k]),
+                               rf.replay_aug(pipe, u["image"], u["partners"], u["aug"][j]))
+    assert rf.unpack(a[4])["aug"][0] != rf.unpack(b[4])["aug"][0]  # different run seeds drew different views
+    rf.reinforce(T, SampleSource(samples().samples[:8]), 10, tiny_cfg(tmp_path / "r2"), Dist(), "fp2")
+    with pytest.raises(ValueError, match="shards="):
+        rf.merge_reinforced([str(tmp_path / "r0" / "reinforced"), str(tmp_path / "r2" / "reinforced")],
+                            str(tmp_path / "bad"))
+
+
+def test_store_resumes_per_shard_and_is_rank_independent(tmp_path):
+    T, src = teachers(), samples()
+    d = tmp_path / "one" / "reinforced"
+    rf.reinforce(T, src, 10, tiny_cfg(tmp_path / "one"), Dist(), "fp")
+    names = sorted(n for n in os.listdir(d) if n.endswith(".tar"))
+    ref = {n: (d / n).read_bytes() for n in names}
+    assert len(names) == 3
+    # kill simulation: shard 1 lost; the others are kept (same mtime), shard 1 rebuilt with the same bytes
+    os.remove(d / names[1])
+    os.utime(d / names[0], (1, 1))
+    rf.reinforce(T, src, 10, tiny_cfg(tmp_path / "one"), Dist(), "fp")
+    assert os.path.getmtime(d / names[0]) == 1 and {n: (d / n).read_bytes() for n in names} == ref
+    # a different fingerprint (e.g. other teachers) invalidates the store
+    rf.reinforce(T, src, 10, tiny_cfg(tmp_path / "one"), Dist(), "other")
+    assert os.path.getmtime(d / names[0]) != 1
+    # two ranks (run one after the other, rank 0 first as its barrier would ensure: without a process group barriers
+    # are no-ops) split the units and write the same bytes as one process
+    d2 = tmp_path / "two" / "reinforced"
+    for r in (0, 1):
+        rf.reinforce(T, src, 10, tiny_cfg(tmp_path / "two"), Dist(rank=r, world_size=2, is_master=r == 0), "fp")
+    assert {n: (d2 / n).read_bytes() for n in names} == ref
+
+
+def test_ranks_draw_different_views_of_the_same_image(tmp_path):
+    """Issue 17: views were seeded by the step alone, so every rank drew the same crops; the Stream's per-sample
+    generator (consumer, sample count) gives each rank its own."""
+    cfg = tiny_cfg(tmp_path)
+    img = samples(1).samples[0]["image"]
+    src = SampleSource([{"__key__": f"k{i}", "image": img, "label": 0} for i in range(8)])
+    fn = partial(rf.view, cfg=cfg, pipe=rf.heavy_pipeline(cfg))
+    views = [Stream(src, 4, fn, seed=0, num_workers=0, dist=Dist(rank=r, world_size=2))(0)["image"] for r in (0, 1)]
+    assert not torch.equal(views[0], views[1])
+    assert len({v.numpy().tobytes() for v in torch.cat(views)}) == 8
+
+
+def test_retrieval_is_balanced_and_deduplicated():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pool = torch.tensor([[1.0, 0.1], [1.0, 0.2], [0.1, 1.0], [0.2, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    got = rf.retrieve(q, pool, 4).tolist()
+    assert got == [0, 2, 1, 3]  # round robin: best of each query first, then the second best of each
+    assert len(set(rf.retrieve(q, pool, 6).tolist())) == 6
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        rf.main([f"--out={tmp_path}", "--data=/does-not-exist/{split}-{0..3}.tar"])
+    with pytest.raises(ValueError, match="task_classes"):
+        rf.main([f"--out={tmp_path}", "--smoke", "--mode=transfer", "--task_classes=3,12", "--n_test=20"])
+
+
+# ---------------------------------------------------------------- end to end
+def _losses(out):
+    runs = {}
+    for line in open(os.path.join(out, "log.jsonl")):
+        r = json.loads(line)
+        runs.setdefault(r["run"], []).append(r["loss"])
+    return runs
+
+
+def test_smoke_learns_and_writes_results(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "reinforce.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    for k in ("erm_acc", "kd_acc", "dr_acc", "erm_epoch_s", "kd_epoch_s", "dr_epoch_s", "dr_epoch_cpu_s",
+              "storage_bytes_per_image", "ns", "topk", "scratch_acc", "agnostic_kd_acc", "task_kd_acc", "seconds",
+              "device", "data"):
+        assert k in res, k
+    assert set(res["task_kd_acc"]) == {"in_domain", "retrieved", "generic"}
+    runs = _losses(out)
+    for name in ("teachers", "student_erm", "student_dr", "vfm", "tokt_kd_in_domain"):
+        assert runs[name][-1] < runs[name][0], (name, runs[name])
+    # above chance (1/10 shapes, 1/5 task classes) by a margin: the smoke is too short for the paper's effects
+    assert res["teacher_acc"] > 0.1 + 0.05 and res["vfm_adapted_acc"] > res["task_chance"] + 0.05
+    # the teacher forward is what DR removes from training (CPU seconds: wall time depends on the machine's load)
+    assert res["kd_epoch_cpu_s"] > res["dr_epoch_cpu_s"]
+    d = res["data"]
+    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and d["eval_samples"] == 300
+    assert d["stages"]["student_dr"]["train_unique_keys"] == 200  # the store holds the n_train training images
+    assert os.path.exists(out / "reinforced" / "manifest.json") and os.path.exists(out / "reinforce_samples.png")
+    assert "reinforce.py results" in p.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from common.world import World, export_shards
+    d = tmp_path_factory.mktemp("shards")
+    for split, n in (("train", 200), ("test", 60), ("val", 150)):
+        export_shards(World(seed=0, split=split, size=32, n=n), str(d / split), n, shard_size=50)
+    return d
+
+
+# tiny and within one epoch of every source (200 train samples, 4 shards), except the fine-tunes on the 10 labels
+SHARD_ARGS = ["--smoke", "--n_train=100", "--n_teacher=100", "--n_vfm=100", "--n_test=60", "--n_pool=150",
+              "--n_transfer=40", "--batch_size=20", "--epochs=1", "--teacher_epochs=1", "--vfm_epochs=1",
+              "--kd_epochs=1", "--ft_steps=1", "--n_labels=2"]
+SEEN = {"teachers": 100, "student_erm": 100, "student_kd": 100, "student_dr": 100, "vfm": 100, "tokt_scratch": 30}
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_shards_keys_disjoint_and_counted(shards, tmp_path, procs):
+    out = tmp_path / "run"
+    args = ["reinforce.py", f"--data={shards}/{{split}}", f"--out={out}", *SHARD_ARGS]
+    if procs == 1:
+        cmd = [sys.executable, *args, "--amp=bf16"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    d = res["data"]
+    assert res["world_size"] == procs and d["eval_samples"] == 60 and "shards(" in d["source"]
+    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and len(d["stages"]) == 14
+    for name, st in d["stages"].items():
+        seen = SEEN.get(name, 40 if name.startswith("tokt_kd") else 10)  # distillation: 2 steps; fine-tune: 1
+        assert st["train_samples_seen"] == seen and st["eval_keys_in_train"] == 0 and st["skipped_corrupt"] == 0
+        if name != "tokt_scratch":  # 3 epochs of the 10 labels (its ranks' shares change every epoch)
+            assert st["train_unique_keys"] == seen and st["train_keys_on_several_ranks"] == 0, (name, st)
+    sc = d["stages"]["tokt_scratch"]
+    assert sc["train_unique_keys"] - sc["train_keys_on_several_ranks"] == 10  # the distinct keys over all ranks
+    assert d["train_keys_on_several_ranks"] == d["stages"]["tokt_scratch"]["train_keys_on_several_ranks"]
+    assert d["stages"]["student_dr"]["source"].startswith(f"shards({out}/reinforced/reinforced-000000.tar::")
+    assert len([f for f in os.listdir(out / "reinforced") if f.endswith(".tar")]) == 4  # one per input shard
