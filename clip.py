@@ -3,11 +3,11 @@
 Every method script is compared against this run and imitates its layout: config dataclass -> data -> model ->
 loss -> common.train.fit -> evaluation -> config.json / results.json / log.jsonl / clip.safetensors + a table.
 
-    python -m common.clip                          # default run (~3 min on 2 CPU cores)
-    python -m common.clip --smoke                  # < 60 s end to end
-    python -m common.clip --data='shards/{split}-{000..009}.tar'   # exported world / real image-text shards
-    python -m common.clip --data=/data/cc3m --holdout=0.01         # one stream: test pairs held out by key hash
-    torchrun --nproc_per_node=2 -m common.clip     # data parallel (gloo on CPU)
+    python clip.py                                 # default run (~3 min on 2 CPU cores)
+    python clip.py --smoke                         # < 60 s end to end
+    python clip.py --data='shards/{split}-{000..009}.tar'   # exported world / real image-text shards
+    python clip.py --data=/data/cc3m --holdout=0.01         # one stream: test pairs held out by key hash
+    torchrun --nproc_per_node=2 clip.py            # data parallel (gloo on CPU)
 
 Training pairs come from one common.data Stream: the world's first n_train samples (rendered once, then cached), or
 --data streamed from disk, split over ranks x DataLoader workers in endless shuffled epochs. fit checkpoints the
@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import config_to_dict, parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import Stream, class_names_of, data_report, open_source, read_samples, stack
 from common.eval import extract_features, linear_probe, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss
 from common.models import clip_tiny
 from common.tokenizer import world_tokenizer
-from common.train import fit, seed_all, setup_distributed
+from common.train import TrainConfig, fit, seed_all, setup_distributed
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -45,14 +45,14 @@ class Config:
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     device: str = ""  # cpu | cuda (default: cuda if available)
-    steps: int = 300  # optimizer steps (zero-shot shape acc. 0.16 at 160, 0.18 at 320: shape is learnt last)
+    steps: int = 300  # optimizer steps (shape is learnt last: README, Results)
     batch_size: int = 128  # global batch (split over torchrun ranks); CLIP negatives = batch_size - 1
     lr: float = 2e-3  # peak learning rate (AdamW, cosine)
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
     warmup: int = 25  # linear warm-up steps
     image_size: int = 32  # model input side; the world renders at this size
     patch_size: int = 8  # ViT patch side (32 px / 8 = 4x4 tokens)
-    stem: str = "conv"  # conv (4-2-2 conv stem: learns shapes ~3x faster here) | patch (linear patchify, open_clip)
+    stem: str = "conv"  # conv (4-2-2 conv stem: learns shapes faster, README) | patch (linear patchify, open_clip)
     n_train: int = 8000  # world training pairs (rendered once, cached); --data streams all of its train split
     n_test: int = 1000  # held-out pairs for zero-shot and retrieval
     caption: str = "caption"  # caption | alt_text (the world's accurate or noisy web-like text)
@@ -111,9 +111,10 @@ def main(argv=None):
         return clip_loss(img_f, txt_f, scale), {"scale": scale.item()}
 
     seed_all(cfg.seed, dist.rank)
-    hist = fit(model, loss_fn, train, cfg.steps, cfg.out, name="clip", lr=cfg.lr, weight_decay=cfg.weight_decay,
-               warmup=cfg.warmup, ckpt_every=cfg.ckpt_every, resume=cfg.resume, dist=dist, log_every=cfg.log_every,
-               desc="clip", amp=cfg.amp, compile=cfg.compile, config=config_to_dict(cfg))
+    recipe = TrainConfig(cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                         ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, amp=cfg.amp, compile=cfg.compile,
+                         resume=cfg.resume)
+    hist = fit(model, loss_fn, train, recipe, cfg.out, "clip", dist, config=config_to_dict(cfg))
     train.close()
 
     # ---- evaluation on held-out pairs (rank 0; the provenance report is collective)
@@ -154,10 +155,10 @@ def main(argv=None):
                loss_last=float(np.mean(hist["loss"][-10:])) if hist["loss"] else None,
                steps=cfg.steps, seconds=time.time() - t0, device=dist.device, world_size=dist.world_size, data=data)
     save_json(os.path.join(cfg.out, "results.json"), res)
-    print_table(res, title=f"common.clip results ({cfg.out})")
+    print_table(res, title=f"clip.py results ({cfg.out})")
     dist.cleanup()
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

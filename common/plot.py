@@ -46,8 +46,9 @@ def _draw_lines(d, font, box, p):
         return
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
+    if x1 == x0:  # one x value: a range around it wide enough for distinct tick labels
+        d = 0.1 * abs(x0) or 1.0
+        x0, x1 = x0 - d, x1 + d
     pad = 0.06 * (y1 - y0 or 1.0)
     y0, y1 = y0 - pad, y1 + pad
     px = lambda v: L + (tx(v) - x0) / (x1 - x0) * (R - L)  # noqa: E731
@@ -128,7 +129,7 @@ def heatmaps(path, mats, title="", row_labels=None, col_labels=None, cell=44, fm
     shapes = [np.asarray(mats[n], dtype=object).shape for n in names]
     vals = [float(v) for n in names for row in mats[n] for v in row if v is not None]
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-    pad, head, left = 16, 44, 30
+    pad, head, left = 40, 44, 30   # pad: room for the next panel's row labels
     W = sum(s[1] * cell + pad for s in shapes) + pad + left
     H = head + max(s[0] for s in shapes) * cell + 36
     im = Image.new("RGB", (W, H), "white")

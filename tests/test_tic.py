@@ -1,6 +1,6 @@
 """tic.py: replay buffers (indices on the world, key hashes on shards), fixed budgets, warm starts, time-matrix
-summaries, real-data layouts (per-step sub-folders with {split}; one year-tagged stream with --holdout under 2 gloo
-processes) with their provenance, and the missing-year error."""
+summaries, stage reuse by fingerprint, real-data layouts (per-step sub-folders with {split}; one year-tagged stream
+with --holdout under 2 gloo processes) with their provenance, and the missing-year error."""
 import json
 import os
 import socket
@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import tic
 from common.data import SampleSource, ShardSource, Stream, iter_samples
@@ -115,7 +116,7 @@ def test_summarize_hand_made_matrix():
 
 
 def _cfg(tmp_path, **kw):
-    cfg = tic.parse_config(tic.Config, [f"--out={tmp_path}", *TINY, "--reuse=false"])
+    cfg = tic.parse_config(tic.Config, [f"--out={tmp_path}", *TINY])
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -127,13 +128,15 @@ def test_warm_start_resets_optimizer_and_schedule(tmp_path):
     cfg = _cfg(tmp_path, log_every=1)
     dist = Dist()
     images = torch.rand(2, 16, 3, 32, 32)
-    tokens = torch.randint(1, 50, (2, 16, cfg.context))
+    tokens = torch.randint(1, 50, (2, 16, cfg.context_length))
     tokens[..., 10] = 99
     model = tic.build_model(cfg, 100)
-    tic.train_time_step(cfg, dist, model, lambda i: (images[0], tokens[0]), cfg.steps, "a", warm=False)
+    tic.train_time_step(cfg, dist, model, lambda i: (images[0], tokens[0]), cfg.steps, "a", cfg.lr, cfg.warmup)
     w = {k: v.clone() for k, v in model.state_dict().items()}
-    hist, opt = tic.train_time_step(cfg, dist, model, lambda i: (images[1], tokens[1]), cfg.steps, "b", warm=True)
-    steps = {int(s["step"]) for s in opt.state.values()}
+    tic.train_time_step(cfg, dist, model, lambda i: (images[1], tokens[1]), cfg.steps, "b", cfg.warm_lr,
+                        cfg.warm_start_warmup)
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:  # AdamW's per-parameter step counts
+        steps = {int(f.get_tensor(k)) for k in f.keys() if k.startswith("optim.") and k.endswith(".step")}
     assert steps == {cfg.steps}  # not 2 * steps: the optimizer was not carried over
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     b_rows = [r for r in rows if r.get("run") == "b"]
@@ -155,8 +158,10 @@ def test_fixed_budget_and_learning(tmp_path):
     assert res["cumulative_all"]["samples_seen"] == 3 * C
     assert res["oracle"]["samples_seen"] == 3 * C  # T*C once, at the final step
     assert len(res["cumulative_all"]["matrix_retrieval"]) == 3 and len(res["oracle"]["matrix_retrieval"]) == 1
-    assert res["oracle_compute_ratio"] == pytest.approx(2.0)  # (T+1)/2 at T=3
+    assert res["oracle_compute_ratio"] == pytest.approx(2.0)  # an up-to-date Oracle (1 + 2 + 3) C vs 3 C
     log = [json.loads(l) for l in open(out / "log.jsonl")]
+    warm = [r for r in log if r.get("run") == "sequential_t2"]  # a warm start: its own peak lr, no warm-up
+    assert warm[0]["step"] == 1 and warm[0]["lr"] == pytest.approx(tic.Config.warm_lr)
     first = [r["loss"] for r in log if r.get("run") == "oracle_t3"]
     assert first[-1] < first[0] - 0.3, first  # learns: below its start (~ln 16)
     chance = 1 / 24
@@ -166,6 +171,29 @@ def test_fixed_budget_and_learning(tmp_path):
     d = res["data"]  # six runs: step1, 2 x sequential, 2 x cumulative_all at C each, Oracle at 3 C
     assert d["train_samples_seen"] == 8 * C and d["train_unique_keys"] == 3 * 96
     assert d["eval_samples"] == 3 * 24 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
+
+
+def test_stage_reuse_by_fingerprint(tmp_path):
+    """A finished run is reused while its fingerprint matches: the warm-start lr changes only warm runs; the
+    from-scratch lr changes step 1 and with it every run warm-started from it; --retrain trains everything again."""
+    args = [f"--out={tmp_path}", *TINY, "--steps=4", "--strategies=restart,sequential",
+            "--time_steps=2014-2017,2018-2022"]
+    runs = ("step1", "restart_t2", "sequential_t2")
+
+    def trained(*extra):  # the runs whose checkpoint this invocation wrote
+        stamp = lambda: {n: os.stat(tmp_path / f"{n}.safetensors").st_mtime_ns for n in runs}
+        before = stamp() if (tmp_path / "step1.safetensors").exists() else {}
+        res = tic.main(args + list(extra))
+        return res, {n for n, t in stamp().items() if before.get(n) != t}
+
+    first, new = trained()
+    assert new == set(runs)
+    again, new = trained()
+    assert new == set() and again["sequential"]["matrix_retrieval"] == first["sequential"]["matrix_retrieval"]
+    assert trained("--warm_lr=1e-4")[1] == {"sequential_t2"}
+    assert trained("--warm_lr=1e-4", "--lr=1e-3")[1] == set(runs)  # Sequential starts from a new step 1
+    assert trained("--warm_lr=1e-4", "--lr=1e-3")[1] == set()
+    assert trained("--warm_lr=1e-4", "--lr=1e-3", "--retrain")[1] == set(runs)
 
 
 def _free_port():
