@@ -1,50 +1,21 @@
 """SAM-CLIP: Merging Vision Foundation Models towards Semantic and Spatial Understanding (Wang et al., arXiv:2310.15308)
-and CLIP meets Model Zoo Experts: Pseudo-Supervision for Visual Enhancement (Salehi et al., arXiv:2310.14108),
-in miniature on the synthetic world.
+and CLIP meets Model Zoo Experts: Pseudo-Supervision for Visual Enhancement (Salehi et al., arXiv:2310.14108), in
+miniature on the synthetic world (no official code exists; recipe, deviations and results: docs/samclip.md).
 
---mode=merge (SAM-CLIP). Two teachers are trained on the world: a promptable mask model in SAM's shape (ViT image
-encoder + prompt encoder for points/boxes + two-way mask decoder with an IoU head, focal + dice loss on instance masks)
-and a tiny CLIP (contrastive on accurate captions). The student is SAM's encoder + SAM's head (copied) + a new
-lightweight CLIP head (transformer blocks over patch tokens, mean-pooled and projected). Stage 1 (head probing):
-frozen backbone, L_CLIP = 1 - cos(student, CLIP teacher). Stage 2 (multi-task distillation): unfrozen backbone at a
-lower lr, L = L_CLIP + lam * L_SAM, where L_SAM distills the SAM teacher's masks (focal + dice) on a small replay
-memory of SAM data. Ablation: stage 2 without replay (forgetting). Zero-shot semantic segmentation: per-patch
-CLIP-head embeddings (MaskCLIP's value readout of the last head block) vs class-name text embeddings (coarse),
-refined by point prompts to the SAM head. Towers: every image encoder uses the 4-2-2 conv stem (it learns the world's
-shapes far faster on a CPU budget than linear patches); the CLIP towers use 8 px patches (4x4 tokens at 32 px, as
-common.models.clip_tiny), the SAM encoder = merged backbone uses 4 px patches (8x8 tokens) so masks stay fine.
---mode=zoo (CLIP meets Model Zoo Experts). "Experts" label the CLIP data offline: imperfect versions of the data's own
-dense maps (masks with label noise, depth with scale and pixel noise, normals from that depth), or with --seg_expert /
---depth_expert expert models trained by --mode=experts, so that image-text data without dense maps gets labels too.
-CLIP is trained with extra light dense heads (CE, scale-invariant log depth, 1 - cos normals) and compared with plain
-CLIP on zero-shot accuracy and frozen dense probes (common.eval.dense_probe).
-
-    python samclip.py                           # default: --mode=all (teachers cached in --out and reused)
-    python samclip.py --smoke                   # < 60 s end to end
-    python samclip.py --mode=zoo --zoo_lam=2    # any config field as --key=value; --help lists them
-    python samclip.py --data='shards/{split}'   # exported world / real shards: image, caption, seg, inst, depth
-    python samclip.py --mode=experts --out=x    # seg + depth experts (x/expert_*.safetensors) on data with dense maps
-    python samclip.py --data=/data/cc3m --seg_expert=x/expert_seg_....safetensors --depth_expert=... --val_data=...
-    torchrun --nproc_per_node=2 samclip.py --smoke
-
-Every stage trains from a common.data Stream (the world's first n_train images, cached, or --data split over ranks x
-workers). What is computed once per sample (D_CLIP's teacher embeddings, the SAM replay memory, the zoo pseudo-labels)
-is written as shards under --out by common.data.for_each_shard (units dealt to ranks, resumable per shard) and
-streamed back. The SAM-CLIP half needs KEY.seg.png / KEY.inst.png members (n/a without them; an error under
---mode=merge). Every stage is a common.train.fit checkpoint named by a hash of the config fields it depends on, so
-re-running reuses finished stages and resumes interrupted ones. No official code exists for either paper; the recipe
-follows the papers' text (see shared/reference/methods.md §5-6); sizes and steps are miniature.
+--mode=merge: a SAM-shaped and a CLIP teacher become one ViT (SAM's encoder and head + a new CLIP head): stage 1 probes
+the head on the frozen backbone, stage 2 trains all with L_CLIP + lam * L_SAM on a SAM replay memory (ablation: no
+replay); zero-shot segmentation from the CLIP head, refined by SAM-head prompts. --mode=zoo: CLIP with extra dense heads
+on offline expert pseudo-labels vs plain CLIP (--mode=experts trains the experts). Every stage (fit checkpoint or shard
+folder) has a fingerprint: a finished stage with the same one is reused; --resume continues, --retrain rebuilds.
 """
-import hashlib
 import io
 import itertools
 import json
 import math
 import os
-import tarfile
+import shutil
 import time
 from dataclasses import dataclass
-from glob import glob
 
 import numpy as np
 import torch
@@ -52,15 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common.config import config_to_dict, parse_config, print_table, save_json
-from common.data import (Stream, class_names_of, data_report, decode_npy, for_each_shard, iter_samples, key_hash,
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
+from common.data import (Stream, Zip, class_names_of, data_report, decode_npy, for_each_shard, iter_samples, key_hash,
                          open_source, read_samples)
-from common.eval import dense_probe, depth_rmse, seg_miou, zero_shot_accuracy, zero_shot_classifier
+from common.eval import dense_probe, depth_rmse, extract_features, seg_miou, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss, fp32_logits
 from common.models import CLIP, Block, text_tiny, vit_tiny
+from common.plot import image_grid
 from common.tokenizer import world_tokenizer
 from common.train import TrainConfig, fit, load_weights, no_decay, seed_all, setup_distributed
-from common.transforms import CLIP_MEAN, CLIP_STD, CenterCrop, Resize, to_tensor, to_uint8
+from common.transforms import CenterCrop, Resize, normalize, to_tensor, to_uint8
 from common.world import TEMPLATES, TEXTURES, World, class_names
 
 
@@ -68,6 +40,10 @@ from common.world import TEMPLATES, TEXTURES, World, class_names
 class Config:
     """SAM-CLIP merging + CLIP-meets-model-zoo pseudo-supervision on the synthetic world."""
     out: str = "runs/samclip"  # output folder (teachers, stages and per-sample shards are cached here and reused)
+    retrain: bool = False  # build every stage again (else a finished stage with the same fingerprint is reused)
+    resume: bool = False  # continue an unfinished stage (same fingerprint) from its checkpoint in --out
+    steps: int = 0  # > 0: the steps of every trained stage (replaces the *_steps below, except probe_steps)
+    lr: float = 0.0  # > 0: the peak lr of every trained stage (replaces clip_lr, sam_lr and head_lr)
     seed: int = 0  # world, init, data order, prompts and expert noise all follow from it
     data: str = ""  # tar shards / folder with image, caption (+ seg, inst, depth) ("{split}" -> train/val/test)
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
@@ -78,49 +54,42 @@ class Config:
     image_size: int = 32  # model input side (--data images: shorter side resized to it, centre crop)
     width: int = 64  # width of the SAM encoder (= merged backbone) and of the SAM-CLIP heads
     layers: int = 4  # ViT blocks of the SAM encoder (= merged backbone)
-    patch: int = 4  # SAM encoder patch: 4 px -> 8x8 tokens at 32 px, fine enough for 32x32 masks (decoder: 4x up)
-    stem: str = "conv"  # SAM encoder stem: conv (4-2-2 stem, here 1-2-2 for patch 4) | patch (linear patches)
+    patch_size: int = 4  # SAM encoder patch: 4 px -> 8x8 tokens at 32 px, fine enough for 32x32 masks (decoder: 4x)
+    stem: str = "conv"  # SAM encoder stem: conv (4-2-2 stem, here 1-2-2 for patch_size 4) | patch (linear patches)
     clip_width: int = 96  # CLIP towers' width (teacher and zoo CLIP)
     clip_layers: int = 4  # CLIP image tower blocks
-    clip_patch: int = 8  # CLIP image patch: 8 px conv stem (16 tokens), as common.models.clip_tiny
+    clip_patch_size: int = 8  # CLIP image patch: 8 px conv stem (16 tokens), as common.models.clip_tiny
     text_layers: int = 2  # text transformer blocks
     heads: int = 4  # attention heads
     n_train: int = 3000  # world training images (CLIP data = SAM data pool); --data streams its whole train split
     n_test: int = 400  # held-out images for every metric
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
-    threads: int = 1  # torch intra-op threads per process (0 = torch default); see main() for why 1
+    threads: int = 1  # torch intra-op threads per process (0 = torch default); why 1: docs/samclip.md
     log_every: int = 25  # log.jsonl row every N steps
-    # CLIP teacher (= the plain-CLIP baseline of zoo mode)
-    clip_steps: int = 300  # CLIP teacher / zoo CLIP optimizer steps
+    clip_steps: int = 300  # steps of the CLIP teacher (= zoo mode's plain CLIP) and of the zoo CLIP
     clip_batch: int = 128  # global contrastive batch
     clip_lr: float = 2e-3  # peak lr (AdamW, cosine)
-    # SAM teacher
     sam_steps: int = 250  # SAM teacher steps
     sam_batch: int = 32  # (image, prompt) pairs a step
     sam_lr: float = 3e-3  # peak lr
     dec_dim: int = 32  # mask decoder width (SAM: 256)
     focal_w: float = 1.0  # focal : dice weight (SAM: 20 : 1; in miniature 20 collapses to empty masks, see docs)
     box_prob: float = 0.5  # probability that a training prompt is a box (else one foreground point)
-    # SAM-CLIP merging
-    # D_CLIP (images only, embedded once by the CLIP teacher): the n_train teacher images + unseen world images, since
-    # the paper distills on far more images (40M) than SAM's replay; with --data it is the whole train split
-    n_distill: int = 6000  # D_CLIP images for CLIP distillation (n_train teacher images + unseen world images)
+    n_distill: int = 6000  # D_CLIP images (no text) for CLIP distillation: the n_train teacher images + unseen ones
     head_layers: int = 2  # transformer blocks of the new CLIP head (SAM-CLIP sec. 3: "lightweight")
     stage1_steps: int = 100  # head probing on the frozen backbone
     stage2_steps: int = 300  # multi-task distillation
-    batch: int = 32  # global CLIP-distillation batch (images only: distillation needs no text)
-    replay_batch: int = 16  # global SAM replay batch per replay step
+    batch_size: int = 32  # global CLIP-distillation batch (images only: distillation needs no text)
+    replay_batch: int = 16  # global SAM replay batch per stage-2 step
     head_lr: float = 2e-3  # lr of the heads (stage 1 and 2)
     backbone_lr_scale: float = 0.5  # stage-2 backbone lr = head_lr * this (paper: smaller lr for the backbone)
     lam: float = 1.0  # weight of L_SAM in stage 2 (L = L_CLIP + lam * L_SAM)
     replay_frac: float = 0.1  # replay memory = this fraction of the SAM teacher's images, by key hash (paper: ~5.7%)
-    replay_ratio: float = 1.0  # fraction of stage-2 steps that draw a SAM replay batch (paper: every step)
     prompts_per_image: int = 4  # stored (prompt, teacher mask) pairs per replay image
     dense_readout: str = "value"  # zero-shot seg per-patch readout: value (MaskCLIP) | attn (plain head output)
     refine: bool = True  # refine zero-shot segmentation with SAM-head point prompts
     n_points: int = 3  # max point prompts per class and image in the refinement
-    # model zoo
-    zoo_lam: float = 1.0  # weight of every dense pseudo-label loss (lambda_k; methods.md sec. 10 uses 1)
+    zoo_lam: float = 1.0  # model zoo: weight of every dense pseudo-label loss (lambda_k)
     seg_noise: float = 0.1  # seg.png members as expert: fraction of pixels replaced by a random class
     depth_noise: float = 0.1  # depth.npy members as expert: per-image log-scale noise (and half of it per pixel)
     seg_expert: str = ""  # seg expert checkpoint (--mode=experts) labelling the data instead of its seg.png members
@@ -132,30 +101,23 @@ class Config:
 
 
 SMOKE = dict(width=32, layers=2, clip_width=32, clip_layers=2, n_train=400, n_distill=600, n_test=100, clip_steps=40,
-             clip_batch=32, sam_steps=40, sam_batch=16, stage1_steps=10, stage2_steps=10, batch=16, replay_batch=8,
+             clip_batch=32, sam_steps=40, sam_batch=16, stage1_steps=10, stage2_steps=10, batch_size=16, replay_batch=8,
              n_probe=100, probe_steps=40, log_every=5, clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16,
              expert_steps=20)
 
 
-def norm_images(x):
-    """uint8 (B, H, W, 3) tensor or float (B, 3, H, W) in [0, 1] -> CLIP-normalised float (B, 3, H, W)."""
-    if x.dtype == torch.uint8:
-        x = x.permute(0, 3, 1, 2).float() / 255
-    m = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+def inputs(x):
+    """Images uint8 (B, H, W, 3) (streams) or float (B, 3, H, W) in [0, 1] (evaluation) -> CLIP-normalised float."""
+    return normalize(x.permute(0, 3, 1, 2).float() / 255 if x.dtype == torch.uint8 else x)
 
 
 def backbone(cfg):
-    """The SAM encoder (= merged backbone): common ViT, patch 4 at 32 px -> 8x8 tokens (a finer grid than CLIP's 4x4:
-    the mask decoder upscales it only 4x), conv stem by default (it learns shapes far faster than linear patches on
-    CPU budgets; see docs). No projection: returns width features."""
-    return vit_tiny(cfg.image_size, cfg.patch, width=cfg.width, layers=cfg.layers, heads=cfg.heads, embed_dim=None,
-                    stem=cfg.stem)
+    """The SAM encoder (= merged backbone): common ViT without projection (width features), 8x8 tokens at 32 px."""
+    return vit_tiny(cfg.image_size, cfg.patch_size, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
+                    embed_dim=None, stem=cfg.stem)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the SAM-shaped teacher: image encoder (common ViT) + prompt encoder + two-way mask decoder (SAM sec. 3, App. A)
+# ---- the SAM-shaped teacher: image encoder (common ViT) + prompt encoder + two-way mask decoder (SAM sec. 3, App. A)
 
 class FourierPE(nn.Module):
     """SAM's PositionEmbeddingRandom: p in [0,1]^2 -> [sin(2 pi (2p-1) G), cos(..)], fixed Gaussian G (2, D/2)."""
@@ -174,14 +136,12 @@ class FourierPE(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Sparse prompts -> tokens. coords (B, P, 2) in [0, 1] as (x, y); labels (B, P): 0 pad, 1 foreground point,
-    2 box top-left, 3 box bottom-right (a box is two corner points with their own learned embeddings, SAM sec. 3).
-    Returns (B, P, D): PE(coord) + embed[label], padding rows = embed[0] only."""
+    """Sparse prompts coords (B, P, 2) in [0, 1] as (x, y), labels (B, P) (0 pad, 1 point, 2 / 3 box top-left /
+    bottom-right corner, SAM sec. 3) -> tokens (B, P, D) = PE(coord) + embed[label]; padding rows embed[0] only."""
 
     def __init__(self, D):
         super().__init__()
-        self.pe = FourierPE(D)
-        self.embed = nn.Embedding(4, D)
+        self.pe, self.embed = FourierPE(D), nn.Embedding(4, D)
 
     def forward(self, coords, labels):
         return self.pe(coords) * (labels > 0).unsqueeze(-1) + self.embed(labels)
@@ -202,8 +162,7 @@ class XAttn(nn.Module):
 
 
 class TwoWayLayer(nn.Module):
-    """SAM's two-way block: tokens self-attn, tokens -> image cross-attn, MLP, image -> tokens cross-attn.
-    Positional encodings are re-added to queries/keys at every attention, as in SAM."""
+    """SAM's two-way block: tokens self-attn, tokens -> image, MLP, image -> tokens; PEs re-added at every attention."""
 
     def __init__(self, D):
         super().__init__()
@@ -220,16 +179,14 @@ class TwoWayLayer(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """Image tokens (B, N, W) on grid (h, w) + prompt tokens (B, P, D) -> mask logits (B, 4h, 4w), IoU score (B,).
-    Output tokens [iou, mask] + prompts run through 2 two-way layers; the image embedding is upscaled 4x by two
-    transposed convs and dotted with a hypernetwork MLP of the mask token (SAM App. A, single-mask output)."""
+    """Image tokens (B, N, W) on grid (h, w) + prompts (B, P, D) -> mask logits (B, 4h, 4w), IoU (B,) (SAM App. A):
+    [iou, mask] tokens + prompts through two-way layers, mask token's hypernetwork MLP . 4x upscaled image."""
 
     def __init__(self, W, D, layers=2):
         super().__init__()
         self.neck = nn.Sequential(nn.Linear(W, D), nn.LayerNorm(D))  # SAM's neck: encoder width -> decoder width
         self.out_tokens = nn.Parameter(0.02 * torch.randn(2, D))
-        self.layers = nn.ModuleList([TwoWayLayer(D) for _ in range(layers)])
-        self.final = XAttn(D)
+        self.layers, self.final = nn.ModuleList([TwoWayLayer(D) for _ in range(layers)]), XAttn(D)
         self.up = nn.Sequential(nn.ConvTranspose2d(D, D // 4, 2, 2), nn.GroupNorm(1, D // 4), nn.GELU(),
                                 nn.ConvTranspose2d(D // 4, D // 8, 2, 2), nn.GELU())
         self.hyper = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D // 8))
@@ -238,8 +195,7 @@ class MaskDecoder(nn.Module):
     def forward(self, img, grid, prompt, pe):
         B, (h, w) = img.shape[0], grid
         x, x_pe = self.neck(img), pe.dense(h, w).unsqueeze(0)
-        t = torch.cat([self.out_tokens.expand(B, -1, -1), prompt], 1)
-        t_pe = t
+        t = t_pe = torch.cat([self.out_tokens.expand(B, -1, -1), prompt], 1)
         for layer in self.layers:
             t, x = layer(t, t_pe, x, x_pe)
         t = t + self.final(t + t_pe, x + x_pe, x)
@@ -254,8 +210,7 @@ class SAMHead(nn.Module):
 
     def __init__(self, W, D):
         super().__init__()
-        self.prompt = PromptEncoder(D)
-        self.decoder = MaskDecoder(W, D)
+        self.prompt, self.decoder = PromptEncoder(D), MaskDecoder(W, D)
 
     def forward(self, tokens, grid, coords, labels):
         return self.decoder(tokens, grid, self.prompt(coords, labels), self.prompt.pe)
@@ -270,27 +225,22 @@ class SAM(nn.Module):
         self.sam = SAMHead(self.enc.width, cfg.dec_dim)
 
     def forward(self, x, coords, labels):
-        tok, grid = self.enc.patch_tokens(norm_images(x))
-        return self.sam(tok, grid, coords, labels)
+        return self.sam(*self.enc.patch_tokens(inputs(x)), coords, labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the merged student (SAM-CLIP sec. 3): SAM encoder + SAM head + a new CLIP head
+# ---- the merged student (SAM-CLIP sec. 3): SAM encoder + SAM head + a new CLIP head --------------------------------
 
 class CLIPHead(nn.Module):
-    """A few transformer blocks over backbone patch tokens (B, N, W) -> dense embeddings (B, N, E) and their mean
-    (B, E). Mean pooling keeps every patch in the CLIP space, which is what zero-shot segmentation reads out."""
+    """Transformer blocks over patch tokens (B, N, W) -> their mean embedding (B, E) and dense ones (B, N, E): mean
+    pooling keeps every patch in the CLIP space, which is what zero-shot segmentation reads out."""
 
     def __init__(self, W, E, layers, heads=4):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(W, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(W)
+        self.blocks, self.ln = nn.ModuleList([Block(W, heads) for _ in range(layers)]), nn.LayerNorm(W)
         self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, E))
 
     def forward(self, tok, value_readout=False):
-        """value_readout=True (MaskCLIP, Zhou et al. 2022, used only for dense zero-shot readout): the last block's
-        attention is replaced by its value path (each patch attends to itself), so a patch's embedding describes
-        that patch rather than the attention-mixed whole image."""
+        """value_readout (MaskCLIP, Zhou et al. 2022): the last block attends each patch to itself (its value path)."""
         for i, b in enumerate(self.blocks):
             if value_readout and i == len(self.blocks) - 1:
                 C, a = tok.shape[-1], b.attn
@@ -303,8 +253,7 @@ class CLIPHead(nn.Module):
 
 
 class SAMCLIP(nn.Module):
-    """forward(x, xs=None, coords=None, labels=None) -> (normalised CLIP embedding (B, E), SAM (masks, iou) on the
-    replay images xs or None). One call so that DDP sees both tasks in a single forward."""
+    """(x, xs, coords, labels) -> (CLIP embedding, SAM (masks, iou) on replay images xs or None): one DDP forward."""
 
     def __init__(self, cfg, E):
         super().__init__()
@@ -313,49 +262,40 @@ class SAMCLIP(nn.Module):
         self.clip = CLIPHead(self.enc.width, E, cfg.head_layers, cfg.heads)
 
     def forward(self, x, xs=None, coords=None, labels=None):
-        f = F.normalize(self.clip(self.enc.patch_tokens(norm_images(x))[0])[0], dim=-1)
-        if xs is None:
-            return f, None
-        tok, grid = self.enc.patch_tokens(norm_images(xs))
-        return f, self.sam(tok, grid, coords, labels)
+        f = F.normalize(self.clip(self.enc.patch_tokens(inputs(x))[0])[0], dim=-1)
+        return f, None if xs is None else self.sam(*self.enc.patch_tokens(inputs(xs)), coords, labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLIP (teacher and zoo student): common clip_tiny + optional light dense heads on the patch tokens
+# ---- CLIP (teacher and zoo student): common clip_tiny + optional light dense heads on the patch tokens -------------
 
 class ZooCLIP(nn.Module):
-    """clip_tiny with, when dense=True, one linear head on the visual patch tokens giving K seg logits, 1 log-depth and
-    3 normal channels (CLIPTeX's task heads, used only in training). forward -> img_f, txt_f, scale, dense|None."""
+    """clip_tiny + (dense=True) a linear head on patch tokens: K seg logits, log-depth, 3 normals (training only)."""
 
     def __init__(self, cfg, vocab, dense, K):
         super().__init__()
         W, H = cfg.clip_width, cfg.heads
-        self.clip = CLIP(vit_tiny(cfg.image_size, cfg.clip_patch, width=W, layers=cfg.clip_layers, heads=H, embed_dim=W,
-                                  stem="conv"),
+        self.clip = CLIP(vit_tiny(cfg.image_size, cfg.clip_patch_size, width=W, layers=cfg.clip_layers, heads=H,
+                                  embed_dim=W, stem="conv"),
                          text_tiny(vocab, width=W, layers=cfg.text_layers, heads=H, embed_dim=W))
         self.head = nn.Linear(self.clip.visual.width, K + 4) if dense else None
 
     def forward(self, x, tokens):
-        v = self.clip.visual
-        t = v.forward_tokens(norm_images(x))                  # (B, 1+N, W)
+        v, x = self.clip.visual, inputs(x)
+        t = v.forward_tokens(x)                  # (B, 1+N, W)
         img_f = F.normalize(t[:, 0] @ v.proj, dim=-1)
         out = (img_f, self.clip.encode_text(tokens), self.clip.logit_scale.exp().clamp(max=100))
-        if self.head is None:
-            return out + (None,)
-        return out + (dense_head(self.head, t[:, 1:], x.shape[1:3]),)
+        return out + (None if self.head is None else dense_head(self.head, t[:, 1:], x.shape[-2:]),)
 
 
 def dense_head(head, tok, size):
-    """Linear head on patch tokens (B, N, W) -> per-pixel maps (B, C, *size): fp32 logits (also under autocast) on the
-    square token grid, upsampled bilinearly."""
+    """Linear head on patch tokens (B, N, W) -> fp32 maps (B, C, *size), upsampled bilinearly from the token grid."""
     h = w = math.isqrt(tok.shape[1])
     d = fp32_logits(tok, head.weight, bias=head.bias).transpose(1, 2).reshape(len(tok), -1, h, w)
     return F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class Expert(nn.Module):
-    """A model-zoo expert trained by --mode=experts: the SAM-encoder ViT + a linear head per patch token, upsampled
-    to pixels; out = K seg logits or 1 log-depth channel. Its checkpoint is what --seg_expert / --depth_expert load."""
+    """A model-zoo expert (--mode=experts): SAM-encoder ViT + linear head per token -> K seg logits or log depth."""
 
     def __init__(self, cfg, out):
         super().__init__()
@@ -363,16 +303,15 @@ class Expert(nn.Module):
         self.head = nn.Linear(self.enc.width, out)
 
     def forward(self, x):
-        return dense_head(self.head, self.enc.patch_tokens(norm_images(x))[0], x.shape[1:3])
+        x = inputs(x)
+        return dense_head(self.head, self.enc.patch_tokens(x)[0], x.shape[-2:])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# data: samples at image_size, prompts from instance masks, per-sample artifacts as shards
+# ---- data: samples at image_size, prompts from instance masks, per-sample artifacts as shards ----------------------
 
 def resized(s, S, maps=("image", "seg", "instances", "depth")):
-    """A sample with its image (uint8 (S, S, 3)) and the dense `maps` named (seg / instances nearest, depth bilinear)
-    at S x S: shorter side to S, centre crop (common.transforms' eval geometry), the same for every map so they stay
-    aligned. Maps not named are dropped, other fields kept."""
+    """A sample with its image (uint8) and the dense `maps` named (seg / instances nearest, depth bilinear) at S x S:
+    shorter side to S, centre crop, the same for every map so they stay aligned. Other maps dropped, fields kept."""
     out = {k: v for k, v in s.items() if k not in ("image", "seg", "instances", "depth")}
     for k in (k for k in maps if k in s):
         a = np.asarray(s[k])
@@ -413,9 +352,8 @@ def instance_list(inst, min_area=4):
 
 
 def make_prompt(mask, box, rng, jitter=0.1):
-    """mask (H, W) bool -> coords (2, 2) in [0, 1] as (x, y), labels (2,). Point: a uniform mask pixel (SAM samples
-    points in the mask), padded; box: the mask's bounding box, each side moved by N(0, jitter * side) (SAM sec. 3).
-    An empty mask (an image without instances) gets the centre point."""
+    """mask (H, W) bool -> coords (2, 2) in [0, 1] as (x, y), labels (2,): a uniform mask pixel (padded), or the box
+    with each side moved by N(0, jitter * side) (SAM sec. 3). An empty mask gets the centre point."""
     H, W = mask.shape
     ys, xs = np.nonzero(mask)
     if not len(xs):
@@ -425,30 +363,12 @@ def make_prompt(mask, box, rng, jitter=0.1):
         return np.array([[(xs[j] + .5) / W, (ys[j] + .5) / H], [0, 0]], np.float32), np.array([1, 0])
     b = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
     if rng is not None and jitter:
-        side = np.array([b[2] - b[0], b[3] - b[1]] * 2)
-        b = b + rng.normal(0, jitter, 4) * side
+        b = b + rng.normal(0, jitter, 4) * np.array([b[2] - b[0], b[3] - b[1]] * 2)
     b = np.clip(b, 0, [W, H, W, H])
     return np.array([[b[0] / W, b[1] / H], [b[2] / W, b[3] / H]], np.float32), np.array([2, 3])
 
 
-def prompt_batch(inst, pairs, rng, box_prob):
-    """pairs (B, 2) of (image, instance) -> coords (B, 2, 2), labels (B, 2), target masks (B, H, W) float."""
-    C, L, M = [], [], []
-    for i, k in pairs:
-        m = inst[i] == k
-        c, lab = make_prompt(m, rng.random() < box_prob, rng)
-        C.append(c), L.append(lab), M.append(m)
-    return torch.from_numpy(np.stack(C)), torch.from_numpy(np.stack(L)), torch.from_numpy(np.stack(M)).float()
-
-
-def replay_steps(steps, ratio, seed):
-    """Boolean (steps,): which stage-2 steps draw a SAM replay batch. A pure function of (seed, step) so every rank
-    agrees (DDP needs the same graph) and resume replays it; the fraction of True is `ratio` up to sampling noise."""
-    return np.random.default_rng([seed, 77]).random(steps) < ratio
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# losses
+# ---- losses --------------------------------------------------------------------------------------------------------
 
 def focal_loss(logits, t, alpha=0.25, gamma=2.0):
     """Sigmoid focal loss (Lin et al. 2017) with (soft) targets t, mean over pixels; SAM's mask loss term."""
@@ -460,8 +380,7 @@ def focal_loss(logits, t, alpha=0.25, gamma=2.0):
 
 def dice_loss(logits, t, eps=1.0):
     """1 - (2 sum(p t) + eps) / (sum p + sum t + eps) per mask (B, H, W), averaged over masks."""
-    p = logits.sigmoid().flatten(1)
-    t = t.flatten(1)
+    p, t = logits.sigmoid().flatten(1), t.flatten(1)
     return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
@@ -472,59 +391,78 @@ def mask_iou(pred, target):
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
-def sam_loss(masks, iou, t, focal_w):
-    """SAM's loss: focal_w * focal + dice on the mask, plus MSE between the IoU head and the real IoU (sec. 3)."""
-    with torch.no_grad():
-        real = mask_iou(masks > 0, t > 0.5)
-    return focal_w * focal_loss(masks, t) + dice_loss(masks, t) + F.mse_loss(iou, real)
+def sam_loss(masks, iou, t, focal_w, iou_target=None):
+    """SAM's loss: focal_w * focal + dice, + MSE of the IoU head to the real IoU (or iou_target: the teacher's)."""
+    if iou_target is None:
+        with torch.no_grad():
+            iou_target = mask_iou(masks > 0, t > 0.5)
+    return focal_w * focal_loss(masks, t) + dice_loss(masks, t) + F.mse_loss(iou, iou_target)
 
 
 def si_log_loss(pred_log, target, valid, lam=1.0):
     """Scale-invariant log depth loss (Eigen et al. 2014, eq. 4): mean(d^2) - lam * mean(d)^2, d = pred - log(target),
-    per image over valid pixels. lam = 1 is exactly invariant to a global scale, which is the error we give the depth
-    expert; Eigen's lam = 0.5 still charges 0.5 c^2 for a log-scale offset c."""
+    per image over valid pixels. lam = 1 ignores a global scale (the depth expert's error); 0.5 charges 0.5 c^2."""
     d = (pred_log - target.clamp_min(1e-6).log()) * valid
     n = valid.flatten(1).sum(1).clamp_min(1)
     return ((d ** 2).flatten(1).sum(1) / n - lam * (d.flatten(1).sum(1) / n) ** 2).mean()
 
 
+# ---- stages: each one a fit checkpoint {out}/{stage}.safetensors or a shard folder {out}/{stage}/ with its fingerprint
 
-# ----------------------------------------------------------------------------------------------------------------
-# stages
-
-def tag(cfg, *fields, parent=""):
-    """Short hash of the config fields a stage depends on (+ its parent's tag): the checkpoint name, so a changed
-    config trains a new stage instead of silently reusing a stale one."""
-    keys = ("seed", "data", "holdout", "image_size", "n_train", "width", "layers", "heads", "patch", "stem",
-            "clip_width", "clip_layers", "clip_patch") + fields
-    s = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True) + parent
-    return hashlib.sha1(s.encode()).hexdigest()[:8]
-
-
-def schedule(cfg, steps, lr, weight_decay):
-    """A stage's optimisation: AdamW, 10% linear warm-up then cosine; a finished checkpoint of the stage is reused,
-    an unfinished one continued (its name is the hash of what the stage depends on, see tag)."""
-    return TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, warmup=max(1, steps // 10),
-                       log_every=cfg.log_every, amp=cfg.amp, resume=True)
+ARCH = ("seed", "data", "holdout", "image_size", "n_train", "width", "layers", "heads", "patch_size", "stem",
+        "clip_width", "clip_layers", "clip_patch_size")  # what every stage depends on
+CLIP_T = ("clip_steps", "clip_batch", "clip_lr", "text_layers")
+SAM_T = ("sam_steps", "sam_batch", "sam_lr", "dec_dim", "focal_w", "box_prob")
+STAGE1 = CLIP_T + SAM_T + ("n_distill", "head_layers", "stage1_steps", "batch_size", "head_lr")
+LABELS, EXPERT = ("seg_noise", "depth_noise", "seg_expert", "depth_expert"), ("expert_steps", "sam_batch", "sam_lr")
+DEPENDS = {  # stage -> the fields besides ARCH its result depends on, those of the stages it builds on included
+    "clip_teacher": CLIP_T, "sam_teacher": SAM_T, "dclip": CLIP_T + ("n_distill",),
+    "replay": SAM_T + ("replay_frac", "prompts_per_image"), "stage1": STAGE1,
+    "stage2": STAGE1 + ("stage2_steps", "replay_batch", "backbone_lr_scale", "lam", "replay_frac", "prompts_per_image"),
+    "stage2_noreplay": STAGE1 + ("stage2_steps", "backbone_lr_scale"), "zoo_labels": LABELS,
+    "zoo": CLIP_T + LABELS + ("zoo_lam",), "expert_seg": EXPERT, "expert_depth": EXPERT}
 
 
-def stream(cfg, dist, src, batch, fn, seed, name):
-    """A training Stream of `batch` samples a step over all ranks. The world and the shards built from it are read
-    in-process (it renders faster than it pickles to workers), files by cfg.num_workers DataLoader workers."""
-    workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
-    return Stream(src, batch // dist.world_size, fn, seed=seed, num_workers=workers, dist=dist, name=name)
+def prepare(cfg, dist, name, ext=""):
+    """Stage `name`'s output in --out and its fingerprint, the config values its result depends on (fit and
+    for_each_shard reuse a finished stage only when they match); --retrain removes the output first."""
+    path = os.path.join(cfg.out, name + ext)
+    if cfg.retrain and dist.is_master and os.path.exists(path):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    dist.barrier()
+    return path, {"stage": name, **{k: getattr(cfg, k) for k in ARCH + DEPENDS[name]}}
 
 
-def shards(path, need):
-    """The samples for_each_shard wrote under `path` (all of them: these are training artifacts, no split)."""
+def artifact(cfg, dist, name, src, fn, need):
+    """Stage `name`'s per-sample shards {out}/{name}/ built by for_each_shard(src, fn), as a source of `need`."""
+    path, fp = prepare(cfg, dist, name)
+    for_each_shard(src, path, fn, dist, prefix=name, fingerprint=fp)
     return open_source(os.path.join(path, "*.tar"), "train", require=need)
 
 
-def train_clip(cfg, dist, src, tok, K, zoo=False, name="clip"):
+def train(cfg, dist, name, model, loss_fn, streams, steps, lr, weight_decay, **kw):
+    """Stage `name`: fit (AdamW, 10% warm-up, cosine) on the streams (zipped if two) -> model (eval), streams."""
+    seed_all(cfg.seed, dist.rank)
+    fp = prepare(cfg, dist, name, ".safetensors")[1]
+    fit(model, loss_fn, Zip(*streams) if len(streams) > 1 else streams[0], TrainConfig(
+        steps=steps, lr=lr, weight_decay=weight_decay, warmup=max(1, steps // 10), log_every=cfg.log_every,
+        amp=cfg.amp, resume=cfg.resume), cfg.out, name, dist, fingerprint=fp, config=config_to_dict(cfg), **kw)
+    for s in streams:
+        s.close()
+    return model.eval(), streams
+
+
+def stream(cfg, dist, src, batch_size, fn, seed, name):
+    """A Stream of `batch_size` samples a step over all ranks (the world and its shards in-process: faster)."""
+    workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
+    return Stream(src, batch_size // dist.world_size, fn, seed=seed, num_workers=workers, dist=dist, name=name)
+
+
+def train_clip(cfg, dist, src, tok, K, zoo=False):
     """CLIP on accurate captions (common clip_tiny + clip_loss + fit); zoo=True: src is the zoo shards (zoo_shard) and
     the zoo heads train too: L = L_CLIP + zoo_lam * (CE + SI-log + (1 - cos)) (zoo paper sec. 3)."""
     seed_all(cfg.seed)
-    model = ZooCLIP(cfg, tok.vocab_size, zoo, K).to(dist.device)
+    model, name = ZooCLIP(cfg, tok.vocab_size, zoo, K).to(dist.device), "zoo" if zoo else "clip_teacher"
 
     def sample(s, g):  # runs in the DataLoader workers
         b = {"x": resized(s, cfg.image_size, ("image",))["image"], "t": tok(s["caption"])[0]}
@@ -544,11 +482,7 @@ def train_clip(cfg, dist, src, tok, K, zoo=False, name="clip"):
                                                               "depth": l_dep.item(), "normals": l_nrm.item()}
 
     data = stream(cfg, dist, src, cfg.clip_batch, sample, cfg.seed, name)
-    seed_all(cfg.seed, dist.rank)
-    fit(model, loss_fn, data, schedule(cfg, cfg.clip_steps, cfg.clip_lr, 0.1), cfg.out, name, dist,
-        config=config_to_dict(cfg))
-    data.close()
-    return model.eval(), [data]
+    return train(cfg, dist, name, model, loss_fn, [data], cfg.clip_steps, cfg.clip_lr, 0.1)
 
 
 def train_sam(cfg, dist, src):
@@ -568,36 +502,29 @@ def train_sam(cfg, dist, src):
         return sam_loss(masks.float(), iou.float(), b["m"], cfg.focal_w)
 
     data = stream(cfg, dist, src, cfg.sam_batch, sample, cfg.seed + 1, "sam")
-    fit(model, loss_fn, data, schedule(cfg, cfg.sam_steps, cfg.sam_lr, 0.05), cfg.out, "sam_" + tag(
-        cfg, "sam_steps", "sam_batch", "sam_lr", "dec_dim", "focal_w", "box_prob"), dist, config=config_to_dict(cfg))
-    data.close()
-    return model.eval(), [data]
+    return train(cfg, dist, "sam_teacher", model, loss_fn, [data], cfg.sam_steps, cfg.sam_lr, 0.05)
 
 
 def dclip_shard(clip_t, S, dev):
-    """for_each_shard builder of D_CLIP: every image (png at S px) with its CLIP-teacher embedding (emb.npy),
-    computed once (SAM-CLIP distills the teacher's image embeddings; no augmentation in miniature)."""
+    """for_each_shard builder of D_CLIP: every image (png at S px) with its CLIP-teacher embedding (emb.npy)."""
     @torch.no_grad()
     def build(samples):
         for c in chunks((resized(s, S, ("image",)) for s in samples), 256):
             x = torch.from_numpy(np.stack([s["image"] for s in c])).to(dev)
-            emb = clip_t.clip.encode_image(norm_images(x)).float().cpu().numpy()
+            emb = clip_t.clip.encode_image(inputs(x)).float().cpu().numpy()
             for s, e in zip(c, emb):
                 yield s["__key__"], {"png": to_bytes(s["image"]), "emb.npy": to_bytes(e)}
     return build
 
 
 def replay_shard(cfg, sam, dev):
-    """for_each_shard builder of the SAM replay memory (the paper replays SAM's outputs on ~5.7% of SA-1B): the
-    replay_frac of the images picked by a salted key hash, each with prompts_per_image (prompt, teacher mask logits,
-    teacher IoU) as samples KEY-pJ: png + mask.npy (fp16 logits) + json {prompt, prompt_labels, iou}."""
-    S = cfg.image_size
-
+    """for_each_shard builder of the SAM replay memory: replay_frac of the images (salted key hash), prompts_per_image
+    samples KEY-pJ each: png + mask.npy (teacher logits, fp16) + json {prompt, prompt_labels, iou}."""
     def rows(samples):
         for s in samples:
             if key_hash(f"{cfg.seed}:replay:{s['__key__']}") >= cfg.replay_frac * 2 ** 63:  # salted: not key_split's
                 continue
-            s = resized(s, S, ("image", "instances"))
+            s = resized(s, cfg.image_size, ("image", "instances"))
             rng = np.random.default_rng([cfg.seed, 6, key_hash(s["__key__"])])
             for j in range(cfg.prompts_per_image):
                 m = random_instance(s["instances"], rng)
@@ -614,35 +541,9 @@ def replay_shard(cfg, sam, dev):
     return build
 
 
-class Replayed:
-    """Stage 2's get_batch: D_CLIP batch i, plus on the seeded replay steps the next batch of the replay stream.
-    state_dict holds both streams' states, so fit's checkpoint resumes both where they were."""
-
-    def __init__(self, main, replay, use):
-        self.main, self.replay, self.use = main, replay, use
-
-    def __call__(self, i):
-        b = self.main(i)
-        if self.use[i]:
-            b.update({k: v for k, v in self.replay(self.replay.step).items() if k != "__key__"})
-        return b
-
-    def state_dict(self):
-        a, b = self.main.state_dict(), self.replay.state_dict()
-        return {"meta": {"main": a["meta"], "replay": b["meta"], "n": len(a["keys"])},
-                "keys": torch.cat([a["keys"], b["keys"]])}
-
-    def load_state_dict(self, sd):
-        m, n = sd["meta"], sd["meta"]["n"]
-        self.main.load_state_dict({"meta": m["main"], "keys": sd["keys"][:n]})
-        self.replay.load_state_dict({"meta": m["replay"], "keys": sd["keys"][n:]})
-
-
 def merge(cfg, dist, sam, dclip, replay_src, stage, replay, init=None):
-    """dclip: D_CLIP shards (dclip_shard); replay_src: the SAM replay memory (replay_shard).
-    Stage 1 (stage="stage1"): frozen backbone and SAM head, train the CLIP head with 1 - cos to the teacher.
-    Stage 2: everything trainable, backbone at backbone_lr_scale x lr; L = L_CLIP + lam * L_SAM on replay batches
-    (replay=False: L_CLIP only, the forgetting ablation). Returns the student and its streams."""
+    """Stage 1: frozen backbone and SAM head, the CLIP head learns 1 - cos to the teacher on D_CLIP. Stage 2: all
+    trainable (backbone lr x backbone_lr_scale), L_CLIP + lam * L_SAM on the replay memory (replay=False: L_CLIP)."""
     seed_all(cfg.seed)
     st = SAMCLIP(cfg, cfg.clip_width).to(dist.device)
     if init is None:  # SAM-CLIP sec. 3: backbone and SAM head from SAM, CLIP head from scratch
@@ -653,63 +554,44 @@ def merge(cfg, dist, sam, dclip, replay_src, stage, replay, init=None):
     s1 = stage == "stage1"
     for p in list(st.enc.parameters()) + list(st.sam.parameters()):
         p.requires_grad_(not s1)
-    groups = []
+    groups = []  # the backbone at a scaled lr; common.train.no_decay: no weight decay on norms and biases
     for mod, scale in ((st.enc, cfg.backbone_lr_scale), (st.sam, 1.0), (st.clip, 1.0)):
         ps = [(n, p) for n, p in mod.named_parameters() if p.requires_grad]
         for wd, sel in ((0.05, [p for n, p in ps if not no_decay(n, p)]), (0.0, [p for n, p in ps if no_decay(n, p)])):
-            if sel:
-                groups.append({"params": sel, "weight_decay": wd, "lr_scale": scale})
+            groups += [{"params": sel, "weight_decay": wd, "lr_scale": scale}] if sel else []
     opt = torch.optim.AdamW(groups, lr=cfg.head_lr, betas=(0.9, 0.98), eps=1e-6)
-    steps = cfg.stage1_steps if s1 else cfg.stage2_steps
-    use = replay_steps(steps, cfg.replay_ratio if replay and not s1 else 0.0, cfg.seed)
-    main = stream(cfg, dist, dclip, cfg.batch, lambda s, g: {"x": s["image"], "t": decode_npy(s["emb.npy"])},
-                  cfg.seed + 2, stage)
-    streams = [main]
-    if use.any():
+    streams = [stream(cfg, dist, dclip, cfg.batch_size, lambda s, g: {"x": s["image"], "t": decode_npy(s["emb.npy"])},
+                      cfg.seed + 2, stage)]
+    if replay and not s1:  # every step also draws a replay batch (the two streams are zipped, fit checkpoints both)
         streams.append(stream(cfg, dist, replay_src, cfg.replay_batch, lambda s, g: {
-            "xs": s["image"], "c": np.asarray(s["prompt"], np.float32), "l": np.asarray(s["prompt_labels"]),
+            "x": s["image"], "c": np.asarray(s["prompt"], np.float32), "l": np.asarray(s["prompt_labels"]),
             "m": decode_npy(s["mask.npy"]).astype(np.float32), "iou": np.float32(s["iou"])}, cfg.seed + 3, "replay"))
 
-    def loss_fn(m, b):
+    def loss_fn(m, batch):
+        b, r = batch if isinstance(batch, tuple) else (batch, None)
         # stage 1: nothing below the CLIP head requires grad, so autograd builds no graph through the backbone; the
         # conv stem's BatchNorm must not update its running statistics either (fit() puts the model in train mode)
         if s1:
             st.enc.eval()
-        f, sm = m(b["x"], b.get("xs"), b.get("c"), b.get("l"))
+        f, sm = m(b["x"], *(() if r is None else (r["x"], r["c"], r["l"])))
         l_clip = (1 - (f.float() * b["t"]).sum(-1)).mean()  # SAM-CLIP eq. 1: cosine distillation
         if sm is None:
             return l_clip, {"l_clip": l_clip.item()}
         # L_SAM: the teacher's masks (sigmoid of its logits) as soft targets, SAM's focal + dice, and its IoU
-        t = b["m"].sigmoid()
-        l_sam = cfg.focal_w * focal_loss(sm[0].float(), t) + dice_loss(sm[0].float(), t) + F.mse_loss(sm[1].float(),
-                                                                                                      b["iou"])
+        l_sam = sam_loss(sm[0].float(), sm[1].float(), r["m"].sigmoid(), cfg.focal_w, r["iou"])
         return l_clip + cfg.lam * l_sam, {"l_clip": l_clip.item(), "l_sam": l_sam.item()}
 
-    p = tag(cfg, "n_distill", "head_layers", "stage1_steps", "batch", "head_lr", parent=tag(
-        cfg, "sam_steps", "sam_batch", "sam_lr", "dec_dim", "focal_w", "box_prob",
-        parent=tag(cfg, "clip_steps", "clip_batch", "clip_lr", "text_layers")))
-    if not s1:
-        p = tag(cfg, "stage2_steps", "replay_batch", "backbone_lr_scale", "lam", "replay_frac", "replay_ratio",
-                "prompts_per_image", parent=p) if replay else tag(cfg, "stage2_steps", "backbone_lr_scale", parent=p)
-    name = f"{stage}{'' if s1 or replay else '_noreplay'}_{p}"
-    seed_all(cfg.seed, dist.rank)
-    get_batch = Replayed(main, streams[1], use) if len(streams) > 1 else main
-    fit(st, loss_fn, get_batch, schedule(cfg, steps, cfg.head_lr, 0.05), cfg.out, name, dist, optimizer=opt,
-        find_unused_parameters=not s1, config=config_to_dict(cfg))
-    for s in streams:
-        s.close()
-    return st.eval(), streams
+    return train(cfg, dist, stage if s1 or replay else "stage2_noreplay", st, loss_fn, streams,
+                 cfg.stage1_steps if s1 else cfg.stage2_steps, cfg.head_lr, 0.05, optimizer=opt,
+                 find_unused_parameters=not s1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# model-zoo experts: pseudo-labels stored offline, expert models
+# ---- model-zoo experts: pseudo-labels stored offline, expert models ------------------------------------------------
 
 def zoo_shard(cfg, experts, K, dev):
-    """for_each_shard builder of the zoo paper's offline pseudo-labels (sec. 3), per image at S px: png, txt, seg.png
-    (uint8), depth.npy and normals.npy (fp16, as the paper stores them). seg / depth come from experts[kind] when
-    given, else from the sample's own seg.png / depth.npy made imperfect like an expert (methods.md sec. 10):
-    seg_noise of the pixels set to a random class; depth * exp(depth_noise * N(0,1)) per image (a scale error) *
-    exp(depth_noise/2 * N(0,1)) per pixel. Normals: the depth's finite differences, n ~ (-dz/dx, -dz/dy, 1) / |.|."""
+    """for_each_shard builder of the zoo paper's offline pseudo-labels (sec. 3): png, txt, seg.png, depth / normals.npy
+    (fp16). seg / depth from experts[kind], else the sample's maps made imperfect (seg_noise of the pixels a random
+    class; depth * exp(depth_noise * N(0,1)) per image * exp(depth_noise/2 * N(0,1)) per pixel); normals from depth."""
     @torch.no_grad()
     def build(samples):
         for c in chunks((resized(s, cfg.image_size, ("image", "seg", "depth")) for s in samples), 256):
@@ -740,7 +622,7 @@ def train_expert(cfg, dist, src, kind, K):
     """--mode=experts: a seg expert (pixel CE over K classes) or a depth expert (log depth, Eigen's si-log with
     lam = 0.5, which keeps the global scale) on the data's own seg.png / depth.npy, to label data without them."""
     seed_all(cfg.seed)
-    model = Expert(cfg, K if kind == "seg" else 1).to(dist.device)
+    model, name = Expert(cfg, K if kind == "seg" else 1).to(dist.device), f"expert_{kind}"
 
     def sample(s, g):
         s = resized(s, cfg.image_size, ("image", kind))
@@ -752,13 +634,8 @@ def train_expert(cfg, dist, src, kind, K):
             return F.cross_entropy(z, b["y"].long())
         return si_log_loss(z[:, 0], b["y"].float(), (b["y"] > 0).float(), lam=0.5)
 
-    name = f"expert_{kind}_" + tag(cfg, "expert_steps", "sam_batch", "sam_lr")
     data = stream(cfg, dist, src, cfg.sam_batch, sample, cfg.seed + 4, name)
-    seed_all(cfg.seed, dist.rank)
-    fit(model, loss_fn, data, schedule(cfg, cfg.expert_steps, cfg.sam_lr, 0.05), cfg.out, name, dist,
-        config=config_to_dict(cfg))
-    data.close()
-    return model.eval(), [data], os.path.join(cfg.out, name + ".safetensors")
+    return train(cfg, dist, name, model, loss_fn, [data], cfg.expert_steps, cfg.sam_lr, 0.05)
 
 
 def load_expert(cfg, kind, K):
@@ -770,40 +647,37 @@ def load_expert(cfg, kind, K):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# evaluation
+# ---- evaluation ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def eval_prompted(sam_fn, te, pairs, dev):
-    """Promptable-segmentation mIoU: mean IoU over every test instance under (a) one point at the pixel given by a
-    fixed seeded draw and (b) its exact box. sam_fn(x uint8, coords, labels) -> (masks, iou). -> (point, box, mean)."""
+    """Promptable-segmentation mIoU over every test instance from a seeded point / its exact box -> point, box, mean."""
     rng = np.random.default_rng(1234)
     res = {}
     for kind in ("point", "box"):
         ious = []
         for j in range(0, len(pairs), 256):
             sel = pairs[j:j + 256]
-            c, lab, m = prompt_batch(te["instances"], sel, rng, 1.0 if kind == "box" else 0.0)
-            if kind == "box":  # exact boxes at test time
-                c = torch.from_numpy(np.stack([make_prompt(te["instances"][i] == k, True, None)[0] for i, k in sel]))
+            m = np.stack([te["instances"][i] == k for i, k in sel])
+            # the exact box, or a seeded mask pixel (drawn after a training prompt's box coin flip, here never a box)
+            c, lab = (torch.from_numpy(np.stack(v)).to(dev) for v in zip(*[
+                make_prompt(a, True, None) if kind == "box" else make_prompt(a, rng.random() < 0, rng) for a in m]))
             x = torch.from_numpy(te["images"][sel[:, 0]]).to(dev)
-            ious.append(mask_iou(sam_fn(x, c.to(dev), lab.to(dev))[0].float().cpu() > 0, m > 0.5))
+            ious.append(mask_iou(sam_fn(x, c, lab)[0].float().cpu() > 0, torch.from_numpy(m)))
         res[kind] = torch.cat(ious).mean().item()
     return res["point"], res["box"], (res["point"] + res["box"]) / 2
 
 
 @torch.no_grad()
 def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, bs=128):
-    """SAM-CLIP sec. 4 zero-shot segmentation. Coarse: per-patch CLIP-head embeddings vs the text classifier (K, E)
-    (row 0 = background prompts), upsampled bilinearly, argmax; value_readout: MaskCLIP's per-patch readout of the
-    CLIP head (see CLIPHead). Refined: for each class found, prompt the SAM head
-    with the most confident uncovered patch centre (up to n_points per class) and paint the decoded mask with that
-    class; pixels no mask claims are background. Returns coarse (n, H, W), refined (n, H, W) uint8."""
+    """SAM-CLIP sec. 4 zero-shot segmentation -> coarse, refined (n, H, W) uint8. Coarse: argmax of per-patch CLIP-head
+    embeddings . text classifier (K, E) (row 0 background), upsampled. Refined: per class found, up to n_points SAM
+    prompts at its most confident uncovered pixel paint their masks; pixels no mask claims are background."""
     S = te["images"].shape[1]
     coarse, fine = [], []
     for j in range(0, len(te["images"]), bs):
         x = torch.from_numpy(te["images"][j:j + bs]).to(dev)
-        tok, grid = st.enc.patch_tokens(norm_images(x))
+        tok, grid = st.enc.patch_tokens(inputs(x))
         dense = F.normalize(st.clip(tok, value_readout)[1].float(), dim=-1)      # (B, N, E)
         logit = (dense @ clf.to(dev).T).transpose(1, 2).reshape(len(x), len(clf), *grid)
         prob = F.interpolate(logit * 100, size=(S, S), mode="bilinear", align_corners=False).softmax(1)
@@ -831,32 +705,8 @@ def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, bs=128
     return coarse, (torch.cat(fine).numpy().astype(np.uint8) if refine else None)
 
 
-def seg_text_classifier(clip_model, tok, names, world, dev):
-    """(K, E): row 0 = background (the world's texture phrases; generic phrases on other data), rows 1.. = the class
-    names with the prompt ensemble."""
-    fg = zero_shot_classifier(clip_model, tok, names, TEMPLATES, dev)
-    bg = [f"a {{}}, {t}." for t in TEXTURES] + [f"a {t} {{}}." for t in TEXTURES] if world else \
-        ["a photo of the {}.", "the {}.", "a {}."]
-    return torch.cat([zero_shot_classifier(clip_model, tok, ["background"], bg, dev), fg])
-
-
 PALETTE = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
-
-
-def save_seg_png(path, images, rows, titles, n=8, z=4):
-    """Grid: one column per test image, rows = image, then each label map in `rows` (palette), scaled z x."""
-    from PIL import ImageDraw
-    S, pad, left, n = images.shape[1] * z, 2, 70, min(n, len(images))
-    canvas = Image.new("RGB", (left + n * (S + pad), (1 + len(rows)) * (S + pad)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, maps) in enumerate([("image", None)] + list(zip(titles, rows))):
-        draw.text((4, r * (S + pad) + S // 2 - 6), name, fill=(0, 0, 0))
-        for i in range(n):
-            a = images[i] if maps is None else PALETTE[maps[i] % len(PALETTE)]
-            canvas.paste(Image.fromarray(a).resize((S, S), Image.NEAREST), (left + i * (S + pad), r * (S + pad)))
-    canvas.save(path)
-
 
 EFFECTS = [  # (half, the paper's expected effect with a fixed threshold, check on results)
     ("merge", "replay keeps SAM mIoU within 3 pts of teacher",
@@ -882,30 +732,29 @@ def check(res, f):
 
 
 def arrays(samples):
-    """Evaluation samples (at image_size) -> numpy arrays: images, labels, and seg / instances / depth where every
-    sample has them."""
+    """Evaluation samples -> numpy arrays: images, labels, and seg / instances / depth where every sample has them."""
     out = {"images": np.stack([s["image"] for s in samples]), "labels": np.array([s["label"] for s in samples])}
-    for k in ("seg", "instances", "depth"):
-        if all(k in s for s in samples):
-            out[k] = np.stack([s[k] for s in samples])
-    return out
+    return out | {k: np.stack([s[k] for s in samples]) for k in ("seg", "instances", "depth")
+                  if all(k in s for s in samples)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
     for k, ok in (("mode", ("merge", "zoo", "all", "experts")), ("dense_readout", ("value", "attn"))):
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k}={getattr(cfg, k)!r}; expected one of {', '.join(ok)}")
+    for keys, v in ((("clip_steps", "sam_steps", "stage1_steps", "stage2_steps", "expert_steps"), cfg.steps),
+                    (("clip_lr", "sam_lr", "head_lr"), cfg.lr)):  # --steps / --lr: every stage's
+        cfg.__dict__.update(dict.fromkeys(keys, v) if v else {})
     t0 = time.time()
-    if cfg.threads > 0:  # these models are tiny: one thread per process costs little on an idle machine, while two
-        torch.set_num_threads(cfg.threads)  # spinning OpenMP threads on a shared/loaded CPU were 20x slower per step
+    if cfg.threads > 0:  # tiny models: spinning OpenMP threads cost far more than they give on a shared CPU (docs)
+        torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.device)
-    for k in ("clip_batch", "sam_batch", "batch", "replay_batch"):
+    for k in ("clip_batch", "sam_batch", "batch_size", "replay_batch"):
         if getattr(cfg, k) % dist.world_size:
             raise ValueError(f"--{k}={getattr(cfg, k)} is not divisible by {dist.world_size} ranks")
-    os.makedirs(cfg.out, exist_ok=True)
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
     dev, S, tok = dist.device, cfg.image_size, world_tokenizer(context_length=32)
@@ -953,32 +802,26 @@ def main(argv=None):
     streams, res = {}, {}  # stage -> its training streams (for the data block)
     if cfg.mode == "experts":
         for k in ("seg", "depth"):
-            experts[k], streams[f"expert_{k}"], res[f"{k}_expert"] = train_expert(
-                cfg, dist, source("train", cfg.n_train, ("image", k), cache=True), k, K)
+            experts[k], streams[f"expert_{k}"] = train_expert(cfg, dist, source("train", cfg.n_train, ("image", k),
+                                                                                cache=True), k, K)
+            res[f"{k}_expert"] = os.path.join(cfg.out, f"expert_{k}.safetensors")
     else:
-        ct = tag(cfg, "clip_steps", "clip_batch", "clip_lr", "text_layers")
         clip_t, streams["clip_teacher"] = train_clip(cfg, dist, source("train", cfg.n_train, ("image", "caption"),
-                                                                       cache=True), tok, K, name="clip_" + ct)
+                                                                       cache=True), tok, K)
     if merge_on:
         sam_src = source("train", cfg.n_train, ("image", "instances"), cache=True)
         sam_t, streams["sam_teacher"] = train_sam(cfg, dist, sam_src)
-        st = tag(cfg, "sam_steps", "sam_batch", "sam_lr", "dec_dim", "focal_w", "box_prob")
-        d_dir = os.path.join(cfg.out, "dclip_" + tag(cfg, "n_distill", parent=ct))
-        r_dir = os.path.join(cfg.out, "replay_" + tag(cfg, "replay_frac", "prompts_per_image", parent=st))
-        for_each_shard(source("train", cfg.n_distill), d_dir, dclip_shard(clip_t, S, dev), dist, prefix="dclip")
-        for_each_shard(sam_src, r_dir, replay_shard(cfg, sam_t, dev), dist, prefix="replay")
-        dc, rp = shards(d_dir, ("image", "emb.npy")), shards(r_dir, ("image", "mask.npy"))
+        dc = artifact(cfg, dist, "dclip", source("train", cfg.n_distill), dclip_shard(clip_t, S, dev),
+                      ("image", "emb.npy"))
+        rp = artifact(cfg, dist, "replay", sam_src, replay_shard(cfg, sam_t, dev), ("image", "mask.npy"))
         s1, streams["stage1"] = merge(cfg, dist, sam_t, dc, rp, "stage1", False)
         s2, streams["stage2"] = merge(cfg, dist, sam_t, dc, rp, "stage2", True, init=s1)
         s2n, streams["stage2_noreplay"] = merge(cfg, dist, sam_t, dc, rp, "stage2", False, init=s1)
     if zoo_on:
-        zt = tag(cfg, "seg_noise", "depth_noise", "seg_expert", "depth_expert")
-        z_dir = os.path.join(cfg.out, "zoo_labels_" + zt)
         need = ("image", "caption") + tuple(k for k in ("seg", "depth") if k not in experts)
-        for_each_shard(source("train", cfg.n_train, need), z_dir, zoo_shard(cfg, experts, K, dev), dist, prefix="zoo")
-        zoo, streams["zoo"] = train_clip(cfg, dist, shards(z_dir, ("image", "caption", "seg", "depth", "normals.npy")),
-                                         tok, K, zoo=True, name="zoo_" + tag(cfg, "clip_steps", "clip_batch", "clip_lr",
-                                                                             "text_layers", "zoo_lam", parent=zt))
+        labels = artifact(cfg, dist, "zoo_labels", source("train", cfg.n_train, need), zoo_shard(cfg, experts, K, dev),
+                          ("image", "caption", "seg", "depth", "normals.npy"))
+        zoo, streams["zoo"] = train_clip(cfg, dist, labels, tok, K, zoo=True)
 
     # ---- evaluation (rank 0) on held-out images; the data block is collective
     evals = [read_samples(s, n, lambda s: resized(s, S)) for s, n in ((test_src, cfg.n_test), (probe_src, cfg.n_probe))
@@ -991,12 +834,7 @@ def main(argv=None):
         dist.cleanup()
         return None
     te = arrays(evals[0])
-    x_te = torch.from_numpy(te["images"])
-
-    def run(fn):  # fn(uint8 images on dev) -> (B, ...) over the test images, float on the CPU
-        with torch.no_grad():
-            return torch.cat([fn(x_te[j:j + 256].to(dev)).float().cpu() for j in range(0, len(x_te), 256)])
-
+    run = torch.no_grad()(lambda fn: extract_features(fn, te["images"], device=dev))  # fn over the test images
     if "seg" in te:
         res["chance_seg_miou"] = seg_miou(np.random.default_rng(0).integers(0, K, size=te["seg"].shape), te["seg"], K)
     if cfg.mode == "experts":
@@ -1005,17 +843,19 @@ def main(argv=None):
     else:
         clf = zero_shot_classifier(clip_t.clip, tok, names, TEMPLATES, dev)
         zs = lambda enc: zero_shot_accuracy(run(enc), clf, te["labels"])  # noqa: E731
-        res.update(clip_teacher_zeroshot_acc=zs(lambda x: clip_t.clip.encode_image(norm_images(x))),
+        res.update(clip_teacher_zeroshot_acc=zs(lambda x: clip_t.clip.encode_image(inputs(x))),
                    chance_zeroshot_acc=1 / len(names))
     if merge_on:
         tp = instance_list(te["instances"])
-        sp = lambda m: (lambda x, c, l: m.sam(*m.enc.patch_tokens(norm_images(x)), c, l))  # noqa: E731
+        sp = lambda m: (lambda x, c, l: m.sam(*m.enc.patch_tokens(inputs(x)), c, l))  # noqa: E731
         pt, bx, res["sam_teacher_miou"] = eval_prompted(sp(sam_t), te, tp, dev)
         res.update(sam_teacher_miou_point=pt, sam_teacher_miou_box=bx)
         for key, m in (("merged_stage1", s1), ("merged", s2), ("merged_noreplay", s2n)):
             res[f"{key}_zeroshot_acc"] = zs(lambda x: m(x)[0])
             res[f"{key}_sam_miou"] = eval_prompted(sp(m), te, tp, dev)[2]
-        seg_clf = seg_text_classifier(clip_t.clip, tok, names, not cfg.data, dev)
+        bg = ["a photo of the {}.", "the {}.", "a {}."] if cfg.data else [  # the world's texture phrases
+            f"a {{}}, {t}." for t in TEXTURES] + [f"a {t} {{}}." for t in TEXTURES]
+        seg_clf = torch.cat([zero_shot_classifier(clip_t.clip, tok, ["background"], bg, dev), clf])  # 0: background
         coarse, fine = zero_shot_seg(s2, seg_clf, te, cfg.refine, cfg.n_points, dev, cfg.dense_readout == "value")
         other = "attn" if cfg.dense_readout == "value" else "value"  # the other readout, reported for comparison
         res[f"zeroshot_seg_miou_coarse_{other}"] = seg_miou(
@@ -1024,20 +864,19 @@ def main(argv=None):
                    zeroshot_seg_miou_refined=seg_miou(fine, te["seg"], K) if fine is not None else None,
                    allbg_seg_miou=seg_miou(np.zeros_like(te["seg"]), te["seg"], K))
         res["zeroshot_seg_miou"] = res["zeroshot_seg_miou_refined"] or res["zeroshot_seg_miou_coarse"]
-        res["replay_pairs"] = sum(n.endswith(".mask.npy") for u in glob(r_dir + "/*.tar")
-                                  for n in tarfile.open(u).getnames())
+        res["replay_pairs"] = sum(1 for _ in iter_samples(rp, images=False))
         res["replay_images"] = res["replay_pairs"] // cfg.prompts_per_image
-        rows = [te["seg"], coarse] + ([fine] if fine is not None else [])
-        save_seg_png(os.path.join(cfg.out, "zeroshot_seg.png"), te["images"], rows,
-                     ["truth", "coarse", "refined"][:len(rows)])
+        maps = [te["seg"], coarse] + ([fine] if fine is not None else [])  # 8 test images, 4x enlarged
+        image_grid(os.path.join(cfg.out, "zeroshot_seg.png"), [list(te["images"][:8])] + [
+            list(PALETTE[m[:8] % len(PALETTE)]) for m in maps], ["image", "truth", "coarse", "refined"], scale=4)
     if zoo_on:
         res.update(zoo_pseudo_labels=label_src, clip_zeroshot_acc=res["clip_teacher_zeroshot_acc"],
-                   zoo_zeroshot_acc=zs(lambda x: zoo.clip.encode_image(norm_images(x))))
+                   zoo_zeroshot_acc=zs(lambda x: zoo.clip.encode_image(inputs(x))))
         if not probes:
             res["dense_probes"] = "n/a: needs KEY.seg.png / KEY.depth.npy members in the test and val data"
         for key, m in (("clip", clip_t), ("zoo", zoo)) if probes else ():
             pr = arrays(evals[1])
-            d = dense_probe(lambda x: m.clip.visual.patch_tokens(norm_images(x)), pr["images"], pr["seg"],
+            d = dense_probe(lambda x: m.clip.visual.patch_tokens(inputs(x)), pr["images"], pr["seg"],
                             pr["depth"], te["images"], te["seg"], te["depth"], K, steps=cfg.probe_steps, device=dev)
             res[f"{key}_dense_miou"], res[f"{key}_depth_rmse"] = d["miou"], d["depth_rmse"]
     res.update({h: na[h] for h in ask if h in na})
@@ -1052,4 +891,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

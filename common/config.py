@@ -174,7 +174,7 @@ def format_help(cls, commands=None, prog=None):
 
 # Old spellings of a concept -> (the one name every script now uses, how to translate).
 RENAMED = {"size": ("image_size", ""), "patch": ("patch_size", ""), "context": ("context_length", ""),
-           "text": ("caption", ""), "batch": ("batch_size", ""),
+           "text": ("caption", ""), "batch": ("batch_size", ""), "clip_patch": ("clip_patch_size", ""),
            "reuse": ("retrain", ": --reuse=false is --retrain (finished stages with the same config are reused)")}
 
 

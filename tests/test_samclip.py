@@ -1,5 +1,5 @@
-"""Tests for samclip.py: SAM-shaped teacher shapes, losses on hand-computed cases, IoU metrics, replay sampling,
-frozen-backbone head probing, and end-to-end smokes (single process and torchrun x2)."""
+"""Tests for samclip.py: SAM-shaped teacher shapes, losses on hand-computed cases, IoU metrics, the replay memory,
+frozen-backbone head probing, stage fingerprints, and end-to-end smokes (single process and torchrun x2)."""
 import io
 import json
 import math
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import samclip as S
-from common.data import Stream, WorldSource, for_each_shard, key_hash, read_samples
+from common.data import Stream, WorldSource, Zip, for_each_shard, key_hash, open_source, read_samples
 from common.eval import seg_miou
 from common.train import Dist
 from common.world import World, export_shards
@@ -94,11 +94,11 @@ def _world_src(n, split="train"):
     return WorldSource(World(0, split, 32), n=n, cache=True)
 
 
-def test_replay_sampling_ratio_and_memory_size(tmp_path):
-    use = S.replay_steps(4000, 0.25, seed=3)
-    assert abs(use.mean() - 0.25) < 0.03
-    assert (S.replay_steps(4000, 0.25, seed=3) == use).all()        # same on every rank / on resume
-    assert not S.replay_steps(100, 0.0, 0).any() and S.replay_steps(100, 1.0, 0).all()
+def _shards(path, need):  # what for_each_shard wrote under path, as a source
+    return open_source(os.path.join(path, "*.tar"), "train", require=need)
+
+
+def test_replay_memory_size(tmp_path):
     # the stored replay memory: the images whose salted key hash falls below replay_frac, P pairs each, built shard
     # by shard (a rebuild skips the shards already written)
     cfg = S.Config(**TINY, n_train=40, replay_frac=0.25, prompts_per_image=3)
@@ -106,7 +106,7 @@ def test_replay_sampling_ratio_and_memory_size(tmp_path):
     build = S.replay_shard(cfg, S.SAM(cfg).eval(), "cpu")
     paths = for_each_shard(src, out, build, shard_size=16, progress=False)
     assert len(paths) == 3
-    mem = read_samples(S.shards(out, ("image", "mask.npy")))
+    mem = read_samples(_shards(out, ("image", "mask.npy")))
     kept = {s["__key__"].rsplit("-p", 1)[0] for s in mem}
     assert 3 <= len(kept) <= 20 and len(mem) == 3 * len(kept)
     assert all(src.key(i) in kept for i in range(40)
@@ -149,7 +149,7 @@ def test_zoo_labels_from_members_and_from_experts():
 
 def test_head_probing_freezes_backbone(tmp_path):
     torch.manual_seed(0)
-    cfg = S.Config(**TINY, out=str(tmp_path), n_train=16, stage1_steps=3, batch=8, replay_batch=4, log_every=0,
+    cfg = S.Config(**TINY, out=str(tmp_path), n_train=16, stage1_steps=3, batch_size=8, replay_batch=4, log_every=0,
                    clip_width=24, replay_frac=0.5)
     sam = S.SAM(cfg).eval()
     emb = {}
@@ -162,7 +162,7 @@ def test_head_probing_freezes_backbone(tmp_path):
     src = _world_src(16)
     for_each_shard(src, str(tmp_path / "d"), dclip, progress=False)
     for_each_shard(src, str(tmp_path / "r"), S.replay_shard(cfg, sam, "cpu"), progress=False)
-    dc, rp = S.shards(str(tmp_path / "d"), ("image", "emb.npy")), S.shards(str(tmp_path / "r"), ("image", "mask.npy"))
+    dc, rp = _shards(str(tmp_path / "d"), ("image", "emb.npy")), _shards(str(tmp_path / "r"), ("image", "mask.npy"))
     st, streams = S.merge(cfg, Dist(), sam, dc, rp, "stage1", False)
     assert len(streams) == 1 and streams[0].seen == 3 * 8
     # parameters and buffers (the conv stem's BatchNorm running statistics) of backbone and SAM head are untouched
@@ -173,24 +173,28 @@ def test_head_probing_freezes_backbone(tmp_path):
             assert torch.equal(v, sd[k]), k
     fresh = S.CLIPHead(cfg.width, 24, cfg.head_layers, cfg.heads)
     assert st.clip.proj.shape == fresh.proj.shape
-    # stage 2 starts from stage 1, moves the backbone and draws replay batches from their own stream
+    # stage 2 starts from stage 1, moves the backbone and draws a replay batch every step from its own stream
     cfg.stage2_steps = 3
     s2, streams = S.merge(cfg, Dist(), sam, dc, rp, "stage2", True, init=st)
     assert any(not torch.equal(a, b) for a, b in zip(s2.enc.parameters(), sam.enc.parameters()))
     assert [s.seen for s in streams] == [3 * 8, 3 * 4]
+    # the checkpoints have fixed names; a second call with the same config reuses them (nothing is trained)
+    assert {"stage1.safetensors", "stage2.safetensors"} <= set(os.listdir(tmp_path))
+    again, streams = S.merge(cfg, Dist(), sam, dc, rp, "stage2", True, init=st)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), s2.parameters()))
 
 
 def test_stage2_batches_resume_both_streams(tmp_path):
-    # Replayed's state (both streams) after step 2, loaded into fresh streams: the same batches 2.. as the first run
+    # stage 2's data, the D_CLIP and replay streams zipped: the state after step 2, loaded into fresh streams, gives
+    # the same batches 2.. as the first run (fit checkpoints this state)
     cfg = S.Config(**TINY, replay_frac=0.5)
     src = _world_src(24)
     for_each_shard(src, str(tmp_path / "r"), S.replay_shard(cfg, S.SAM(cfg).eval(), "cpu"), shard_size=8,
                    progress=False)
-    use = np.array([True, False, True, True, False, True])
 
     def batches():
-        mk = lambda s, n, k: Stream(s, n, lambda x, g: {k: x["image"]}, seed=1, num_workers=0, shuffle_buffer=5)  # noqa
-        return S.Replayed(mk(_world_src(24), 4, "x"), mk(S.shards(str(tmp_path / "r"), ("image",)), 3, "xs"), use)
+        mk = lambda s, n: Stream(s, n, lambda x, g: {"x": x["image"]}, seed=1, num_workers=0, shuffle_buffer=5)  # noqa
+        return Zip(mk(_world_src(24), 4), mk(_shards(str(tmp_path / "r"), ("image",)), 3))
 
     a = batches()
     first = [a(i) for i in range(6)]
@@ -199,10 +203,37 @@ def test_stage2_batches_resume_both_streams(tmp_path):
     c = batches()
     c.load_state_dict(b.state_dict())
     for i in range(2, 6):
-        x, y = first[i], c(i)
-        assert x["__key__"] == y["__key__"] and torch.equal(x["x"], y["x"])
-        assert ("xs" in x) == ("xs" in y) == bool(use[i])
-        assert "xs" not in x or torch.equal(x["xs"], y["xs"])
+        for x, y in zip(first[i], c(i)):
+            assert x["__key__"] == y["__key__"] and torch.equal(x["x"], y["x"])
+
+
+def test_stage_fingerprints_and_retrain(tmp_path):
+    # a stage's fingerprint holds what its result depends on, those of the stages it builds on included
+    def fp(name, **kw):
+        return S.prepare(S.Config(out=str(tmp_path), **kw), Dist(), name)[1]
+    assert fp("stage2") == fp("stage2", zoo_lam=3.0) != fp("stage2", lam=2.0)
+    assert fp("stage1") == fp("stage1", lam=2.0) != fp("stage1", clip_lr=1e-3)  # D_CLIP comes from the CLIP teacher
+    assert fp("stage2_noreplay") == fp("stage2_noreplay", replay_frac=0.5) != fp("stage2_noreplay", sam_lr=1e-3)
+    assert fp("clip_teacher") == fp("clip_teacher", seg_noise=0.3) and fp("zoo") != fp("zoo", seg_noise=0.3)
+    assert fp("dclip")["stage"] == "dclip" and fp("dclip") != fp("replay")
+    # --retrain removes a stage's output (checkpoint or shard folder) before it is built again; else it stays
+    (tmp_path / "replay").mkdir()
+    (tmp_path / "sam_teacher.safetensors").write_bytes(b"x")
+    assert S.prepare(S.Config(out=str(tmp_path)), Dist(), "replay")[0] == str(tmp_path / "replay")
+    assert (tmp_path / "replay").is_dir()
+    S.prepare(S.Config(out=str(tmp_path), retrain=True), Dist(), "replay")
+    S.prepare(S.Config(out=str(tmp_path), retrain=True), Dist(), "sam_teacher", ".safetensors")
+    assert not (tmp_path / "replay").exists() and not (tmp_path / "sam_teacher.safetensors").exists()
+
+
+def test_renamed_flags_and_one_line_errors():
+    for old, new in (("batch", "batch_size"), ("patch", "patch_size")):
+        with pytest.raises(SystemExit, match=f"--{old} is now --{new}"):
+            S.main([f"--{old}=8"])
+    r = subprocess.run([sys.executable, "samclip.py", "--mode=bogus"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --mode='bogus'; expected one of merge, zoo, all, experts"]
 
 
 def test_logits_in_fp32_under_autocast():
@@ -264,12 +295,13 @@ def test_smoke_learns(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # exported world shards: 1 process (bf16) and 2 gloo processes; image-text shards (no dense members)
 
-TINY_RUN = ["--smoke", "--n_test=40", "--n_probe=40", "--clip_steps=3", "--clip_batch=32", "--sam_steps=3",
-            "--sam_batch=16", "--stage1_steps=2", "--stage2_steps=3", "--batch=16", "--replay_batch=8",
-            "--replay_frac=0.5", "--prompts_per_image=2", "--probe_steps=5", "--expert_steps=3", "--log_every=1"]
+# --steps / --lr: every trained stage's steps and peak lr
+TINY_RUN = ["--smoke", "--n_test=40", "--n_probe=40", "--steps=3", "--lr=2e-3", "--clip_batch=32", "--sam_batch=16",
+            "--batch_size=16", "--replay_batch=8", "--replay_frac=0.5", "--prompts_per_image=2", "--probe_steps=5",
+            "--log_every=1"]
 # samples each stage trains on: steps x global batch (stage 2: D_CLIP batches + a replay batch every step); every
 # run stays within one epoch of its data (160 train images), so no key repeats or reaches two ranks
-SEEN = {"clip_teacher": 3 * 32, "sam_teacher": 3 * 16, "stage1": 2 * 16, "stage2": 3 * 16 + 3 * 8,
+SEEN = {"clip_teacher": 3 * 32, "sam_teacher": 3 * 16, "stage1": 3 * 16, "stage2": 3 * 16 + 3 * 8,
         "stage2_noreplay": 3 * 16, "zoo": 3 * 32}
 
 
@@ -307,6 +339,9 @@ def test_shards_smoke(world_shards, tmp_path, procs):
         assert st["train_samples_seen"] == st["train_unique_keys"] == n, (stage, st)
         assert st["train_keys_on_several_ranks"] == 0, (stage, st)
     assert all(isinstance(v, bool) for v in res["expected_effects"].values())
+    conf = json.load(open(out / "config.json"))
+    assert {conf[k] for k in ("clip_steps", "sam_steps", "stage1_steps", "stage2_steps", "expert_steps")} == {3}
+    assert {conf[k] for k in ("clip_lr", "sam_lr", "head_lr")} == {2e-3} and conf["probe_steps"] == 5
 
 
 def _image_text(src, dst):
