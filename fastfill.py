@@ -24,27 +24,29 @@ Run:
   torchrun --nproc_per_node=2 fastfill.py # data-parallel training (gloo on CPU); rank 0 evaluates and writes
   python fastfill.py --data='DIR/{split}' # tar shards (label + classes.txt) or class folders; else --holdout splits
 Stages (old model, new model, one h per loss) are common.train.fit checkpoints in --out: reused when finished and
-their fingerprint matches, continued mid-stage after a kill.
+their fingerprint (the config values that change them) matches, continued mid-stage with --resume after a kill,
+trained again with --retrain. There is no --steps: each stage's length is its epochs (--old_epochs, --new_epochs,
+--h_epochs), steps = epochs x training samples / batch.
 """
 import itertools
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
+import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
-from common.config import parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, iter_samples, open_source, read_samples,
                          stack)
-from common.train import TrainConfig, fit, seed_all, setup_distributed
-from common.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
+from common.losses import fp32_logits
+from common.plot import line_plot, panel
+from common.train import TrainConfig, all_gather_rows, all_reduce, fit, seed_all, setup_distributed
+from common.transforms import eval_transform
 from common.world import World, class_names
 
 LOSSES = ("l2", "l2_ce", "fastfill")
@@ -53,6 +55,7 @@ POLICIES = ("random", "entropy", "uncertainty", "oracle")
 
 @dataclass
 class Config:
+    """FastFill in miniature. No --steps: a stage trains for its epochs (--old_epochs, --new_epochs, --h_epochs)."""
     out: str = "runs/fastfill"  # output directory
     seed: int = 0  # all randomness (world content, init, data order, augmentation, random policy)
     device: str = ""  # cpu | cuda; empty = cuda if available
@@ -60,10 +63,11 @@ class Config:
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
-    smoke: bool = False  # tiny sizes, end to end in < 60 s
-    retrain: bool = False  # ignore stages already valid in --out
+    smoke: bool = False  # tiny sizes, end to end in < 60 s (--out default: runs/fastfill_smoke)
+    retrain: bool = False  # train every stage again (old, new, h), even those --out holds finished with the same config
+    resume: bool = False  # continue an unfinished stage (same fingerprint) from its last checkpoint in --out
     task: str = "label"  # world label used as class: label (10 shapes) or label_fine (90 shape x colour classes)
-    size: int = 32  # image side in pixels
+    image_size: int = 32  # image side in pixels
     n_train: int = 12000  # training images: the world's first n_train; on --data the samples an epoch counts
     n_test: int = 1000  # test images: gallery and queries (leave-one-out)
     old_width: int = 16  # old CNN base width (smaller model)
@@ -71,14 +75,14 @@ class Config:
     new_width: int = 32  # new CNN base width (bigger model)
     new_dim: int = 64  # new embedding dimension
     new_extra: int = 1  # extra conv layers at the lowest resolution in the new model (deeper than the old one)
-    old_epochs: int = 8  # epochs over the old model's (half-class) training images
-    new_epochs: int = 6  # epochs over all training images
+    old_epochs: int = 8  # old model's training length: epochs of n_train stream samples (old-class rows only)
+    new_epochs: int = 6  # new model's training length: epochs over all n_train training images
     batch_size: int = 128  # global batch for the encoders (split across ranks)
     lr: float = 3e-3  # AdamW peak learning rate for the encoders
     weight_decay: float = 5e-4  # AdamW weight decay for the encoders (not on norms / biases)
     label_smoothing: float = 0.1  # as in FCT's configs
     h_hidden: int = 256  # hidden width of the transformation MLP
-    h_epochs: int = 20  # epochs of h over the training features
+    h_epochs: int = 20  # h's training length: epochs over the training features
     h_batch: int = 256  # global batch of training features for h
     h_lr: float = 2e-3  # AdamW peak learning rate for h (weight decay 3e-5 as in FCT)
     ce_weight: float = 1.0  # lambda: weight of the point-to-cluster cross-entropy
@@ -91,9 +95,9 @@ class Config:
     ckpt_every: int = 200  # checkpoint interval (steps) of every training stage: a killed run resumes mid-stage
 
 
-# --smoke: tiny sizes, the same pipeline end to end (fields given on the command line win)
+# --smoke: tiny sizes, the same pipeline end to end, in its own --out (fields given on the command line win)
 SMOKE = dict(n_train=2000, n_test=400, old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
-             batch_size=64, n_alpha=11)
+             batch_size=64, n_alpha=11, out="runs/fastfill_smoke")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,8 +126,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         """x (B, 3, H, W) -> (feature (B, dim), logits (B, C))."""
         f = self.embed(self.features(x).mean((2, 3)))
-        with torch.autocast(x.device.type, enabled=False):  # logits in fp32 also under bf16 autocast
-            return f, self.fc(f.float())
+        return f, fp32_logits(f, self.fc.weight, bias=self.fc.bias)  # logits in fp32 also under bf16 autocast
 
 
 class Transformation(nn.Module):
@@ -150,22 +153,8 @@ class Transformation(nn.Module):
 # Data (common.data): labelled images. The encoders train from Streams over the train split, h from a Stream over
 # the frozen features of the train images; the test split (gallery = queries) is read once.
 # --------------------------------------------------------------------------------------------------------------
-def all_gather_rows(x, dist):
-    """Concatenate per-rank row blocks (possibly of unequal length) in rank order on every rank."""
-    if not dist.distributed:
-        return x
-    n = torch.tensor([x.shape[0]])
-    ns = [torch.zeros_like(n) for _ in range(dist.world_size)]
-    torch_dist.all_gather(ns, n)
-    m = int(max(v.item() for v in ns))
-    pad = torch.zeros((m - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype)
-    parts = [torch.zeros((m,) + tuple(x.shape[1:]), dtype=x.dtype) for _ in range(dist.world_size)]
-    torch_dist.all_gather(parts, torch.cat([x.cpu(), pad]).contiguous())
-    return torch.cat([p[: int(k.item())] for p, k in zip(parts, ns)])
-
-
 def prepare(to_input, field, n_classes, s, g=None, pad=3):
-    """sample -> {"x": float (3, size, size), roughly zero-mean unit-variance, "y": class id}. With g (training):
+    """sample -> {"x": float (3, image_size, image_size), CLIP-normalised, "y": class id}. With g (training):
     random translation (reflect pad + crop) and horizontal flip."""
     y = int(s[field])
     if not 0 <= y < n_classes:
@@ -220,19 +209,19 @@ def fingerprint(cfg, *keys, **extra):
 
 def train_stage(model, loss_fn, stream, steps, name, fp, lr, wd, cfg, dist):
     """Train `model` as stage `name` with common.train.fit, checkpointed in {out}/{name}.safetensors every ckpt_every
-    steps: a finished checkpoint with the same fingerprint is reused, an unfinished one continued (a killed run
-    resumes mid-stage), any other trained again."""
+    steps: a finished checkpoint with the same fingerprint is reused, an unfinished one continued with --resume (a
+    killed run resumes mid-stage), any other trained again; --retrain removes it first."""
     path = os.path.join(cfg.out, f"{name}.safetensors")
     if cfg.retrain and dist.is_master and os.path.exists(path):
         os.remove(path)
     dist.barrier()
     fit(model, loss_fn, stream, TrainConfig(steps, lr=lr, weight_decay=wd, warmup=min(50, steps // 10), grad_clip=0.0,
-                                            ckpt_every=cfg.ckpt_every, log_every=25, amp=cfg.amp, resume=True),
-        cfg.out, name=name, dist=dist, fingerprint=fp)
+                                            ckpt_every=cfg.ckpt_every, log_every=25, amp=cfg.amp, resume=cfg.resume),
+        cfg.out, name, dist, fingerprint=fp)
     stream.close()
     if dist.distributed:  # BN running stats drift per rank after the last step: every rank keeps rank 0's (saved) ones
         for buf in model.buffers():
-            torch_dist.broadcast(buf, 0)
+            tdist.broadcast(buf, 0)
     return model.eval()
 
 
@@ -370,47 +359,21 @@ def spearman(a, b):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plot (PIL only): backfilling curves, one panel per loss variant, mAP (top row) and top-1 (bottom row).
+# Plot (common.plot): backfilling curves, one panel per (metric, loss variant): mAP panels first, then top-1.
 # --------------------------------------------------------------------------------------------------------------
-COLORS_RGB = {"random": (120, 120, 120), "entropy": (230, 140, 20), "uncertainty": (30, 110, 220),
-              "oracle": (200, 40, 40)}
+COLORS = {"random": (120, 120, 120), "entropy": (230, 140, 20), "uncertainty": (30, 110, 220), "oracle": (200, 40, 40),
+          "old/old": (170, 170, 170), "new/new": (60, 60, 60)}
 
 
-def plot_curves(path, alphas, curves, refs, losses, policies):
-    """curves[loss][policy][metric] = list over alphas; refs[metric] = (old/old, new/new) dashed lines."""
-    pw, ph, ml, mt, mb = 330, 240, 52, 30, 38
-    font = ImageFont.load_default()
-    rows = ("map", "top1")
-    img = Image.new("RGB", (len(losses) * (pw + ml) + 20, len(rows) * (ph + mt + mb) + 40), "white")
-    dr = ImageDraw.Draw(img)
-    for r, metric in enumerate(rows):
-        vals = [v for L in losses for p in policies for v in curves[L][p][metric]] + list(refs[metric])
-        lo, hi = min(vals), max(vals)
-        lo, hi = max(0.0, lo - 0.05 * (hi - lo + 1e-9)), min(1.0, hi + 0.05 * (hi - lo + 1e-9))
-        for c, L in enumerate(losses):
-            x0, y0 = ml + c * (pw + ml), 20 + mt + r * (ph + mt + mb)
-            X = lambda a: x0 + a * pw
-            Y = lambda v: y0 + ph - (v - lo) / (hi - lo + 1e-12) * ph
-            dr.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
-            dr.text((x0, y0 - 16), f"h loss: {L}   ({metric} vs backfilled fraction)", fill="black", font=font)
-            for t in range(6):
-                a = t / 5
-                dr.line([X(a), y0 + ph, X(a), y0 + ph + 4], fill="black")
-                dr.text((X(a) - 8, y0 + ph + 6), f"{a:.1f}", fill="black", font=font)
-                v = lo + (hi - lo) * t / 5
-                dr.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
-                dr.text((x0 - 40, Y(v) - 6), f"{v:.3f}", fill="black", font=font)
-            for v, name in zip(refs[metric], ("old/old", "new/new")):
-                for xa in range(0, pw, 8):  # dashed reference line
-                    dr.line([x0 + xa, Y(v), x0 + min(xa + 4, pw), Y(v)], fill=(160, 160, 160))
-                dr.text((x0 + pw - 48, Y(v) - 12), name, fill=(110, 110, 110), font=font)
-            for k, p in enumerate(policies):
-                pts = [(X(a), Y(v)) for a, v in zip(alphas, curves[L][p][metric])]
-                dr.line(pts, fill=COLORS_RGB.get(p, (0, 0, 0)), width=2)
-                lx, ly = x0 + pw - 100, y0 + ph - 30 - 13 * len(policies) + 13 * k  # legend: lower right
-                dr.rectangle([lx, ly + 2, lx + 12, ly + 10], fill=COLORS_RGB.get(p, (0, 0, 0)))
-                dr.text((lx + 16, ly), p, fill="black", font=font)
-    img.save(path)
+def curve_panels(alphas, curves, refs, losses, policies):
+    """curves[loss][policy][metric] = list over alphas; refs[metric] = (old/old, new/new) reference levels."""
+    out = []
+    for metric in ("map", "top1"):
+        for L in losses:
+            series = {p: (alphas, curves[L][p][metric], COLORS.get(p, (0, 0, 0))) for p in policies}
+            series.update({nm: ([0.0, 1.0], [v, v], COLORS[nm]) for nm, v in zip(("old/old", "new/new"), refs[metric])})
+            out.append(panel(f"h loss: {L}", series, "backfilled fraction", metric))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -418,8 +381,6 @@ def plot_curves(path, alphas, curves, refs, losses, policies):
 # --------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
-    if cfg.smoke and cfg.out == Config.out:  # never overwrite the default run's stages with smoke-sized ones
-        cfg.out += "_smoke"
     t_start, cpu_start = time.time(), time.process_time()
     dist = setup_distributed(cfg.device or None)
     seed_all(cfg.seed, dist.rank)
@@ -440,19 +401,19 @@ def main(argv=None):
         raise ValueError(f"--task={cfg.task!r} is a world label; on --data the class is the 'label' field (class "
                          "folders, .cls or json 'label' members, names in classes.txt)")
     if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
     dev, timing, R = torch.device(dist.device), {}, dist.world_size
 
     # 1. data: labelled images (train: fit the models and h; test: gallery = queries, leave-one-out)
     t = time.time()
     source = lambda split, n: open_source(  # noqa: E731
-        cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.size), n=n, val_data=cfg.val_data,
+        cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.image_size), n=n, val_data=cfg.val_data,
         holdout=cfg.holdout, require=("image", cfg.task), keep=("image", cfg.task))
     train = source("train", cfg.n_train)
     C = len(class_names_of(train, default=None if cfg.data else class_names(
         "shape_color" if cfg.task == "label_fine" else "shape")))
     C_old = C // 2  # FCT: the old model sees the first half of the classes (here: the first half of the shapes)
-    to_input = Compose([ToTensor(), Resize(cfg.size), CenterCrop(cfg.size), Normalize((0.5,) * 3, (0.25,) * 3)])
+    to_input = eval_transform(cfg.image_size)  # resize + centre crop + CLIP normalisation (common.transforms)
     prep = partial(prepare, to_input, cfg.task, C)
     test = read_samples(source("test", cfg.n_test), cfg.n_test, prep)
     y_te = stack(test, "y")
@@ -467,8 +428,8 @@ def main(argv=None):
     # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid. The old
     #    model's batch is the old-class rows of twice batch_size stream samples (about batch_size rows when half the
     #    samples are of old classes); an epoch is n_train stream samples for both.
-    data_keys = ("data", "holdout", "task", "size", "n_train", "seed", "batch_size", "lr", "weight_decay",
-                 "label_smoothing")
+    data_keys = ("data", "val_data", "holdout", "task", "image_size", "n_train", "seed", "batch_size", "lr",
+                 "weight_decay", "label_smoothing")
     # (init seeded per stage, on rank 0's seed: DDP broadcasts rank 0's weights; reused stages leave RNG untouched)
     seed_all(cfg.seed)
     old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev)
@@ -525,11 +486,10 @@ def main(argv=None):
         order = backfill_order(p, s=s, logits=logits, h_feat=mu, new_feat=fn_te, seed=cfg.seed, n=len(y_te))
         c = backfill_curve(fn_te, fn_te, mu, y_te, order, alphas, cfg.distance, cfg.eval_batch)
         buf[i] = torch.tensor([[r["map"], r["top1"], r["top5"]] for r in c], dtype=torch.float64)
-    if dist.distributed:
-        torch_dist.all_reduce(buf)  # each task was filled by exactly one rank, zeros elsewhere
+    buf = all_reduce(buf, dist)  # each task was filled by exactly one rank, zeros elsewhere
     data = data_report(list(streams.values()), [test], dist)  # collective: every rank (h reads features, not samples)
     if not dist.is_master:
-        torch_dist.barrier()
+        dist.barrier()
         dist.cleanup()
         return None
     oo = retrieval_metrics(fo_te, fo_te, y_te, y_te, **ev)
@@ -557,8 +517,9 @@ def main(argv=None):
         res["uncertainty_error_spearman"][kind] = spearman(s, (mu - fn_te).pow(2).sum(-1))
     res["curve_end_equals_new_new"] = bool(ends_exact)
     timing["eval"] = time.time() - t
-    plot_curves(os.path.join(cfg.out, "curves.png"), alphas, curves,
-                {"map": (oo["map"], nn_["map"]), "top1": (oo["top1"], nn_["top1"])}, losses, policies)
+    line_plot(os.path.join(cfg.out, "curves.png"), curve_panels(
+        alphas, curves, {"map": (oo["map"], nn_["map"]), "top1": (oo["top1"], nn_["top1"])}, losses, policies),
+        size=(400, 300), cols=3)
     res["curves"] = {"alphas": alphas, **curves}
     res["stage_seconds"] = {k: round(v, 2) for k, v in timing.items()}
     res["seconds"] = round(time.time() - t_start, 2)
@@ -566,10 +527,10 @@ def main(argv=None):
     res["device"] = str(dev)
     save_json(os.path.join(cfg.out, "results.json"), res)
     print_table({k: v for k, v in res.items() if k != "curves"}, title="FastFill (miniature)")
-    if dist.distributed:
-        torch_dist.barrier()
-        dist.cleanup()
+    dist.barrier()
+    dist.cleanup()
     return res
 
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,7 +1,7 @@
 """Weight subcloning: direct initialization of transformers using larger pretrained ones.
 
 Samragh, Farajtabar, Mehta, Vemulapalli, Faghri, Naik, Tuzel, Rastegari, arXiv:2312.09299. No official code exists;
-this file follows the paper's abstract and the reference notes (shared/reference/methods.md §4).
+this file follows the paper's abstract.
 
 A smaller transformer is initialised from a larger trained one of the same family:
   1. run the parent on a calibration batch and record, with forward hooks, the residual stream after every block, the
@@ -12,7 +12,7 @@ A smaller transformer is initialised from a larger trained one of the same famil
   3. every parameter is sliced at the kept indices (patch / token / position embeddings, qkv and out projections, FFN,
      norms, classifier or tied LM head), and LayerNorm weights are multiplied by sqrt(D/d): after dropping the low-
      magnitude dims the norm's std is computed over fewer, mostly large, dims, so sigma_d ~ sigma_D sqrt(D/d) and the
-     normalised outputs would shrink by sqrt(d/D) (methods.md §4.1 step 5);
+     normalised outputs would shrink by sqrt(d/D);
   4. whole blocks are removed to reach the child's depth (rule `sim`: drop the blocks whose output is most similar to
      their input; `middle`; `last`), always keeping the first and the last block.
 
@@ -20,9 +20,10 @@ The experiment, in miniature, for a ViT on the synthetic world's shape classific
 the world's captions (common.tokenizer.world_tokenizer; each step packs its captions into one token stream cut into
 windows): train a parent, subclone it to a child of half width and two-thirds depth, then train the child from (a) the
 subclone and (b) random init, each with a small learning-rate sweep (the paper: subclones want a lower lr), plus two
-ablations at the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. Reported:
-step-0 losses, steps to reach the random-init run's final loss, the speedup, final loss / accuracy (results.json,
-curves.png).
+ablations at the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. The lr choice,
+the loss curves, the step-0 losses and the speed-up target use the validation split; the test split gives only the
+final numbers. Reported: step-0 losses, steps to reach the random-init run's final val loss, the speedup, final test
+loss / accuracy (results.json, curves.png).
 
 Run:
   python subclone.py                       # default run, both models (writes runs/subclone)
@@ -31,9 +32,11 @@ Run:
   python subclone.py clone --parent_ckpt=runs/subclone/vit_parent.safetensors --clone_out=child.safetensors \
       --child_width=32 --child_layers=4 --child_heads=2 --child_ffn=128 --drop=sim     # subclone one checkpoint
   torchrun --nproc_per_node=2 subclone.py --smoke                                     # data parallel (gloo on CPU)
-  python subclone.py --data='shards/{split}'   # shards / folders (vit: image + label, classes.txt; gpt: caption)
+  python subclone.py --data='shards/{split}'   # train/val/test shards or folders (vit: image + label, classes.txt;
+                                               # gpt: caption)
+Stages are common.train.fit checkpoints in --out: a finished one with the same fingerprint (the config values that
+change it) is reused, --resume continues an unfinished parent, --retrain trains every stage again.
 """
-import hashlib
 import itertools
 import json
 import math
@@ -45,17 +48,17 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
-from common.config import config_to_dict, parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
+from common.losses import fp32_logits
 from common.models import TextTransformer, VisionTransformer
+from common.plot import line_plot, panel
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, fit, load_weights, save_weights, seed_all, setup_distributed
+from common.train import TrainConfig, broadcast_json, fit, load_weights, save_weights, seed_all, setup_distributed
 from common.transforms import eval_transform
 from common.world import SHAPES, World
 
@@ -68,19 +71,20 @@ class Config:
     out: str = "runs/subclone"  # output folder (created if missing)
     seed: int = 0  # world, init, data order, random-index ablation all follow from it
     device: str = ""  # cpu | cuda (default: cuda if available)
-    data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
-    val_data: str = ""  # eval data (else {split} in --data, or --holdout)
+    data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/val/test)
+    val_data: str = ""  # eval data, val and test (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     smoke: bool = False  # tiny sizes, end to end in < 60 s
-    retrain: bool = False  # ignore parents / child runs already valid in --out
+    retrain: bool = False  # train every stage again (parents, children), even those --out holds finished
+    resume: bool = False  # continue an unfinished parent (same fingerprint) from its last checkpoint in --out
     models: str = "vit,gpt"  # which experiments to run: vit, gpt or both (comma-separated)
     image_size: int = 32  # ViT input side (the world renders at this size; --data images are resized)
-    patch: int = 8  # ViT patch size (32/8 -> 16 patches + class token)
-    context: int = 24  # GPT context length (tokens)
+    patch_size: int = 8  # ViT patch size (32/8 -> 16 patches + class token)
+    context_length: int = 24  # GPT context length (tokens)
     n_train: int = 6000  # world training samples (its first n_train, cached); --data streams its whole train split
-    n_test: int = 1000  # held-out samples (images / captions) for the final loss / accuracy
-    n_eval: int = 400  # held-out samples (images or token windows) for the loss curves
+    n_test: int = 1000  # test samples (images / captions) for the final loss / accuracy
+    n_eval: int = 400  # val samples (images / captions) for the lr choice, the loss curves and the step-0 losses
     n_calib: int = 256  # calibration samples for activation statistics (images or token windows)
     width: int = 64  # parent width D
     layers: int = 6  # parent depth L
@@ -96,11 +100,12 @@ class Config:
     parent_lr: float = 2e-3  # parent peak learning rate
     steps: int = 250  # child training steps (every run)
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # child learning-rate sweep (subclone and random init each)
+    lr: float = 0.0  # > 0: every child run at this one learning rate instead of the --lrs sweep
     batch_size: int = 64  # global batch (images, or captions packed into windows), split over torchrun ranks
     warmup: int = 20  # linear warm-up steps (parent and children)
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     eval_every: int = 20  # child loss-curve evaluation interval (steps)
-    ckpt_every: int = 100  # parent checkpoint interval (resumable)
+    ckpt_every: int = 100  # parent checkpoint interval (--resume continues from the last one)
     log_every: int = 50  # log.jsonl rows / printed lines every N steps
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     threads: int = 1  # torch CPU threads per process (0 = torch default); tiny models gain little from more
@@ -111,29 +116,24 @@ class Config:
 # --smoke: tiny sizes (fields given on the command line win)
 SMOKE = dict(n_train=600, n_test=200, n_eval=128, n_calib=64, width=32, layers=3, heads=2, ffn=128, child_width=16,
              child_layers=2, child_heads=1, child_ffn=64, parent_steps=150, parent_lr=3e-3, steps=40, lrs=(1e-3, 3e-3),
-             eval_every=10, warmup=5, batch_size=32, context=16, log_every=20, ckpt_every=40)
+             eval_every=10, warmup=5, batch_size=32, context_length=16, log_every=20, ckpt_every=40)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# models: both are built from common.models Blocks, so one subcloning routine serves them
-
-def fp32_logits(h, weight, bias=None):
-    """The output layer in fp32 even under bf16 autocast: the loss reads logits at full precision."""
-    with torch.autocast(h.device.type, enabled=False):
-        return F.linear(h.float(), weight.float(), None if bias is None else bias.float())
-
+# models: both are built from common.models Blocks, so one subcloning routine serves them (logits in fp32 under
+# autocast: the loss reads them at full precision)
 
 class ViT(VisionTransformer):
     """common ViT (patch stem, class token, ln_pre/ln_post) + a linear classifier on the class token."""
 
     def __init__(self, arch):
-        super().__init__(arch["image_size"], arch["patch"], arch["width"], arch["layers"], arch["heads"],
+        super().__init__(arch["image_size"], arch["patch_size"], arch["width"], arch["layers"], arch["heads"],
                          (arch["ffn"] + 0.5) / arch["width"], embed_dim=None)
         self.head = nn.Linear(arch["width"], arch["classes"])
 
     def forward(self, x):
         """x: (B, 3, S, S) -> logits (B, classes)."""
-        return fp32_logits(super().forward(x), self.head.weight, self.head.bias)
+        return fp32_logits(super().forward(x), self.head.weight, bias=self.head.bias)
 
 
 class GPT(TextTransformer):
@@ -141,8 +141,8 @@ class GPT(TextTransformer):
     token embedding (GPT-2). Subcloning slices the tied matrix once, so the head stays tied."""
 
     def __init__(self, arch):
-        super().__init__(arch["vocab"], arch["context"], arch["width"], arch["layers"], arch["heads"], embed_dim=None,
-                         causal=True, mlp_ratio=(arch["ffn"] + 0.5) / arch["width"])
+        super().__init__(arch["vocab"], arch["context_length"], arch["width"], arch["layers"], arch["heads"],
+                         embed_dim=None, causal=True, mlp_ratio=(arch["ffn"] + 0.5) / arch["width"])
 
     def forward(self, tokens):
         """tokens: (B, T) -> next-token logits (B, T, V)."""
@@ -158,8 +158,8 @@ def make_arch(cfg, kind, child=False, out=None):
     w, L, H, f = ((cfg.child_width, cfg.child_layers, cfg.child_heads, cfg.child_ffn) if child else
                   (cfg.width, cfg.layers, cfg.heads, cfg.ffn))
     a = {"kind": kind, "width": w, "layers": L, "heads": H, "ffn": f}
-    a.update({"image_size": cfg.image_size, "patch": cfg.patch, "classes": out} if kind == "vit" else
-             {"vocab": out, "context": cfg.context})
+    a.update({"image_size": cfg.image_size, "patch_size": cfg.patch_size, "classes": out} if kind == "vit" else
+             {"vocab": out, "context_length": cfg.context_length})
     return a
 
 
@@ -324,7 +324,7 @@ def subclone(parent_sd, arch, carch, stats, drop="sim", scale="sqrt", select="im
     e, f, hs = select_indices(stats, arch, carch, select, seed)
     hd = [(h[:, None] * Dh + torch.arange(Dh)).flatten() for h in hs]     # columns of the kept heads
     qkv = [torch.cat([t * D + c for t in range(3)]) for c in hd]          # in_proj rows: q heads, k heads, v heads
-    s = math.sqrt(D / d) if scale == "sqrt" else 1.0                      # §4.1 step 5: sigma_d ~ sigma_D sqrt(D/d)
+    s = math.sqrt(D / d) if scale == "sqrt" else 1.0                      # sigma_d ~ sigma_D sqrt(D/d)
     if scale not in ("sqrt", "none"):
         raise ValueError(f"scale must be sqrt or none, got {scale!r}")
     out = {}
@@ -360,7 +360,8 @@ def make_child(parent, arch, carch, stats, **kw):
 
 # ---------------------------------------------------------------------------------------------------------------
 # data (common.data): the ViT reads (image, label) samples, the GPT captions. Training batches come from a Stream over
-# the train split; the test set (final loss; its first n_eval items: the curves) and calibration inputs are read once.
+# the train split; the val set (lr choice, loss curves, step-0 losses), the test set (final numbers) and the
+# calibration inputs are read once.
 
 def vit_item(prep, n_classes, s, g=None):
     """(image, label) -> {"x": CLIP-normalised (3, S, S), "y"}; with g (training) a random flip (keeps the class)."""
@@ -380,11 +381,12 @@ def gpt_item(tok, s, g=None):
 
 def inputs_targets(cfg, kind, items, n=None):
     """The first n (None: all) items as (inputs, targets): vit (images, labels); gpt the items' ids packed into one
-    stream (GPT-style, no padding), cut into non-overlapping windows of context+1 tokens (stops reading once full)."""
+    stream (GPT-style, no padding), cut into non-overlapping windows of context_length+1 tokens (stops reading once
+    full)."""
     if kind == "vit":
         items = list(itertools.islice(items, n))
         return stack(items, "x"), stack(items, "y")
-    T, parts, got = cfg.context + 1, [], 0
+    T, parts, got = cfg.context_length + 1, [], 0
     for it in items:
         parts.append(it["ids"].flatten())
         got += len(parts[-1])
@@ -393,13 +395,13 @@ def inputs_targets(cfg, kind, items, n=None):
     ids = torch.cat(parts)
     w = ids[:min(n or len(ids), len(ids) // T) * T].view(-1, T)
     if not len(w):
-        raise ValueError(f"{len(parts)} captions have fewer than context+1 = {T} tokens: raise --batch_size")
+        raise ValueError(f"{len(parts)} captions have fewer than context_length+1 = {T} tokens: raise --batch_size")
     return w[:, :-1], w[:, 1:]
 
 
 def make_data(cfg, kind, tok, n_classes=None, test=True):
     """One model's data: the train source (streamed), the per-sample transform, the calibration inputs (the first
-    n_calib training images / windows) and, with test, the test set and its first n_eval items (the curves)."""
+    n_calib training images / windows) and, with test, the val set (n_eval samples) and the test set (n_test)."""
     need = ("image", "label") if kind == "vit" else ("caption",)
     source = lambda split, n: open_source(  # noqa: E731
         cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.image_size), n=n,
@@ -413,9 +415,9 @@ def make_data(cfg, kind, tok, n_classes=None, test=True):
     data = {"train": train, "item": item, "out": n_out, "streams": [],
             "calib": inputs_targets(cfg, kind, map(item, iter_samples(train)), cfg.n_calib)[0]}
     if test:
-        data["test_samples"] = read_samples(source("test", cfg.n_test), cfg.n_test, item)
-        data["test"] = dict(zip("xy", inputs_targets(cfg, kind, data["test_samples"], cfg.n_test)))
-        data["eval"] = {k: v[:cfg.n_eval] for k, v in data["test"].items()}
+        for split, n in (("val", cfg.n_eval), ("test", cfg.n_test)):
+            data[f"{split}_samples"] = read_samples(source(split, n), n, item)
+            data[split] = dict(zip("xy", inputs_targets(cfg, kind, data[f"{split}_samples"], n)))
     return data
 
 
@@ -457,76 +459,87 @@ def evaluate(model, ev, device, bs=256):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training: parent (resumable, reused when valid) and child runs (cached in {kind}_runs.json when valid)
+# training: every parent and child run is one common.train.fit checkpoint {out}/{name}.safetensors, reused when it
+# is finished and its fingerprint (the config values that change it) matches
 
-def fingerprint(obj):
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_arch(path):
-    """Architecture stored in a parent checkpoint (fit's config) or a clone output; errors name the file."""
+def read_header(path):
+    """The JSON header of a safetensors checkpoint (a fit checkpoint or a clone output); errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - any safetensors failure: truncated, or not a safetensors file
         raise ValueError(f"{path}: not a readable safetensors file ({e}); expected a subclone.py checkpoint") from None
+
+
+def read_arch(path):
+    """Architecture stored in a parent checkpoint (fit's config) or a clone output."""
+    meta = read_header(path)
     cfg = json.loads(meta.get("config", "null") or "null")
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     arch = arch or (json.loads(meta["arch"]) if "arch" in meta else None)
     if not arch:
         raise ValueError(f"{path}: no architecture in the safetensors header (expected a subclone.py checkpoint)")
-    return arch
+    old = {"patch": "patch_size", "context": "context_length"}  # checkpoints written before the renaming
+    return {old.get(k, k): v for k, v in arch.items()}
 
 
-def train_parent(cfg, kind, arch, data, dist):
-    path = os.path.join(cfg.out, f"{kind}_parent.safetensors")
-    pcfg = {"arch": arch, "steps": cfg.parent_steps, "lr": cfg.parent_lr, "batch_size": cfg.batch_size,
-            "warmup": cfg.warmup, "wd": cfg.weight_decay, "seed": cfg.seed, "data": cfg.data, "n_train": cfg.n_train,
-            "holdout": cfg.holdout}
+def stage_path(cfg, name, dist):
+    """{out}/{name}.safetensors; --retrain removes it first, so the stage trains again."""
+    path = os.path.join(cfg.out, f"{name}.safetensors")
     if cfg.retrain and dist.is_master and os.path.exists(path):
         os.remove(path)
     dist.barrier()
+    return path
+
+
+def train_parent(cfg, kind, arch, data, dist):
+    """The parent, resumable (--resume) every ckpt_every steps. Returns (model, its fingerprint)."""
+    fp = {"arch": arch, "steps": cfg.parent_steps, "lr": cfg.parent_lr, "batch_size": cfg.batch_size,
+          "warmup": cfg.warmup, "wd": cfg.weight_decay, "seed": cfg.seed, "data": cfg.data, "val_data": cfg.val_data,
+          "n_train": cfg.n_train, "holdout": cfg.holdout}
+    stage_path(cfg, f"{kind}_parent", dist)
     seed_all(cfg.seed)
     model = build(arch).to(dist.device)
     seed_all(cfg.seed, dist.rank)
     stream = make_stream(cfg, kind, data, dist, f"{kind}_parent")
     fit(model, loss_fn, stream, TrainConfig(cfg.parent_steps, lr=cfg.parent_lr, weight_decay=cfg.weight_decay,
                                             warmup=cfg.warmup, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
-                                            amp=cfg.amp, resume=True),
-        cfg.out, name=f"{kind}_parent", dist=dist, fingerprint=pcfg, config=pcfg)
+                                            amp=cfg.amp, resume=cfg.resume),
+        cfg.out, f"{kind}_parent", dist, fingerprint=fp, config=fp)
     stream.close()
-    return model, fingerprint(pcfg)
+    return model, fp
 
 
-def train_child(cfg, kind, name, arch, init_sd, lr, data, dist, cache, fp):
-    """One child run from init_sd (None = random init) -> {"curve": [[step, loss, acc]...], "final_loss", ...}."""
-    if not cfg.retrain and cache.get(name, {}).get("fp") == fp:
-        return cache[name]
+def train_child(cfg, kind, name, arch, init_sd, lr, data, dist, fp):
+    """One child run from init_sd (None = random init) -> {"lr", "curve": [[step, val loss, val acc]...],
+    "final_loss", "final_acc" (test), "seconds"}. The curve is evaluated while training and stored as fit's config in
+    the final checkpoint, so a reused run reads it back from there. A child run writes no mid-run checkpoint (a
+    killed one trains again from its start)."""
+    path = stage_path(cfg, name, dist)
     seed_all(cfg.seed + 17)                                   # the same random init for every random-init run
     model = build(arch).to(dist.device)
     if init_sd is not None:
         model.load_state_dict(init_sd, strict=True)
-    curve = [[0, *evaluate(model, data["eval"], dist.device)]]
+    rec = {"lr": lr, "curve": [[0, *evaluate(model, data["val"], dist.device)]]}
 
     def on_step(step, raw, metrics):
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            curve.append([step, *evaluate(raw, data["eval"], dist.device)])
+            rec["curve"].append([step, *evaluate(raw, data["val"], dist.device)])
 
     t0 = time.time()
     seed_all(cfg.seed, dist.rank)
     stream = make_stream(cfg, kind, data, dist, name)
-    fit(model, loss_fn, stream, TrainConfig(cfg.steps, lr=lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                                            log_every=cfg.log_every, amp=cfg.amp),
-        cfg.out, name=name, dist=dist, progress=False, on_step=on_step, config={"lr": lr, "fp": fp})
+    out = fit(model, loss_fn, stream, TrainConfig(cfg.steps, lr=lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                                                  log_every=cfg.log_every, amp=cfg.amp),
+              cfg.out, name, dist, fingerprint=fp, on_step=on_step, config=rec, progress=False)
     stream.close()
+    if out["reused"]:
+        rec = json.loads(read_header(path)["config"])
     fl, fa = evaluate(model, data["test"], dist.device)
-    r = {"fp": fp, "lr": lr, "curve": curve, "final_loss": fl, "final_acc": fa, "seconds": time.time() - t0}
-    dist.print(f"  {name}: init {curve[0][1]:.4f} -> final {fl:.4f} (acc {fa:.4f}) in {r['seconds']:.0f}s")
-    cache[name] = r
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, f"{kind}_runs.json"), cache)
+    r = {**rec, "final_loss": fl, "final_acc": fa, "seconds": time.time() - t0}
+    dist.print(f"  {name}: init {r['curve'][0][1]:.4f} -> final {fl:.4f} (acc {fa:.4f}) in {r['seconds']:.0f}s")
     return r
 
 
@@ -538,15 +551,6 @@ def steps_to(curve, target):
     return None
 
 
-def agree(x, dist):
-    """Rank 0's value of a float on every rank (the lr choice must not diverge across ranks)."""
-    if not dist.distributed:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64, device=dist.device if "cuda" in dist.device else "cpu")
-    tdist.broadcast(t, 0)
-    return t.item()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the experiment for one model
 
@@ -556,9 +560,10 @@ def run_model(cfg, kind, data, dist):
     carch = child_arch_of(arch, cfg)
     parent, pfp = train_parent(cfg, kind, arch, data, dist)
     p_loss, p_acc = evaluate(parent, data["test"], dist.device)
+    p_val = evaluate(parent, data["val"], dist.device)[0]
     stats = collect_stats(parent, data["calib"])
     d, D = carch["width"], arch["width"]
-    res = {"parent_loss": p_loss, "parent_acc": p_acc,
+    res = {"parent_loss": p_loss, "parent_acc": p_acc, "parent_val_loss": p_val,
            "params": {"parent": sum(p.numel() for p in parent.parameters()),
                       "child": sum(p.numel() for p in build(carch).parameters())},
            "rank_consistency": rank_consistency(stats["resid"], d), "rank_consistency_chance": d / D,
@@ -577,39 +582,38 @@ def run_model(cfg, kind, data, dist):
             save_weights(os.path.join(cfg.out, f"{kind}_child_init.safetensors"), child,
                          metadata={"arch": carch, "info": inf})
     res["kept_blocks"] = info["kept_blocks"]
-    # diagnostics without training: depth reduction alone, width reduction alone, the other drop rules
+    # diagnostics without training (val loss): depth reduction alone, width reduction alone, the other drop rules
     diag = {}
     for nm, ca in (("depth_only", dict(arch, layers=carch["layers"])),
                    ("width_only", dict(carch, layers=arch["layers"]))):
-        diag[nm] = evaluate(make_child(parent, arch, ca, stats, drop=cfg.drop, scale=cfg.scale)[0], data["test"],
+        diag[nm] = evaluate(make_child(parent, arch, ca, stats, drop=cfg.drop, scale=cfg.scale)[0], data["val"],
                             dist.device)[0]
     for rule in ("sim", "middle", "last"):
         diag[f"drop_{rule}"] = evaluate(make_child(parent, arch, carch, stats, drop=rule, scale=cfg.scale)[0],
-                                        data["test"], dist.device)[0]
+                                        data["val"], dist.device)[0]
     res["init_loss_diagnostics"] = diag
 
-    # ---- child runs: lr sweep for subclone and random init, ablations at the subclone's best lr
-    path = os.path.join(cfg.out, f"{kind}_runs.json")
-    cache = json.load(open(path)) if os.path.exists(path) and not cfg.retrain else {}
+    # ---- child runs: lr sweep for subclone and random init (best lr: the lowest final val loss), ablations at the
+    #      subclone's best lr
+    lrs = (cfg.lr,) if cfg.lr > 0 else tuple(cfg.lrs)
     base = {k: getattr(cfg, k) for k in ("steps", "batch_size", "warmup", "weight_decay", "eval_every", "n_eval",
-                                         "drop", "scale", "n_calib", "n_test")}
-    runs, sweep, best = {}, {}, {}
+                                         "drop", "scale", "n_calib")}
+    base.update(parent=pfp, child=carch)
+    runs, sweep = {}, {}
     for v in ("subclone", "random"):
-        sweep[v] = {}
-        for lr in cfg.lrs:
-            fp = fingerprint([base, pfp, carch, v, lr])
-            r = train_child(cfg, kind, f"{kind}_{v}_lr{lr:g}", carch, inits[v], lr, data, dist, cache, fp)
-            sweep[v][f"{lr:g}"] = r["final_loss"]
-            if v not in runs or r["final_loss"] < runs[v]["final_loss"]:
-                runs[v] = r
-        best[v] = agree(runs[v]["lr"], dist)
-        runs[v] = cache[f"{kind}_{v}_lr{best[v]:g}"]
+        for lr in lrs:
+            runs[v, lr] = train_child(cfg, kind, f"{kind}_{v}_lr{lr:g}", carch, inits[v], lr, data, dist,
+                                      {**base, "variant": v, "lr": lr})
+        sweep[v] = {f"{lr:g}": runs[v, lr]["curve"][-1][1] for lr in lrs}
+    # rank 0's choice on every rank (the ablations' lr must not diverge across ranks)
+    best = broadcast_json({v: min(lrs, key=lambda lr: runs[v, lr]["curve"][-1][1]) for v in ("subclone", "random")},
+                          dist)
+    runs = {v: runs[v, best[v]] for v in ("subclone", "random")}
     for v in ("random_indices", "no_scaling"):
-        fp = fingerprint([base, pfp, carch, v, best["subclone"], cfg.seed])
         runs[v] = train_child(cfg, kind, f"{kind}_{v}_lr{best['subclone']:g}", carch, inits[v], best["subclone"],
-                              data, dist, cache, fp)
+                              data, dist, {**base, "variant": v, "lr": best["subclone"]})
 
-    # ---- the paper's measure: steps to reach the random-init run's final (eval) loss
+    # ---- the paper's measure: steps to reach the random-init run's final (val) loss
     target = runs["random"]["curve"][-1][1]
     stt = {v: steps_to(runs[v]["curve"], target) for v in VARIANTS}
     sp = stt["random"] / stt["subclone"] if stt["subclone"] else None
@@ -620,11 +624,11 @@ def run_model(cfg, kind, data, dist):
                          "subclone never reaches the target" if stt["subclone"] is None else ""),
         "final_loss": {v: runs[v]["final_loss"] for v in VARIANTS},
         "final_acc": {v: runs[v]["final_acc"] for v in VARIANTS},
-        "best_lr": best, "lr_sweep_final_loss": sweep,
+        "best_lr": best, "lr_sweep_val_loss": sweep,
     })
     ci = res["child_init_loss"]
     res["checks"] = {
-        "init_far_below_random": ci["subclone"] < p_loss + 0.5 * (ci["random"] - p_loss),
+        "init_far_below_random": ci["subclone"] < p_val + 0.5 * (ci["random"] - p_val),
         "speedup_ge_2": sp is not None and sp >= 2 or stt["subclone"] == 0,
         "importance_beats_random_indices": ci["subclone"] < ci["random_indices"],
         "scaling_lowers_init_loss": ci["subclone"] < ci["no_scaling"],
@@ -635,46 +639,18 @@ def run_model(cfg, kind, data, dist):
     return res, curves
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# plot (PIL; matplotlib is not a dependency)
-
 COLORS = {"subclone": (214, 39, 40), "random": (31, 119, 180), "random_indices": (255, 127, 14),
-          "no_scaling": (44, 160, 44)}
+          "no_scaling": (44, 160, 44), "parent": (150, 150, 150), "target": (90, 90, 90)}
 
 
-def plot_curves(path, panels, size=(520, 380)):
-    """panels: [(title, {variant: [[step, loss, acc]...]}, {label: y} dashed lines)] -> one PNG, panels side by side."""
-    W, H = size
-    im = Image.new("RGB", (W * len(panels), H), "white")
-    d = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    for k, (title, curves, lines) in enumerate(panels):
-        ox, L, R, T, Bm = k * W, 52, 14, 30, 40
-        xs = [p[0] for c in curves.values() for p in c]
-        ys = [p[1] for c in curves.values() for p in c] + list(lines.values())
-        x1, y0, y1 = max(xs), min(ys), max(ys)
-        y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
-        px = lambda v: ox + L + v / x1 * (W - L - R)                       # noqa: E731
-        py = lambda v: H - Bm - (v - y0) / (y1 - y0) * (H - T - Bm)       # noqa: E731
-        d.rectangle([ox + L, T, ox + W - R, H - Bm], outline="black")
-        d.text((ox + L, 10), title, fill="black", font=font)
-        d.text((ox + W // 2 - 30, H - 16), "child step", fill="black", font=font)
-        for i in range(5):
-            yv, xv = y0 + (y1 - y0) * i / 4, x1 * i / 4
-            d.text((ox + 4, py(yv) - 6), f"{yv:.3g}", fill="black", font=font)
-            d.line([px(xv), H - Bm, px(xv), H - Bm + 4], fill="black")
-            d.text((px(xv) - 8, H - Bm + 6), f"{xv:g}", fill="black", font=font)
-        for name, y in lines.items():                                    # dashed reference lines
-            for x in range(int(px(0)), int(px(x1)), 8):
-                d.line([x, py(y), x + 4, py(y)], fill=(120, 120, 120))
-            d.text((px(x1) - 6 * len(name) - 4, py(y) - 12), name, fill=(90, 90, 90), font=font)
-        for i, (name, c) in enumerate(curves.items()):
-            col = COLORS.get(name, (0, 0, 0))
-            d.line([(px(s), py(l)) for s, l, _ in c], fill=col, width=2)
-            d.ellipse([px(0) - 3, py(c[0][1]) - 3, px(0) + 3, py(c[0][1]) + 3], fill=col)   # the step-0 loss
-            d.rectangle([ox + L + 150, T + 8 + 14 * i, ox + L + 162, T + 16 + 14 * i], fill=col)
-            d.text((ox + L + 166, T + 5 + 14 * i), f"{name} (step 0: {c[0][1]:.2f})", fill="black", font=font)
-    im.save(path)
+def curve_panel(kind, r, curves, steps):
+    """One common.plot panel: the four variants' val-loss curves (step-0 loss in the legend), parent and target."""
+    series = {f"{v} (step 0: {c[0][1]:.2f})": ([p[0] for p in c], [p[1] for p in c], COLORS[v])
+              for v, c in curves.items()}
+    series.update({nm: ([0, steps], [y, y], COLORS[nm]) for nm, y in (("parent", r["parent_val_loss"]),
+                                                                       ("target", r["target_loss"]))})
+    return panel(f"{kind}: child val loss (best lr each; parent {r['parent_val_loss']:.3f})", series, "child step",
+                 "val loss")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -687,7 +663,8 @@ def clone_cmd(cfg, dist):
     parent = build(arch).to(dist.device)
     load_weights(cfg.parent_ckpt, parent)  # a fit checkpoint or a clone output
     kind = arch["kind"]
-    cfg.image_size, cfg.patch, cfg.context = arch.get("image_size", 32), arch.get("patch", 8), arch.get("context", 32)
+    cfg.image_size, cfg.patch_size = arch.get("image_size", 32), arch.get("patch_size", 8)
+    cfg.context_length = arch.get("context_length", 32)
     calib = make_data(cfg, kind, world_tokenizer(), n_classes=arch.get("classes"), test=False)["calib"]
     carch = child_arch_of(arch, cfg)
     child, info = make_child(parent, arch, carch, collect_stats(parent, calib), drop=cfg.drop, scale=cfg.scale)
@@ -719,7 +696,7 @@ def main(argv=None):
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
 
-    tok = world_tokenizer(context_length=cfg.context + 1) if "gpt" in kinds else None
+    tok = world_tokenizer(context_length=cfg.context_length + 1) if "gpt" in kinds else None
     res, panels, streams, evals = {}, [], [], []
     for kind in kinds:
         data = make_data(cfg, kind, tok)
@@ -728,16 +705,15 @@ def main(argv=None):
         dist.print(f"==== {kind}: parent -> subclone -> children; train {data['train'].name}, {what}")
         r, curves = run_model(cfg, kind, data, dist)
         res[kind] = r
-        streams, evals = streams + data["streams"], evals + [data["test_samples"]]
-        panels.append((f"{kind}: child eval loss (best lr each; parent {r['parent_loss']:.3f})", curves,
-                       {"parent": r["parent_loss"], "target": r["target_loss"]}))
+        streams, evals = streams + data["streams"], evals + [data["val_samples"], data["test_samples"]]
+        panels.append(curve_panel(kind, r, curves, cfg.steps))
     res["data"] = data_report(streams, evals, dist)  # collective: every rank
     res.update(seconds=time.time() - t0, cpu_seconds=time.process_time(), device=dist.device,
                world_size=dist.world_size)
     if dist.is_master:
-        plot_curves(os.path.join(cfg.out, "curves.png"), panels)
+        line_plot(os.path.join(cfg.out, "curves.png"), panels)
         save_json(os.path.join(cfg.out, "results.json"), res)
-        print_table({k: v for k, v in res.items()}, title=f"subclone results ({cfg.out})")
+        print_table(res, title=f"subclone results ({cfg.out})")
         for kind in kinds:
             bad = [k for k, ok in res[kind]["checks"].items() if not ok]
             print(f"{kind}: expected effects " + ("all reproduced" if not bad else "NOT reproduced: " + ", ".join(bad)))
@@ -746,4 +722,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

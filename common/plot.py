@@ -79,14 +79,17 @@ def _draw_lines(d, font, box, p):
         d.text((L + 24, T + 5 + 14 * i), str(name), fill="black", font=font)
 
 
-def line_plot(path, panels, size=(520, 360)):
-    """panels: a list of panel(...) dicts (or one), drawn side by side, each `size` pixels."""
+def line_plot(path, panels, size=(520, 360), cols=None):
+    """panels: a list of panel(...) dicts (or one), in rows of `cols` (default: one row), each `size` pixels."""
     panels = [panels] if isinstance(panels, dict) else list(panels)
     W, H = size
-    im = Image.new("RGB", (W * len(panels), H), "white")
+    cols = cols or len(panels)
+    rows = -(-len(panels) // cols)
+    im = Image.new("RGB", (W * min(cols, len(panels)), H * rows), "white")
     d, font = ImageDraw.Draw(im), ImageFont.load_default()
     for k, p in enumerate(panels):
-        _draw_lines(d, font, (k * W + 60, 36, k * W + W - 16, H - 44), p)
+        x, y = (k % cols) * W, (k // cols) * H
+        _draw_lines(d, font, (x + 60, y + 36, x + W - 16, y + H - 44), p)
     im.save(path)
     return path
 

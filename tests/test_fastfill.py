@@ -1,5 +1,6 @@
-"""Tests for fastfill.py: metrics against hand computations, policies, backfilling, a 2-process smoke run, and smoke
-runs on exported world shards (1 process with bf16 autocast, 2 processes) checked through the results' data block."""
+"""Tests for fastfill.py: metrics against hand computations, policies, backfilling, a 2-process smoke run, smoke runs
+on exported world shards (1 process with bf16 autocast, 2 processes) checked through the results' data block, and the
+config (old spellings, the smoke preset)."""
 import json
 import os
 import subprocess
@@ -283,3 +284,14 @@ def test_shards_two_processes(tmp_path, shards):
 def test_label_fine_needs_the_world(tmp_path, shards):
     with pytest.raises(ValueError, match="label_fine"):
         ff.main([f"--data={shards}/{{split}}", "--task=label_fine", f"--out={tmp_path}"])
+
+
+# ---------------------------------------------------------------- config
+def test_config_names_and_smoke_preset():
+    with pytest.raises(SystemExit, match="--image_size"):  # the old spelling names the new one
+        ff.main(["--size=32"])
+    from common.config import parse_config
+    cfg = parse_config(ff.Config, ["--smoke"], presets={"smoke": ff.SMOKE})
+    assert cfg.out == "runs/fastfill_smoke" and cfg.n_train == ff.SMOKE["n_train"]  # never the default run's stages
+    cfg = parse_config(ff.Config, ["--smoke", "--out=x", "--n_train=7"], presets={"smoke": ff.SMOKE})
+    assert cfg.out == "x" and cfg.n_train == 7 and not cfg.resume and not cfg.retrain  # explicit flags win

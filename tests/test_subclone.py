@@ -1,7 +1,8 @@
 """Tests for subclone.py (weight subcloning, arXiv:2312.09299): identity at full size, sliced shapes, ranking
 consistency, the LayerNorm rescaling invariant, block-removal rules, checkpoint round trip (clone command) and its
-errors, one smoke run that must learn, one 2-process torchrun smoke, and smoke runs on exported world shards (1 process
-with bf16 autocast, 2 processes) checked through the results' data block."""
+errors, old flag spellings, one smoke run that must learn (lr chosen on val), one 2-process torchrun smoke, and smoke
+runs on exported world shards (1 process with bf16 autocast, then reused and retrained; 2 processes) checked through
+the results' data block."""
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from common.train import load_weights, save_weights  # noqa: E402
 from common.world import World, export_shards  # noqa: E402
 
 CFG = replace(S.Config(), width=32, layers=4, heads=4, ffn=64, child_width=16, child_layers=3, child_heads=2,
-              child_ffn=24, image_size=32, patch=8, context=12)
+              child_ffn=24, image_size=32, patch_size=8, context_length=12)
 
 
 def parent_and_input(kind, seed=0):
@@ -164,6 +165,12 @@ def test_clone_errors_name_the_file(tmp_path):
         S.main(["clone", f"--out={tmp_path}"])
 
 
+@pytest.mark.parametrize("old,new", [("patch", "patch_size"), ("context", "context_length")])
+def test_old_spellings_name_the_new_one(old, new):
+    with pytest.raises(SystemExit, match=f"--{new}"):
+        S.main([f"--{old}=8"])
+
+
 KEYS = ["parent_loss", "child_init_loss", "steps_to_target", "speedup", "final_loss", "final_acc"]
 
 
@@ -175,6 +182,10 @@ def check_results(res, kinds):
             assert key in r, (k, key)
         for key in ("child_init_loss", "steps_to_target", "final_loss", "final_acc"):
             assert sorted(r[key]) == sorted(S.VARIANTS), (k, key)
+        for v in ("subclone", "random"):  # the best lr is the one with the lowest final val loss
+            sweep = r["lr_sweep_val_loss"][v]
+            assert f"{r['best_lr'][v]:g}" == min(sweep, key=sweep.get), (k, v, sweep)
+        assert r["target_loss"] == sweep[f"{r['best_lr']['random']:g}"]  # the random-init run's final val loss
 
 
 def test_smoke_learns(tmp_path):
@@ -213,9 +224,11 @@ def test_torchrun_two_processes(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """World shards at 40 px (the script resizes to its 32 px): train/ (320 samples, 5 shards, classes.txt), test/."""
+    """World shards at 40 px (the script resizes to its 32 px): train/ (320 samples, 5 shards, classes.txt), val/,
+    test/."""
     d = tmp_path_factory.mktemp("shards")
     export_shards(World(seed=3, split="train", size=40, n=320), d / "train", 320, shard_size=64)
+    export_shards(World(seed=3, split="val", size=40, n=24), d / "val", 24, shard_size=24)
     export_shards(World(seed=3, split="test", size=40, n=48), d / "test", 48, shard_size=24)
     return d
 
@@ -229,21 +242,31 @@ def check_shard_run(out):
     res = json.loads((out / "results.json").read_text())
     check_results(res, ["vit", "gpt"])
     d = res["data"]
-    assert "shards(" in d["source"] and "test" in d["eval_source"], d
+    assert "shards(" in d["source"] and "test" in d["eval_source"] and "val" in d["eval_source"], d
     assert d["eval_keys_in_train"] == 0 and d["train_keys_on_several_ranks"] == 0 and d["skipped_corrupt"] == 0, d
     assert d["train_samples_seen"] == 2 * (8 + 4 * 4) * 32, d       # every batch of both models' 10 runs
     # every run of a model reads the same first-epoch order, so the distinct keys are the parent's 8 x 32
-    assert d["train_unique_keys"] == 8 * 32 and d["eval_samples"] == 2 * 32, d
+    assert d["train_unique_keys"] == 8 * 32 and d["eval_samples"] == 2 * (16 + 32), d    # val n_eval + test n_test
     return res
 
 
 def test_shards_one_process_bf16(tmp_path, shards):
+    """Then the same command again: every stage (2 parents, 8 child runs) is reused from --out with the same numbers
+    (a child's curve comes back from its checkpoint); with --retrain every stage trains again."""
     out = tmp_path / "one"
-    p = subprocess.run([sys.executable, "subclone.py", *TINY, f"--data={shards}/{{split}}", "--amp=bf16",
-                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "subclone.py", *TINY, f"--data={shards}/{{split}}", "--amp=bf16", f"--out={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = check_shard_run(out)
     assert res["world_size"] == 1 and res["vit"]["params"]["parent"] > 0
+    for extra, reused in (([], 10), (["--retrain"], 0)):
+        p = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert p.stdout.count(": reusing ") == reused, p.stdout[-3000:]
+        again = check_shard_run(out)
+        for k in ("vit", "gpt"):
+            for key in ("parent_loss", "child_init_loss", "target_loss", "steps_to_target", "final_loss", "best_lr"):
+                assert again[k][key] == res[k][key], (extra, k, key)
 
 
 def test_shards_two_processes(tmp_path, shards):
