@@ -8,10 +8,9 @@
 DR improves a dataset once: a teacher ensemble scores NS random augmentations of every training image (RRC, flip,
 RandAugment, RandomErasing, MixUp/CutMix with a partner image), and only the top-k probabilities and the augmentation
 parameters are stored. Any student then trains with KL(target || student) on exactly replayed augmentations, at the
-cost of plain training: no teacher runs at train time (DR sec. 3; methods.md sec. 3). TOKT transfers a large
-pretrained model ("VFM") to a small task model with few labels: adapt the VFM to the task, distil its task
-predictions into the student on an unlabelled transfer set (best: images retrieved by similarity to the labelled
-ones), then fine-tune on the labels (methods.md sec. 8).
+cost of plain training: no teacher runs at train time (DR sec. 3). TOKT transfers a large pretrained model ("VFM")
+to a small task model with few labels: adapt the VFM to the task, distil its task predictions into the student on an
+unlabelled transfer set (best: images retrieved by similarity to the labelled ones), then fine-tune on the labels.
 
 What this file reproduces on the synthetic world (common/world.py, 32 px, shape classification):
   mode dr:       teachers (2 wider CNNs trained on 5x more data) -> reinforced store (tar shards: image, fp16 top-k,
@@ -28,12 +27,15 @@ Run:
   python reinforce.py merge --merge_from=runs/r0/reinforced,runs/r1/reinforced --out=runs/rm  # NS adds up
   torchrun --nproc_per_node=2 reinforce.py --smoke           # data parallel (gloo); store shards split over ranks
   python reinforce.py --data='shards/{split}'  # labelled shards with train/test/val splits
-Teachers, the VFM and the reinforced store are reused from --out when their fingerprint matches (--retrain: no).
+Every stage (teachers, reinforced store, students, VFM, distillations, fine-tunes) is reused from --out while its
+fingerprint (the config values that change it) matches; --resume continues an unfinished one, --retrain redoes all.
+No --steps: each stage's length is its own flag (--teacher_epochs, --epochs, --vfm_epochs, --kd_epochs, --ft_steps).
 """
 import io
 import itertools
 import json
 import os
+import shutil
 import tarfile
 import time
 from dataclasses import dataclass
@@ -44,15 +46,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from safetensors.torch import load as load_tensors, save as save_tensors
 
-from common.config import config_to_dict, parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, decode_image, for_each_shard,
                          iter_samples, key_hash, open_source, read_samples, stack)
-from common.train import Dist, TrainConfig, fit, load_weights, seed_all, setup_distributed, unwrap
+from common.eval import extract_features
+from common.losses import distill_kl, fp32_logits
+from common.plot import bar_plot, image_grid
+from common.train import (Dist, TrainConfig, fit, load_weights, mark_stage, seed_all, setup_distributed,
+                          stage_current, unwrap)
 from common.transforms import (Compose, RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
-                               RandomResizedCrop, eval_transform, to_tensor, to_uint8)
+                               RandomResizedCrop, eval_transform, normalize, to_tensor, to_uint8)
 from common.world import COLORS, SHAPES, World
 
 COMMANDS = ["all", "reinforce", "merge"]
@@ -60,7 +66,7 @@ COMMANDS = ["all", "reinforce", "merge"]
 
 @dataclass
 class Config:
-    """Dataset Reinforcement + task-oriented knowledge transfer on the synthetic world."""
+    """Dataset Reinforcement + task-oriented knowledge transfer on the synthetic world (no --steps: --*_epochs)."""
     out: str = "runs/reinforce"  # output folder (created if missing)
     seed: int = 0  # world, init, data order, augmentation all follow from it
     data: str = ""  # labelled tar shards / class folders instead of the world ("{split}" -> train/test/val)
@@ -71,11 +77,11 @@ class Config:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     mode: str = "all"  # dr | transfer | all
     smoke: bool = False  # tiny sizes, end to end in < 60 s
-    retrain: bool = False  # ignore teachers / VFM / reinforced store already valid in --out
-    resume: bool = False  # resume interrupted student fits from their checkpoints in --out
-    size: int = 32  # image side (px)
+    retrain: bool = False  # build every stage again, even those --out holds finished with the same config
+    resume: bool = False  # continue unfinished stages in --out (same config) from their last checkpoint
+    image_size: int = 32  # image side (px)
     batch_size: int = 100  # global batch of every fit (split over ranks)
-    lr: float = 3e-3  # peak AdamW learning rate (cosine, 5% warm-up)
+    lr: float = 3e-3  # peak AdamW learning rate of every fit but the fine-tunes (cosine, 5% warm-up)
     weight_decay: float = 0.05  # decoupled weight decay
     log_every: int = 25  # log.jsonl row every N steps
     # --- DR: data, teachers, reinforcement (DR sec. 3.1); with --data the n_* set epoch lengths: steps = epochs x n / B
@@ -84,7 +90,7 @@ class Config:
     n_teacher: int = 5000  # images the teachers train on (a superset: DR's teachers saw far more data than ImageNet)
     width: int = 16  # student CNN width (channels of the first conv)
     teacher_widths: str = "32,24"  # widths of the teacher ensemble members (>= 2, wider than the student)
-    teacher_epochs: int = 12  # teacher epochs over n_teacher images (both members see the same batches)
+    teacher_epochs: int = 12  # teacher epochs over n_teacher images (steps = epochs x n / B; members share batches)
     teacher_aug: str = "light"  # light (crop + flip) | heavy (+ RandAugment, erasing, MixUp/CutMix): see docs
     teacher_weights: str = ""  # load a trained ensemble from this safetensors file instead of training one
     ns: int = 8  # stored augmentations per image (ImageNet+ uses 50..400)
@@ -99,9 +105,9 @@ class Config:
     mix_p: float = 0.0  # probability of mixing in a partner image (half MixUp, half CutMix); 0 = ImageNet+ "+RA/RE"
     p_reinforced: float = 0.99  # DR: probability of a reinforced sample (else the plain sample with a one-hot target)
     label_smoothing: float = 0.1  # ERM baseline
-    epochs: int = 40  # student epochs (equal for ERM / KD / DR)
+    epochs: int = 40  # student epochs over n_train images (equal for ERM / KD / DR)
     merge_from: str = ""  # merge: comma-separated reinforced dirs to merge into {out}/reinforced
-    # --- TOKT (methods.md sec. 8)
+    # --- TOKT
     task_classes: str = "0,1,2,3,4"  # class ids of the target task
     n_labels: int = 10  # labelled images per task class
     n_pool: int = 3000  # mixed unlabelled pool (task and other classes) from the val split
@@ -109,7 +115,7 @@ class Config:
     n_vfm: int = 6000  # images the VFM pretrains on (the whole world: every shape)
     vfm_width: int = 32  # VFM CNN width (the student's is `width`)
     vfm_epochs: int = 10  # VFM pretraining epochs (multi-label BCE on the shapes and colours present)
-    kd_epochs: int = 30  # distillation epochs over a transfer set
+    kd_epochs: int = 30  # distillation epochs over a transfer set (the scratch baseline adds their steps)
     kd_temp: float = 2.0  # softmax temperature of the adapted VFM's targets
     ft_steps: int = 60  # fine-tuning steps on the labels (full labelled batch each step)
     ft_lr: float = 1e-3  # fine-tuning learning rate
@@ -130,7 +136,7 @@ def ints(s):
 
 
 class Net(nn.Module):
-    """CNN classifier on [0, 1] images: (B, 3, H, W) -> logits (B, C); features(x) -> (B, 4w).
+    """CNN classifier on [0, 1] images: (B, 3, H, W) -> fp32 logits (B, C), also under autocast; features(x) -> (B, 4w).
 
     conv3x3/2 (w) -> conv (2w) -> pool -> conv (4w) -> pool -> conv (4w) -> global average -> linear. conv-BN-ReLU."""
 
@@ -145,11 +151,11 @@ class Net(nn.Module):
         self.head = nn.Linear(4 * w, num_classes)
         self.dim = 4 * w
 
-    def features(self, x):
-        return self.body((x - 0.5) / 0.25).mean((2, 3))
+    def features(self, x):  # a fixed centring of [0, 1] pixels, not CLIP's statistics: these CNNs train from scratch
+        return self.body(normalize(x, (0.5,) * 3, (0.25,) * 3)).mean((2, 3))
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return fp32_logits(self.features(x), self.head.weight, bias=self.head.bias)
 
 
 class Ensemble(nn.Module):
@@ -163,7 +169,7 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members])
 
     @torch.no_grad()
-    def probs(self, x, chunk=500):
+    def probs(self, x, chunk=500):  # on x's device
         return torch.cat([self(x[i:i + chunk]).softmax(-1).mean(0) for i in range(0, len(x), chunk)])
 
 
@@ -175,7 +181,8 @@ class Ensemble(nn.Module):
 def crop(cfg):
     """DR's pre-collate crop: RandomResizedCrop (ImageNet configs) or padded RandomCrop (ml-dr's CIFAR configs,
     our default for 32 px images: RRC crops that lose the largest object mislabel this world's samples)."""
-    return RandomResizedCrop(cfg.size, (cfg.rrc_min, 1.0)) if cfg.crop == "rrc" else RandomCrop(cfg.size, cfg.crop_pad)
+    S = cfg.image_size
+    return RandomResizedCrop(S, (cfg.rrc_min, 1.0)) if cfg.crop == "rrc" else RandomCrop(S, cfg.crop_pad)
 
 
 def heavy_pipeline(cfg):
@@ -194,7 +201,7 @@ def draw(g, n=0):  # an int in [0, n), or for n=0 a float in [0, 1), from a torc
     return int(torch.randint(n, (), generator=g)) if n else float(torch.rand((), generator=g, dtype=torch.float64))
 
 
-def sample_mix(g, n, size, p):
+def sample_mix(g, n, image_size, p):
     """Mixing params: {"kind": "none"} or {"kind": "mixup"|"cutmix", "partner": j < n, "lam": l, "box": [t, l, h, w]}.
     The partner is a position in a pool of n images: the input shard when the store is built, the batch when views
     are drawn online (ml-dr draws it from the batch and stores id2). MixUp keeps the anchor at weight lam ~ Beta(1, 1)
@@ -205,9 +212,10 @@ def sample_mix(g, n, size, p):
     m = {"kind": kind, "partner": draw(g, n), "lam": draw(g)}
     if kind == "cutmix":
         r = (1.0 - m["lam"]) ** 0.5
-        h = w = int(size * r)
-        cy, cx = draw(g, size), draw(g, size)
-        m["box"] = [min(max(cy - h // 2, 0), size - h), min(max(cx - w // 2, 0), size - w), h, w]
+        S = image_size
+        h = w = int(S * r)
+        cy, cx = draw(g, S), draw(g, S)
+        m["box"] = [min(max(cy - h // 2, 0), S - h), min(max(cx - w // 2, 0), S - w), h, w]
     return m
 
 
@@ -221,10 +229,10 @@ def apply_mix(x, x2, m):
     return out
 
 
-def mix_weight(m, size):
+def mix_weight(m, image_size):
     """Weight of the anchor's label in a mixed image (for one-hot targets): lam, or the un-pasted area fraction."""
     if m["kind"] == "cutmix":
-        return 1.0 - m["box"][2] * m["box"][3] / float(size * size)
+        return 1.0 - m["box"][2] * m["box"][3] / float(image_size * image_size)
     return m["lam"] if m["kind"] == "mixup" else 1.0
 
 
@@ -232,7 +240,7 @@ def draw_aug(pipe, x, pool, g, cfg):
     """Draw a fresh augmentation of image x with a partner from `pool` (a list of images) -> (image (3, H, W),
     record {"aug": params, "mix": mix params}); the partner gets its own augmentation, stored in the record."""
     y, p = pipe.sample_apply(x, g)
-    m = sample_mix(g, len(pool), cfg.size, cfg.mix_p)
+    m = sample_mix(g, len(pool), cfg.image_size, cfg.mix_p)
     if m["kind"] != "none":
         y2, m["partner_aug"] = pipe.sample_apply(pool[m["partner"]], g)
         y = apply_mix(y, y2, m)
@@ -248,13 +256,13 @@ def replay_aug(pipe, x, pool, rec):
     return y
 
 
-def mix_batch(x, y, mixes, C, size):
+def mix_batch(x, y, mixes, C, image_size):
     """Online mixing with partners from the same batch (their own augmented views) -> images, mixed one-hot targets."""
     xm, t = x.clone(), F.one_hot(y, C).float()
     tm = t.clone()
     for i, m in enumerate(mixes):
         if m["kind"] != "none":
-            w = mix_weight(m, size)
+            w = mix_weight(m, image_size)
             xm[i], tm[i] = apply_mix(x[i], x[m["partner"]], m), w * t[i] + (1 - w) * t[m["partner"]]
     return xm, tm
 
@@ -285,16 +293,17 @@ def densify(v, i, C):
 
 def source(cfg, split, n=None, require=("image", "label"), cache=True):
     """One split of --data (or n samples of the world's split, rendered lazily, cached when read every epoch)."""
-    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.size), n=n,
+    return open_source(cfg.data, split, world=lambda sp: World(seed=cfg.seed, split=sp, size=cfg.image_size), n=n,
                        val_data=cfg.val_data, holdout=cfg.holdout, require=require, cache=cache,
                        keep=("image", "label", "objects"))
 
 
-def prep(s, size):
-    """A decoded image (any size; grey / RGBA already RGB) -> float (3, size, size) in [0, 1]. Other sizes: shorter side
-    resized, centre crop, rounded to uint8 levels, so that the stored copy (png) replays the very pixels seen."""
+def prep(s, image_size):
+    """A decoded image (any size; grey / RGBA already RGB) -> float (3, S, S) in [0, 1], S = image_size. Other sizes:
+    shorter side resized, centre crop, rounded to uint8 levels, so that the stored png replays the very pixels seen."""
     x = to_tensor(s["image"])
-    return x if x.shape[-2:] == (size, size) else to_tensor(to_uint8(eval_transform(size, mean=None)(x)))
+    S = image_size
+    return x if x.shape[-2:] == (S, S) else to_tensor(to_uint8(eval_transform(S, mean=None)(x)))
 
 
 def concepts(s, names):
@@ -310,7 +319,8 @@ def concepts(s, names):
 
 def view(s, g, cfg, pipe, mix_p=0.0, batch=1, names=None):
     """A training view: prep + augmentation; mixing params name a partner position in the same batch (mix_batch)."""
-    out = {"image": pipe(prep(s, cfg.size), g), "label": int(s["label"]), "mix": sample_mix(g, batch, cfg.size, mix_p)}
+    S = cfg.image_size
+    out = {"image": pipe(prep(s, S), g), "label": int(s["label"]), "mix": sample_mix(g, batch, S, mix_p)}
     return dict(out, multi=concepts(s, names)) if names is not None else out
 
 
@@ -326,15 +336,17 @@ def dr_view(s, g, cfg, C, heavy, light):
 
 
 def make_stream(src, fn, seed, cfg, dist, name, post, batch=None):
-    """A Stream of `batch` (global; default batch_size) split over ranks; the world and in-memory sets in-process."""
+    """A Stream of `batch` (global; default batch_size) split over ranks (workers -1: in-process for the world and
+    in-memory sets, common.data.default_workers)."""
     return Stream(src, max(1, (batch or cfg.batch_size) // dist.world_size), fn, seed=seed, dist=dist, post=post,
-                  num_workers=cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0, name=name)
+                  num_workers=cfg.num_workers, name=name)
 
 
 def eval_set(cfg, split, n, names):
     """n labelled samples of `split` (one pass, never the training stream) -> {"x", "y", "samples" (provenance)}."""
     got = read_samples(source(cfg, split, n, require=("image",), cache=False), n,
-                       transform=lambda s: {"__key__": s["__key__"], "x": prep(s, cfg.size), "label": s.get("label")})
+                       transform=lambda s: {"__key__": s["__key__"], "x": prep(s, cfg.image_size),
+                                            "label": s.get("label")})
     bad = [s["label"] for s in got if not isinstance(s["label"], int) or not 0 <= s["label"] < len(names)]
     if bad:
         raise ValueError(f"{got.name}: label {bad[0]!r} is not a class id in 0..{len(names) - 1}; reinforce.py needs a "
@@ -344,7 +356,8 @@ def eval_set(cfg, split, n, names):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the reinforced store: {out}/reinforced/reinforced-{j:06d}.tar, one per input unit (an input shard, or shard_size
-# world samples), + manifest.json. Per sample (webdataset members, no pickle; ml-dr stores one torch.save per image):
+# world samples), manifest.json (what it holds), stage.json (for_each_shard's build state: fingerprint, complete).
+# Per sample (webdataset members, no pickle; ml-dr stores one torch.save per image):
 #   KEY.png: the image at model size, as the teachers saw it, so that the store alone rebuilds every view;
 #   KEY.json: {"label", "aug": NS records {"aug": params, "mix": params}}; KEY.topk.safetensors: "v" fp16 (NS, k) top-k
 #   teacher probabilities, "ix" int16 their classes; KEY.partners.png: mixing partners side by side (record: slot)
@@ -365,16 +378,16 @@ def encode(x, y, recs, v, ix, partners):
 def unpack(s):
     """A decoded store sample -> {"image", "label", "aug" [NS], "v" fp16 (NS, k), "ix" (NS, k), "partners" [images]}."""
     x = to_tensor(s["image"])
-    strip = to_tensor(decode_image(s["partners.png"])) if "partners.png" in s else x[:, :, :0]
+    parts = list(to_tensor(decode_image(s["partners.png"])).split(x.shape[-1], -1)) if "partners.png" in s else []
     return {"__key__": s["__key__"], "image": x, "label": int(s["label"]), "aug": s["aug"],
-            **load_tensors(s["topk.safetensors"]), "partners": list(strip.split(x.shape[-1], dim=-1))}
+            **load_tensors(s["topk.safetensors"]), "partners": parts}
 
 
 def reinforce_unit(samples, teachers, cfg, chunk=64):
     """for_each_shard's fn: one input unit -> (key, members). Each sample's NS views are drawn with a generator seeded
     by its key (so the bytes depend neither on the rank count nor on the order of the units), partners from the same
     unit; the teachers score them chunk by chunk, so memory is one unit of model-size images."""
-    unit = [(s["__key__"], prep(s, cfg.size), int(s["label"])) for s in samples]
+    unit = [(s["__key__"], prep(s, cfg.image_size), int(s["label"])) for s in samples]
     pool, pipe, dev = [x for _, x, _ in unit], heavy_pipeline(cfg), next(teachers.parameters()).device
     for a in range(0, len(unit), chunk):
         views, recs, strips = [], [], []
@@ -395,22 +408,18 @@ def reinforce_unit(samples, teachers, cfg, chunk=64):
 
 
 def read_manifest(d):
+    """The store's manifest.json, or {} unless the build it describes is complete (stage.json, same fingerprint)."""
     p = Path(d) / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    man = json.loads(p.read_text()) if p.is_file() else {}
+    return man if man and stage_current(d, man["fingerprint"]) else {}
 
 
-def build_store(d, src, fn, fp, dist, shard_size=1, retrain=False, **manifest):
-    """Keep the shards of a build (complete or cut short) with the same fingerprint, else empty d; for_each_shard writes
-    the missing ones (units dealt to ranks, atomic, present ones skipped); rank 0 the manifest. Collective."""
-    if dist.is_master:
-        os.makedirs(d, exist_ok=True)
-        if retrain or read_manifest(d).get("fingerprint") != fp:
-            for p in glob(os.path.join(d, f"{STORE}-*.tar")):
-                os.remove(p)
-            save_json(os.path.join(d, "manifest.json"), {"fingerprint": fp, "complete": False})
-    dist.barrier()
-    paths = for_each_shard(src, d, fn, dist, shard_size=shard_size, prefix=STORE, progress=False)
-    man = dict(manifest, format="clipbook-reinforced-v2", complete=True, fingerprint=fp, source=src.name,
+def build_store(d, src, fn, fp, dist, shard_size=1, **manifest):
+    """common.data.for_each_shard under fingerprint fp (a build cut short with the same fp continues at its missing
+    shards, one with another fp is removed first; units dealt to ranks, written atomically), then rank 0 writes the
+    manifest. Collective."""
+    paths = for_each_shard(src, d, fn, dist, shard_size=shard_size, prefix=STORE, progress=False, fingerprint=fp)
+    man = dict(manifest, format="clipbook-reinforced-v2", fingerprint=fp, source=src.name,
                shards=[os.path.basename(p) for p in paths])
     if dist.is_master:
         save_json(os.path.join(d, "manifest.json"), man)
@@ -419,16 +428,20 @@ def build_store(d, src, fn, fp, dist, shard_size=1, retrain=False, **manifest):
 
 
 def reinforce(teachers, src, C, cfg, dist, fp):
-    """Build the reinforced store {out}/reinforced from the training source `src`."""
-    return build_store(os.path.join(cfg.out, "reinforced"), src, partial(reinforce_unit, teachers=teachers.eval(),
-                       cfg=cfg), fp, dist, cfg.shard_size, cfg.retrain, ns=cfg.ns, topk=cfg.topk, num_classes=C,
-                       size=cfg.size, runs=[{"run_seed": cfg.run_seed, "ns": cfg.ns}])
+    """Build the reinforced store {out}/reinforced from the training source `src` (--retrain: from nothing)."""
+    d = os.path.join(cfg.out, "reinforced")
+    if cfg.retrain and dist.is_master:
+        shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+    return build_store(d, src, partial(reinforce_unit, teachers=teachers.eval(), cfg=cfg), fp, dist, cfg.shard_size,
+                       ns=cfg.ns, topk=cfg.topk, num_classes=C, image_size=cfg.image_size,
+                       runs=[{"run_seed": cfg.run_seed, "ns": cfg.ns}])
 
 
 def store_source(d):
     """The store as a source (its shards in manifest order), for a Stream or a one-pass read."""
     man = read_manifest(d)
-    if not man.get("complete"):
+    if not man:
         raise FileNotFoundError(f"{d}: no complete reinforced store (manifest.json): run `reinforce.py reinforce`")
     return open_source("::".join(os.path.join(d, n) for n in man["shards"]))
 
@@ -464,66 +477,58 @@ def merge_reinforced(dirs, out_dir, dist=Dist()):
     8 runs x 50; ml-dr picks one run per access). A merge builds a store too: unit j is shard j of every run."""
     mans = [read_manifest(d) for d in dirs]
     for d, m in zip(dirs, mans):
-        if not m.get("complete"):
+        if not m:
             raise FileNotFoundError(f"merge: {d} holds no complete reinforced store (manifest.json)")
-        for k in ("shards", "topk", "num_classes", "size"):
+        for k in ("shards", "topk", "num_classes", "image_size"):
             if m[k] != mans[0][k]:
                 raise ValueError(f"merge: {d} has {k}={m[k]}, {dirs[0]} {mans[0][k]}; runs must cover the same data")
     units = SampleSource([{"__key__": n, "paths": [os.path.join(d, n) for d in dirs]} for n in mans[0]["shards"]],
                          name="+".join(dirs))
     return build_store(out_dir, units, merge_unit, [m["fingerprint"] for m in mans], dist,
-                       **{k: mans[0][k] for k in ("topk", "num_classes", "size")}, ns=sum(m["ns"] for m in mans),
+                       **{k: mans[0][k] for k in ("topk", "num_classes", "image_size")}, ns=sum(m["ns"] for m in mans),
                        runs=sum((m["runs"] for m in mans), []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# losses (on fp32 logits, also under bf16 autocast) and fits
+# losses (Net returns fp32 logits, also under bf16 autocast; the targets come in fp32) and fits
 
 
-def fp32_loss(fn):
-    """loss_fn(model, (x, target)) computing fn(logits, target) on fp32 logits with autocast off."""
-    def loss(m, batch):
-        z, t = m(batch[0]), batch[1]
-        with torch.autocast(z.device.type, enabled=False):
-            return fn(z.float(), t.float() if t.is_floating_point() else t)
-    return loss
+def on_logits(fn):
+    """fit's loss_fn(model, (x, target)) = fn(model(x), target)."""
+    return lambda m, batch: fn(m(batch[0]), batch[1])
 
 
 # KL(target || student) = cross-entropy to the soft target up to a constant (ml-dr uses F.kl_div batchmean)
-kl_loss = fp32_loss(lambda z, t: F.kl_div(F.log_softmax(z, -1), t, reduction="batchmean"))
+kl_loss = on_logits(lambda z, t: F.kl_div(F.log_softmax(z, -1), t, reduction="batchmean"))
 
 
 def fingerprint(cfg, *keys, **extra):
-    """The config values a stage's result depends on (with --data also where its train split is cut)."""
-    keys += ("holdout",) if cfg.data else ()
+    """The config values a stage's result depends on (with --data also where its splits are cut)."""
+    keys += ("holdout", "val_data") if cfg.data else ()
     return {**{k: getattr(cfg, k) for k in keys}, **extra}
 
 
-@torch.no_grad()
-def accuracy(model, x, y, dev, chunk=500):
-    model = unwrap(model).eval()
-    pred = torch.cat([model(x[i:i + chunk].to(dev)).argmax(-1).cpu() for i in range(0, len(x), chunk)])
-    return float((pred == y).float().mean())
+def accuracy(model, x, y, dev):
+    return float((extract_features(unwrap(model).eval(), x, 500, dev).argmax(-1) == y).float().mean())
 
 
-def run_fit(model, loss_fn, stream, steps, cfg, dist, name, streams, lr=None, fp=None, find_unused=False):
-    """common.train.fit on a Stream (whose state it checkpoints); fp: the stage's fingerprint (a finished stage with
-    the same one is reused; --retrain: trained again). The stream is kept in `streams` for the data block."""
+def run_fit(model, loss_fn, stream, steps, cfg, dist, name, streams, fp, lr=None, find_unused=False):
+    """One stage: common.train.fit on a Stream (whose state it checkpoints) under the fingerprint fp + the stage's
+    optimisation: a finished checkpoint with the same one is reused, an unfinished one continued with --resume;
+    --retrain deletes it first. The stream is kept in `streams` for the data block. -> fit's history + "fingerprint"."""
     path = os.path.join(cfg.out, f"{name}.safetensors")
-    if cfg.retrain and fp is not None and dist.is_master and os.path.exists(path):
+    if cfg.retrain and dist.is_master and os.path.exists(path):
         os.remove(path)
     dist.barrier()
     streams[name] = stream
     tc = TrainConfig(steps, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, steps // 20),
                      log_every=cfg.log_every, amp=cfg.amp, resume=cfg.resume)
+    fp = dict(fp, train={k: v for k, v in vars(tc).items() if k not in ("ckpt_every", "log_every", "resume")})
     h = fit(model, loss_fn, stream, tc, cfg.out, name, dist, fingerprint=fp, config=config_to_dict(cfg),
             progress=False, find_unused_parameters=find_unused)
     stream.close()
-    if dist.distributed:  # each rank's last step updated its own BatchNorm statistics: keep rank 0's everywhere
-        for b in unwrap(model).buffers():
-            torch.distributed.broadcast(b, 0)
-    unwrap(model).eval()
-    return h
+    unwrap(model).eval()  # under torchrun fit has given every rank rank 0's BatchNorm statistics
+    return dict(h, fingerprint=fp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,7 +537,8 @@ def run_fit(model, loss_fn, stream, steps, cfg, dist, name, streams, lr=None, fp
 
 def train_teachers(src, C, cfg, dist, streams):
     """Both members train on the same augmented batches (teacher_aug=heavy: DR's pipeline + MixUp/CutMix with
-    mixed one-hot labels; light: crop + flip, see docs/reinforce.md for why light is the default here)."""
+    mixed one-hot labels; light: crop + flip, see docs/reinforce.md for why light is the default here).
+    -> (ensemble, its fingerprint: what the store and the KD student depend on)."""
     seed_all(cfg.seed + 1)
     ens = Ensemble(ints(cfg.teacher_widths), C).to(dist.device)
     if cfg.teacher_weights:
@@ -542,37 +548,53 @@ def train_teachers(src, C, cfg, dist, streams):
     fn = partial(view, cfg=cfg, pipe=heavy_pipeline(cfg) if heavy else light_pipeline(cfg),
                  mix_p=cfg.mix_p if heavy else 0.0, batch=cfg.batch_size // dist.world_size)
     stream = make_stream(src, fn, cfg.seed + 11, cfg, dist, "teachers",
-                         lambda b: mix_batch(b["image"], b["label"], b["mix"], C, cfg.size))
-    loss = fp32_loss(lambda z, t: sum(torch.sum(-t * F.log_softmax(lg, -1), -1).mean() for lg in z))  # z (M, B, C)
-    fp = fingerprint(cfg, "seed", "size", "n_teacher", "teacher_widths", "teacher_epochs", "teacher_aug", "batch_size",
-                     "lr", "crop", "crop_pad", "rrc_min", "data",
-                     *(("ra_magnitude", "erase_p", "mix_p") if heavy else ()))
-    run_fit(ens, loss, stream, cfg.teacher_epochs * cfg.n_teacher // cfg.batch_size, cfg, dist, "teachers", streams,
-            fp=fp)
-    return ens.eval(), fp
+                         lambda b: mix_batch(b["image"], b["label"], b["mix"], C, cfg.image_size))
+    loss = on_logits(lambda z, t: sum(torch.sum(-t * F.log_softmax(lg, -1), -1).mean() for lg in z))  # z (M, B, C)
+    fp = fingerprint(cfg, "seed", "image_size", "n_teacher", "teacher_widths", "teacher_aug", "batch_size", "crop",
+                     "crop_pad", "rrc_min", "data", *(("ra_magnitude", "erase_p", "mix_p") if heavy else ()))
+    h = run_fit(ens, loss, stream, cfg.teacher_epochs * cfg.n_teacher // cfg.batch_size, cfg, dist, "teachers",
+                streams, fp)
+    return ens.eval(), h["fingerprint"]
 
 
-def train_student(kind, src, C, cfg, dist, streams, teachers=None):
+def epoch_times(h, cpu, cfg, dist, name):
+    """A student's (wall, CPU) seconds per epoch over the steps this run trained, kept in --out with the stage's
+    fingerprint (common.train.mark_stage): a reused student reports the times of the run that trained it."""
+    path = os.path.join(cfg.out, f"{name}_epoch_s.json")
+    if h["reused"]:
+        return tuple(json.load(open(path))) if stage_current(path, h["fingerprint"]) else (None, None)
+    per = h["steps"] / (h["steps"] - h["start"]) / cfg.epochs  # x steps per epoch / steps trained (fewer if resumed)
+    t = (h["seconds"] * per, cpu * per)
+    if dist.is_master:
+        save_json(path, t)
+        mark_stage(path, h["fingerprint"])
+    return t
+
+
+def train_student(kind, src, C, cfg, dist, streams, teachers, fp):
     """kind: erm | kd | dr. Same student, steps, optimizer; only the targets and augmentations differ. src: the
-    training images (ERM, KD), or the reinforced store (DR: the same images, with their stored views)."""
+    training images (ERM, KD), or the reinforced store (DR: the same images, with their stored views). fp: what
+    this kind's targets depend on. -> (student, wall s / epoch, CPU s / epoch)."""
     seed_all(cfg.seed + 2)
     student = Net(cfg.width, C).to(dist.device)
     light, heavy, loss = light_pipeline(cfg), heavy_pipeline(cfg), kl_loss
     if kind == "erm":
         fn, post = partial(view, cfg=cfg, pipe=light), lambda b: (b["image"], b["label"])
-        loss = fp32_loss(lambda z, t: F.cross_entropy(z, t, label_smoothing=cfg.label_smoothing))
+        loss = on_logits(lambda z, t: F.cross_entropy(z, t, label_smoothing=cfg.label_smoothing))
     elif kind == "kd":  # the same augmentation distribution as DR, drawn fresh every time
         fn = partial(view, cfg=cfg, pipe=heavy, mix_p=cfg.mix_p, batch=cfg.batch_size // dist.world_size)
 
         def post(b):  # online KD: the teachers run at every step (this is the cost DR removes)
-            x = mix_batch(b["image"], b["label"], b["mix"], C, cfg.size)[0]
+            x = mix_batch(b["image"], b["label"], b["mix"], C, cfg.image_size)[0]
             return x, teachers.eval().probs(x)
     else:
         fn, post = partial(dr_view, cfg=cfg, C=C, heavy=heavy, light=light), lambda b: (b["image"], b["target"])
-    cpu = time.process_time()  # CPU seconds too: on a shared machine wall-clock ratios are mostly load noise
-    h = run_fit(student, loss, make_stream(src, fn, cfg.seed + 22, cfg, dist, f"student_{kind}", post),
-                cfg.epochs * cfg.n_train // cfg.batch_size, cfg, dist, f"student_{kind}", streams)
-    return student, h["seconds"] / cfg.epochs, (time.process_time() - cpu) / cfg.epochs
+    fp = fingerprint(cfg, "seed", "image_size", "n_train", "width", "batch_size", "crop", "crop_pad", "rrc_min", "data",
+                     kind=kind, **fp)
+    name, cpu = f"student_{kind}", time.process_time()  # CPU seconds too: wall-clock ratios are mostly load noise
+    h = run_fit(student, loss, make_stream(src, fn, cfg.seed + 22, cfg, dist, name, post),
+                cfg.epochs * cfg.n_train // cfg.batch_size, cfg, dist, name, streams, fp)
+    return (student, *epoch_times(h, time.process_time() - cpu, cfg, dist, name))
 
 
 def run_dr(cfg, dist, res, plots, streams, test, names):
@@ -580,7 +602,7 @@ def run_dr(cfg, dist, res, plots, streams, test, names):
     teachers, tid = train_teachers(source(cfg, "train", cfg.n_teacher), C, cfg, dist, streams)
     res["teacher_acc"] = float((teachers.probs(test["x"].to(dist.device)).argmax(-1).cpu() == test["y"]).float().mean())
     dist.print(f"teachers: ensemble test accuracy {res['teacher_acc']:.4f}")
-    fp = fingerprint(cfg, "seed", "size", "n_train", "ns", "topk", "shard_size", "run_seed", "crop", "crop_pad",
+    fp = fingerprint(cfg, "seed", "image_size", "n_train", "ns", "topk", "shard_size", "run_seed", "crop", "crop_pad",
                      "rrc_min", "ra_magnitude", "erase_p", "mix_p", "data", teachers=tid)
     train = source(cfg, "train", cfg.n_train)  # the students' images: the first n_train of the teachers' (world)
     t0 = time.time()
@@ -594,11 +616,16 @@ def run_dr(cfg, dist, res, plots, streams, test, names):
     plots["samples"] = d
     if cfg._command == "reinforce":
         return
+    targets = {"erm": {"label_smoothing": cfg.label_smoothing},  # what each student's targets depend on
+               "kd": {"ra_magnitude": cfg.ra_magnitude, "erase_p": cfg.erase_p, "mix_p": cfg.mix_p, "teachers": tid},
+               "dr": {"p_reinforced": cfg.p_reinforced, "store": fp}}
     for kind in ("erm", "kd", "dr"):
-        st, sec, cpu = train_student(kind, store if kind == "dr" else train, C, cfg, dist, streams, teachers)
+        st, sec, cpu = train_student(kind, store if kind == "dr" else train, C, cfg, dist, streams, teachers,
+                                     targets[kind])
         res.update({f"{kind}_acc": accuracy(st, test["x"], test["y"], dist.device), f"{kind}_epoch_s": sec,
                     f"{kind}_epoch_cpu_s": cpu})
-        dist.print(f"{kind}: test accuracy {res[f'{kind}_acc']:.4f}, {sec:.2f} s/epoch ({cpu:.2f} CPU s/epoch)")
+        times = f", {sec:.2f} s/epoch ({cpu:.2f} CPU s/epoch)" if sec is not None else ""
+        dist.print(f"{kind}: test accuracy {res[f'{kind}_acc']:.4f}{times}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,28 +639,26 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.net, self.proj = net, nn.Linear(net.dim, dim)
 
-    def forward(self, x):
-        return self.proj(self.net.features(x))
+    def forward(self, x):  # fp32 like Net's logits
+        return fp32_logits(self.net.features(x), self.proj.weight, bias=self.proj.bias)
 
 
 def train_vfm(src, names, cfg, dist, streams):
     """The "foundation model": a wider CNN pretrained on the whole world with a CatLIP-like objective (multi-label
-    BCE on every shape and colour present), knowing nothing of the target task."""
+    BCE on every shape and colour present), knowing nothing of the target task. -> (vfm, its fingerprint)."""
     seed_all(cfg.seed + 3)
     vfm = Net(cfg.vfm_width, len(names) + len(COLORS)).to(dist.device)
     stream = make_stream(src, partial(view, cfg=cfg, pipe=light_pipeline(cfg), names=names), cfg.seed + 33, cfg, dist,
                          "vfm", lambda b: (b["image"], b["multi"]))
-    fp = fingerprint(cfg, "seed", "size", "n_vfm", "vfm_width", "vfm_epochs", "batch_size", "lr", "crop", "crop_pad",
-                     "rrc_min", "data")
-    run_fit(vfm, fp32_loss(F.binary_cross_entropy_with_logits), stream, cfg.vfm_epochs * cfg.n_vfm // cfg.batch_size,
-            cfg, dist, "vfm", streams, fp=fp)
-    return vfm.eval()
+    fp = fingerprint(cfg, "seed", "image_size", "n_vfm", "vfm_width", "batch_size", "crop", "crop_pad", "rrc_min",
+                     "data")
+    h = run_fit(vfm, on_logits(F.binary_cross_entropy_with_logits), stream,
+                cfg.vfm_epochs * cfg.n_vfm // cfg.batch_size, cfg, dist, "vfm", streams, fp)
+    return vfm.eval(), h["fingerprint"]
 
 
-@torch.no_grad()
-def feats(model, x, dev, chunk=500):
-    model = unwrap(model).eval()
-    return torch.cat([model.features(x[i:i + chunk].to(dev)).cpu() for i in range(0, len(x), chunk)])
+def feats(model, x, dev):
+    return extract_features(unwrap(model).eval().features, x, 500, dev)
 
 
 def fit_head(f, y, C, steps=300, lr=0.05, wd=1e-3):
@@ -686,16 +711,19 @@ def run_transfer(cfg, dist, res, streams, test, names):
     remap, K = {c: t for t, c in enumerate(task)}, len(task)
     kd_steps = cfg.kd_epochs * cfg.n_transfer // B  # before finetune reads it (scratch trains ft_steps + kd_steps)
     train = source(cfg, "train", cfg.n_vfm)
-    vfm = train_vfm(train, names, cfg, dist, streams)
+    vfm, vfm_fp = train_vfm(train, names, cfg, dist, streams)
+    # every TOKT stage depends on the VFM, the labels, the pool and transfer sets, the distillation and the student
+    tokt = fingerprint(cfg, "seed", "image_size", "batch_size", "lr", "crop", "crop_pad", "rrc_min", "data",
+                       "task_classes", "n_labels", "n_pool", "n_transfer", "width", "kd_epochs", "kd_temp", vfm=vfm_fp)
     lab = labelled_set(train, remap, cfg.n_labels)
-    xl, yl = torch.stack([prep(s, cfg.size) for s in lab]), torch.tensor([s["label"] for s in lab])
+    xl, yl = torch.stack([prep(s, cfg.image_size) for s in lab]), torch.tensor([s["label"] for s in lab])
     keep = torch.tensor([int(c) in remap for c in test["y"]])
     xt, yt = test["x"][keep], torch.tensor([remap[int(c)] for c in test["y"][keep]])
     pool = read_samples(source(cfg, "val", cfg.n_pool, cache=False), cfg.n_pool,
                         transform=lambda s: {"__key__": s["__key__"], "image": s["image"], "label": int(s["label"])})
     inside = torch.tensor([s["label"] in remap for s in pool])
     # TOKT step 1: adapt the VFM to the task with the few labels (linear probe on frozen features)
-    fv_pool, fv_lab = feats(vfm, torch.stack([prep(s, cfg.size) for s in pool]), dev), feats(vfm, xl, dev)
+    fv_pool, fv_lab = feats(vfm, torch.stack([prep(s, cfg.image_size) for s in pool]), dev), feats(vfm, xl, dev)
     head = fit_head(fv_lab, yl, K)
     res["vfm_adapted_acc"] = float((head(feats(vfm, xt, dev)).argmax(-1) == yt).float().mean())
     sets = {"in_domain": torch.nonzero(inside)[:cfg.n_transfer, 0],
@@ -709,8 +737,8 @@ def run_transfer(cfg, dist, res, streams, test, names):
         stream = make_stream(SampleSource(lab, name=f"{len(lab)} labelled images of {train.name}"), light,
                              cfg.seed + 44, cfg, dist, f"tokt_{name}", lambda b: (b["image"], b["label"]),
                              batch=min(B, len(lab)))
-        run_fit(st, fp32_loss(F.cross_entropy), stream, cfg.ft_steps + (kd_steps if name == "scratch" else 0), cfg,
-                dist, f"tokt_{name}", streams, lr=cfg.ft_lr if name != "scratch" else cfg.lr)
+        run_fit(st, on_logits(F.cross_entropy), stream, cfg.ft_steps + (kd_steps if name == "scratch" else 0), cfg,
+                dist, f"tokt_{name}", streams, tokt, lr=cfg.ft_lr if name != "scratch" else cfg.lr)
         return accuracy(st, xt, yt, dev)
 
     def distil(idx, name, agnostic=False):
@@ -723,14 +751,13 @@ def run_transfer(cfg, dist, res, streams, test, names):
         @torch.no_grad()
         def post(b):
             fv = unwrap(vfm).eval().features(b["image"])
-            return b["image"], fv if agnostic else (head(fv) / cfg.kd_temp).softmax(-1)
+            return b["image"], fv if agnostic else head(fv)
         stream = make_stream(SampleSource([pool[int(j)] for j in idx], name=f"transfer set {name} of {pool.name}"),
                              light, cfg.seed + 55, cfg, dist, f"tokt_kd_{name}", post)
-        T = cfg.kd_temp
         loss = (lambda z, t: 1 - F.cosine_similarity(z, t, dim=-1).mean()) if agnostic else \
-            (lambda z, t: T ** 2 * F.kl_div(F.log_softmax(z / T, -1), t, reduction="batchmean"))
-        run_fit(FeatureHead(st, fv_pool.shape[1]).to(dev) if agnostic else st, fp32_loss(loss), stream, kd_steps, cfg,
-                dist, f"tokt_kd_{name}", streams, find_unused=agnostic)
+            (lambda z, t: distill_kl(z, t, cfg.kd_temp))  # T^2 KL(softmax(t / T) || softmax(z / T))
+        run_fit(FeatureHead(st, fv_pool.shape[1]).to(dev) if agnostic else st, on_logits(loss), stream, kd_steps, cfg,
+                dist, f"tokt_kd_{name}", streams, tokt, find_unused=agnostic)
         return st
 
     res["task_kd_acc"], res["task_kd_no_ft_acc"] = {}, {}
@@ -746,71 +773,49 @@ def run_transfer(cfg, dist, res, streams, test, names):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# plots (PIL) and the expected-effect checks
+# plots (common.plot) and the expected-effect checks
 
 
 def plot_results(path, res):
-    """Bar charts: DR-mode accuracies (with s/epoch) and transfer-mode accuracies."""
+    """Bar charts: DR-mode accuracies (with CPU s/epoch) and transfer-mode accuracies."""
     panels = []
     if "dr_acc" in res:
+        cpu = lambda k: "" if res[k + "_epoch_cpu_s"] is None else f" ({res[k + '_epoch_cpu_s']:.1f}s)"  # noqa: E731
         panels.append(("DR mode: test accuracy at equal epochs (CPU s/epoch)",
-                       [(f"{k.upper()} ({res[k + '_epoch_cpu_s']:.1f}s)", res[k + "_acc"]) for k in ("erm", "kd", "dr")]
+                       [(k.upper() + cpu(k), res[k + "_acc"]) for k in ("erm", "kd", "dr")]
                        + [("teachers", res["teacher_acc"])]))
     if "scratch_acc" in res:
         panels.append(("Transfer mode: task test accuracy",
                        [("scratch", res["scratch_acc"]), ("agnostic KD", res["agnostic_kd_acc"])]
                        + [(f"task KD {k}", v) for k, v in res["task_kd_acc"].items()]
                        + [("VFM adapted", res["vfm_adapted_acc"])]))
-    if not panels:
-        return
-    font, pw, ph, ml = ImageFont.load_default(), 420, 230, 40
-    img = Image.new("RGB", (len(panels) * (pw + ml) + 20, ph + 90), "white")
-    dr = ImageDraw.Draw(img)
-    cols = [(90, 90, 90), (200, 120, 40), (40, 110, 200), (60, 160, 80), (160, 60, 160), (120, 120, 200)]
-    for c, (title, bars) in enumerate(panels):
-        x0, y0 = ml + c * (pw + ml), 30
-        dr.text((x0, 8), title, fill="black", font=font)
-        dr.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
-        for t in range(6):
-            y = y0 + ph - t / 5 * ph
-            dr.line([x0 - 4, y, x0, y], fill="black")
-            dr.text((x0 - 28, y - 6), f"{t / 5:.1f}", fill="black", font=font)
-        bw = pw / len(bars)
-        for k, (name, v) in enumerate(bars):
-            xa = x0 + k * bw + 6
-            dr.rectangle([xa, y0 + ph - v * ph, xa + bw - 12, y0 + ph], fill=cols[k % len(cols)])
-            dr.text((xa, y0 + ph - v * ph - 12), f"{v:.3f}", fill="black", font=font)
-            for li, part in enumerate(name.split(" ", 2)):
-                dr.text((xa, y0 + ph + 4 + 11 * li), part, fill="black", font=font)
-    img.save(path)
+    if panels:
+        bar_plot(path, panels, ymax=1.0)
 
 
 def plot_samples(path, d, names, cfg, n_img=6, n_aug=6):
-    """Rows: an image of the store, then its stored augmentations replayed, labelled with the top-1 teacher class."""
+    """Rows: an image of the store (labelled with its class), then its stored augmentations replayed from the store
+    alone."""
     man, samples = read_manifest(d), list(iter_samples(store_source(d), n=n_img))
-    pipe, cell = heavy_pipeline(cfg), 64
-    n_aug = min(n_aug, man["ns"])
-    img = Image.new("RGB", ((n_aug + 1) * cell + 10, len(samples) * (cell + 14) + 10), "white")
-    dr, font = ImageDraw.Draw(img), ImageFont.load_default()
+    pipe, n_aug = heavy_pipeline(cfg), min(n_aug, man["ns"])
     name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
-    for r, s in enumerate(samples):
+    rows, labels = [], []
+    for s in samples:
         u = unpack(s)
-        ims = [u["image"]] + [replay_aug(pipe, u["image"], u["partners"], u["aug"][k]) for k in range(n_aug)]
-        caps = [name(u["label"])] + [f"{name(int(u['ix'][k, 0]))} {float(u['v'][k, 0]):.2f}" for k in range(n_aug)]
-        for k, (x, cap) in enumerate(zip(ims, caps)):
-            img.paste(Image.fromarray(to_uint8(x)).resize((cell, cell), Image.NEAREST),
-                      (5 + k * cell, 5 + r * (cell + 14)))
-            dr.text((5 + k * cell, 5 + r * (cell + 14) + cell), cap[:11], fill="black", font=font)
-    img.save(path)
+        rows.append([to_uint8(x) for x in [u["image"]] + [replay_aug(pipe, u["image"], u["partners"], u["aug"][k])
+                                                          for k in range(n_aug)]])
+        labels.append(name(u["label"]))
+    image_grid(path, rows, labels, scale=max(1, 64 // cfg.image_size))
 
 
 def expected_effects(res):
-    """The miniature's expected directions (issue 8), as booleans: printed and stored, never tuned away."""
+    """The miniature's expected directions, as booleans: printed and stored, never tuned away."""
     e = {}
     if "dr_acc" in res:
         e["dr_gt_erm"] = res["dr_acc"] > res["erm_acc"]
         e["dr_approx_kd"] = res["dr_acc"] >= res["kd_acc"] - 0.02
-        e["dr_epoch_faster_than_kd"] = res["dr_epoch_cpu_s"] < res["kd_epoch_cpu_s"]  # CPU s: robust to load
+        if None not in (res["dr_epoch_cpu_s"], res["kd_epoch_cpu_s"]):  # CPU s: robust to load
+            e["dr_epoch_faster_than_kd"] = res["dr_epoch_cpu_s"] < res["kd_epoch_cpu_s"]
     if "scratch_acc" in res:
         t = res["task_kd_acc"]
         e["task_gt_agnostic"] = t["in_domain"] > res["agnostic_kd_acc"]
@@ -851,11 +856,11 @@ def main(argv=None):
             run_dr(cfg, dist, res, plots, streams, test, names)
         if cfg._command != "reinforce" and cfg.mode in ("transfer", "all"):
             run_transfer(cfg, dist, res, streams, test, names)
-        # provenance (collective), all stages and each alone; ranks' shares differ between stages by design, so keys
-        # on several ranks are those one stage dealt to two ranks, summed over stages
+        # provenance (collective) of all stages together, then of each alone. Across stages the same key is dealt to
+        # different ranks by design, so the top-level train_keys_on_several_ranks counts those too (0 on one process);
+        # within a stage it is 0 inside an epoch (docs/reinforce.md)
         stages = {k: data_report([s], [test["samples"]], dist) for k, s in streams.items()}
         res["data"] = dict(data_report(list(streams.values()), [test["samples"]], dist),
-                           train_keys_on_several_ranks=sum(v["train_keys_on_several_ranks"] for v in stages.values()),
                            stages={k: {f: x for f, x in v.items() if f not in ("eval_source", "eval_samples",
                                                                                 "skipped_by_reason")}
                                    for k, v in stages.items()})
@@ -879,4 +884,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
