@@ -1,47 +1,34 @@
 """MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training (Vasu et al., arXiv:2311.17049)
 + CLIP with Quality Captions (Vasu et al., arXiv:2405.08911), in one file.
 
-What this file reproduces
-  1. The encoders (paper sec. 4): MCi0/1/2 image towers (FastViT-style hybrid: MobileOne stem, RepMixer stages,
-     reparameterizable large-kernel downsampling with SE, RepCPE + BatchNorm attention stage, conv_exp + global
-     pool projection) and the MCt text tower (Text-RepMixer blocks around 4 transformer layers); `reparameterize()`
-     folds every train-time branch into one conv. Exact parameter counts of the released models (tests assert them):
-     MCi0 11,406,464 -> 11,356,992, MCi1 21,541,120 -> 21,460,544, MCi2 35,814,720 -> 35,702,480,
-     MCt 42,441,216 -> 42,435,072, base text 63,428,096. `mci_tiny` / `mct_tiny` use the same blocks at 32 px.
-  2. Multi-modal dataset reinforcement (sec. 3, DataCompDR): per training image we store synthetic captions from a
-     CoCa-style captioner, k replayable augmentations (RandomResizedCrop box + RandAugment ops) with the embeddings
-     of an ensemble of 2 teacher CLIPs (per-teacher L2-normalised, concatenated) and the teacher text embeddings of
-     the ground-truth + synthetic captions; written as tar shards {KEY.paug.json, KEY.syn.json, KEY.npz} (+ the
-     image and its caption), built by streaming the training data over the ranks shard by shard, resumable.
-  3. Reinforced training (sec. 3.2): L = (1 - lam) L_CLIP + lam L_KD, L_KD = cross-entropy between the teachers'
-     similarity distribution (softmax per teacher at the teacher logit scale, then averaged) and the student's, both
-     directions, over ground-truth and synthetic captions; augmentation replayed from the stored parameters, so no
-     teacher runs at train time. Compared with a plain CLIP baseline at equal seen samples.
-  4. Quality captions (arXiv:2405.08911): the same CLIP trained on noisy alt-text vs on synthetic (well-aligned)
-     captions, evaluated zero-shot and with frozen-backbone dense probes (segmentation mIoU, depth RMSE), with all
-     and with 10% of the dense labels.
+  1. Encoders (sec. 4): MCi0/1/2 image and MCt text towers with the released models' exact parameter counts;
+     `reparameterize()` folds every train-time branch into one conv. `mci_tiny` / `mct_tiny`: the same blocks, 32 px.
+  2. Multi-modal dataset reinforcement (sec. 3, DataCompDR): per image, synthetic captions of a CoCa-style captioner,
+     k replayable augmentations with the image embeddings of 2 teacher CLIPs, and the teachers' text embeddings of
+     the ground-truth + synthetic captions, as tar shards built shard by shard over the ranks.
+  3. Reinforced training (sec. 3.2): L = (1 - lam) L_CLIP + lam L_KD against the teachers' stored similarities, no
+     teacher at train time; vs a CLIP baseline at equal seen samples.
+  4. Quality captions (arXiv:2405.08911): the same CLIP on noisy alt-text vs on synthetic captions, zero-shot and
+     with frozen-backbone dense probes (segmentation mIoU, depth RMSE) at 100% and 10% of the dense labels.
+Miniature (synthetic world, 32 px): the ground truth is the world's noisy alt-text (DataComp's), teachers and
+captioner learn from its accurate captions (the big pretrained CLIPs and CoCa), the student is a tiny MCi + MCt.
 
-Miniature design (synthetic world, 32 px): the web data's ground-truth caption is the world's noisy alt-text
-(DataComp's alt-text), the teachers and the captioner are trained on the world's accurate captions (playing the
-role of the big pretrained ViT-L/14 CLIPs and CoCa); the student is a tiny MCi + MCt. The teachers are conv-stem
-ViT CLIPs (4-2-2 stem, 8 px patches) that also see the shape label through a UniCL-style image-label term (see
-NAME_TEMPLATES), trained with a light crop. Even so, 110 steps leave them weak on shape (docs/mobileclip.md).
-
-    python mobileclip.py                    # default run: teachers, captioner, reinforce, baseline/reinforced/quality
-    python mobileclip.py --smoke            # < 60 s end to end
-    python mobileclip.py reinforce          # only build the reinforced shards (teachers/captioner trained if missing)
-    python mobileclip.py params             # only the parameter-count / reparameterization table of MCi0/1/2, MCt
-    python mobileclip.py --data='shards/{split}/shard-{000000..000009}.tar'   # exported world / real image-text shards
-    python mobileclip.py --data=shards --holdout=0.05       # one stream: test and val held out by key hash
-    torchrun --nproc_per_node=2 mobileclip.py --smoke
+    python mobileclip.py [--smoke]       # teachers, captioner, reinforce, baseline/reinforced/quality (smoke: < 60 s)
+    python mobileclip.py reinforce|params   # only the reinforced shards | the encoder counts and reparameterization
+    torchrun --nproc_per_node=2 mobileclip.py --data='shards/{split}'   # image-text shards (--holdout: one stream)
+Every stage (teachers, captioner, reinforced shards, students) is reused from --out while its fingerprint (the config
+values that change it) matches; --resume continues an unfinished one, --retrain builds every stage again.
 """
+import copy
 import io
 import itertools
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from glob import glob
 
 import numpy as np
@@ -50,15 +37,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common.config import config_to_dict, parse_config, print_table, save_json
+from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, for_each_shard, key_hash, open_source,
                          read_samples, stack)
 from common.eval import (dense_probe, extract_features, linear_probe, retrieval_recall, zero_shot_accuracy,
                          zero_shot_classifier)
 from common.losses import clip_loss, fp32_logits, gather_features
 from common.models import CLIP, Block, TextTransformer, VisionTransformer, text_tiny
+from common.plot import line_plot, panel
 from common.tokenizer import world_tokenizer
-from common.train import fit, seed_all, setup_distributed, unwrap
+from common.train import TrainConfig, fit, mark_stage, seed_all, setup_distributed, stage_current, unwrap
 from common.transforms import CenterCrop, Compose, RandAugment, RandomResizedCrop, Resize, ToTensor, to_uint8
 from common.world import TEMPLATES, World, class_names
 from kernels.attention import attention
@@ -74,7 +62,11 @@ class Config:
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     device: str = ""  # cpu | cuda (default: cuda if available)
+    retrain: bool = False  # build every stage again, even those --out holds finished with the same config
+    resume: bool = False  # continue unfinished stages in --out (same config) from their last checkpoint
     image_size: int = 32  # model input side; the world renders at this size
+    context_length: int = 32  # tokens per caption (tokenizer, text towers, captioner)
+    embed_dim: int = 128  # joint embedding width of the student and of every teacher (KD compares them per teacher)
     n_train: int = 2500  # world training pairs (all reinforced); --data: the whole train split
     n_cap: int = 1500  # world val pairs (accurate captions) the captioner is trained on; --data: the val split
     n_test: int = 500  # test pairs (at most) for zero-shot, retrieval and the dense probes
@@ -88,7 +80,7 @@ class Config:
     teacher_lr: float = 2e-3  # peak learning rate of the teachers
     teacher_label_weight: float = 1.0  # weight of the teachers' image-label term (UniCL-style; NAME_TEMPLATES)
     teacher_widths: str = "160,144"  # ViT/text width of each teacher (>= 2 teachers, all larger than the student)
-    cap_steps: int = 200  # steps of the captioner
+    cap_steps: int = 200  # steps of the captioner (lr 2e-3, weight decay 0.05, 20 warm-up steps)
     k_aug: int = 3  # stored augmentations per image (paper: 30 for DataCompDR-12M, 10 for -1B)
     n_syn: int = 2  # synthetic captions per image (paper: 5)
     top_k: int = 3  # top-k sampling of the captioner for all but the first (greedy) synthetic caption
@@ -99,6 +91,7 @@ class Config:
     eval_every: int = 25  # zero-shot eval every N steps of the baseline/reinforced runs (sample-efficiency curves)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     log_every: int = 25  # log.jsonl row + printed line every N steps
+    ckpt_every: int = 0  # checkpoint every N steps of a stage, so that --resume can continue it (0: at its end only)
     smoke: bool = False  # tiny run (< 60 s) for tests; the fields in SMOKE not given on the command line
 
 
@@ -106,7 +99,6 @@ SMOKE = dict(n_train=256, n_cap=128, n_test=128, batch_size=32, steps=20, teache
              dense_steps=40, eval_every=10, warmup=5, log_every=10, teacher_widths="160,160", teacher_batch=32)
 
 
-# ================================================================================================================
 # 1. Encoders (paper sec. 4; reference: ml-mobileclip mobileclip/models/mci.py, modules/common/mobileone.py,
 #    modules/image/replknet.py, modules/text/repmixer.py). All train-time branches fold into one conv at inference.
 
@@ -146,8 +138,7 @@ def folded_conv(cin, cout, k, s, g, w, b):
     """The single inference conv that replaces a multi-branch block."""
     k = _pair(k)
     c = nn.Conv2d(cin, cout, k, s, (k[0] // 2, k[1] // 2), groups=g, bias=True).to(w.device)
-    c.weight.data.copy_(w)
-    c.bias.data.copy_(b)
+    c.weight.data.copy_(w), c.bias.data.copy_(b)
     return c
 
 
@@ -164,8 +155,7 @@ class SE(nn.Module):
 
 
 class MobileOne(nn.Module):
-    """MobileOne block (arXiv:2206.04040): act(se(BN(x) + BN(conv1x1 x) + sum_n BN(conv_kxk x))).
-
+    """MobileOne block (arXiv:2206.04040): act(se(BN(x) + BN(conv1x1 x) + sum_n BN(conv_kxk x))):
     skip BN only when cin == cout and stride 1; the 1x1 'scale' branch only when k > 1; n_conv k x k branches."""
 
     def __init__(self, cin, cout, k, s=1, g=1, act=True, se=False, scale=True, n_conv=1):
@@ -179,14 +169,8 @@ class MobileOne(nn.Module):
         self.rep = None
 
     def forward(self, x):
-        if self.rep is not None:
-            return self.act(self.se(self.rep(x)))
-        y = self.skip(x) if self.skip is not None else 0.0
-        if self.scale is not None:
-            y = y + self.scale(x)
-        for c in self.convs:
-            y = y + c(x)
-        return self.act(self.se(y))
+        branches = [self.rep] if self.rep is not None else [self.skip, self.scale, *self.convs]
+        return self.act(self.se(sum(c(x) for c in branches if c is not None)))
 
     def kernel_bias(self):
         """Sum of all branches as one (cout, cin/g, kh, kw) kernel + bias (BN folded, 1x1 padded, skip = identity)."""
@@ -201,7 +185,6 @@ class MobileOne(nn.Module):
             W, b = W + w, b + bb
         return W, b
 
-    @torch.no_grad()
     def reparameterize(self):
         if self.rep is None:
             self.rep = folded_conv(self.cin, self.cout, self.k, self.s, self.g, *self.kernel_bias())
@@ -224,17 +207,11 @@ class RepLK(nn.Module):
         y = self.rep(x) if self.rep is not None else self.lk(x) + self.sk(x)
         return self.act(self.se(y))
 
-    @torch.no_grad()
     def reparameterize(self):
         if self.rep is None:
             (w1, b1), (w2, b2) = fuse_bn(self.lk.conv.weight, self.lk.bn), fuse_bn(self.sk.conv.weight, self.sk.bn)
             self.rep = folded_conv(self.cin, self.cout, self.k, self.s, self.cin, w1 + pad_to(w2, self.k), b1 + b2)
             self.lk = self.sk = None
-
-
-def patch_embed(cin, cout, se):
-    """Downsampling between stages: large-kernel stride-2 conv, then a 1x1 MobileOne block."""
-    return nn.Sequential(RepLK(cin, cout, 7, 2, 3, se), MobileOne(cout, cout, 1))
 
 
 class RepMixer(nn.Module):
@@ -250,11 +227,8 @@ class RepMixer(nn.Module):
         self.rep = None
 
     def forward(self, x):
-        if self.rep is not None:
-            return self.rep(x)
-        return x + self.ls * (self.mixer(x) - self.norm(x))
+        return self.rep(x) if self.rep is not None else x + self.ls * (self.mixer(x) - self.norm(x))
 
-    @torch.no_grad()
     def reparameterize(self):
         if self.rep is None:
             (wm, bm), (wn, bn) = self.mixer.kernel_bias(), self.norm.kernel_bias()
@@ -272,8 +246,7 @@ class ConvFFN(nn.Module):
         self.fc1, self.fc2 = nn.Conv2d(C, hidden, 1), nn.Conv2d(hidden, C, 1)
         for m in (self.conv.conv, self.fc1, self.fc2):
             nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
+        nn.init.zeros_(self.fc1.bias), nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(self.conv(x))))
@@ -303,8 +276,8 @@ class MHSA(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        t = x.flatten(2).transpose(1, 2)                                           # (B, N, C)
-        q, k, v = self.qkv(t).view(B, H * W, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        t = self.qkv(x.flatten(2).transpose(1, 2))                               # (B, N, 3C)
+        q, k, v = t.view(B, H * W, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
         y = attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)              # (B, N, C)
         return self.proj(y).transpose(1, 2).reshape(B, C, H, W)
 
@@ -335,7 +308,6 @@ class RepCPE(nn.Module):
     def forward(self, x):
         return self.rep(x) if self.rep is not None else x + self.pe(x)
 
-    @torch.no_grad()
     def reparameterize(self):
         if self.rep is None:
             w = self.pe.weight + id_kernel(self.C, 1, self.k, self.pe.weight)
@@ -344,8 +316,7 @@ class RepCPE(nn.Module):
 
 class MCi(nn.Module):
     """MCi image encoder: stem (stride `stem_stride`) -> stages of RepMixer blocks (attention blocks with RepCPE in
-    the last) joined by stride-2 large-kernel patch embeddings -> conv_exp (C -> 2C, SE) -> mean pool -> @ proj.
-
+    the last) joined by stride-2 large-kernel patch embeddings -> conv_exp (C -> 2C, SE) -> mean pool -> @ proj:
     x (B, 3, H, W) in [0, 1] (MobileCLIP uses no mean/std normalisation) -> (B, embed_dim)."""
 
     def __init__(self, layers=(2, 6, 10, 2), dims=(64, 128, 256, 512), mlp_ratio=3.0, embed_dim=512,
@@ -355,12 +326,10 @@ class MCi(nn.Module):
         self.stem = nn.Sequential(MobileOne(3, d0, 3, 2), MobileOne(d0, d0, 3, 2 if stem_stride == 4 else 1, d0),
                                   MobileOne(d0, d0, 1))
         stages = []
-        for i, (L, C, mix) in enumerate(zip(layers, dims, mixers)):
-            m = [] if i == 0 else [patch_embed(dims[i - 1], C, se_down[i])]
-            if mix == "attn":
-                m += [RepCPE(C)] + [AttentionBlock(C, mlp_ratio) for _ in range(L)]
-            else:
-                m += [RepMixerBlock(C, mlp_ratio) for _ in range(L)]
+        for i, (L, C, mix) in enumerate(zip(layers, dims, mixers)):  # patch embedding: RepLK stride 2, 1x1 MobileOne
+            m = [] if i == 0 else [nn.Sequential(RepLK(dims[i - 1], C, 7, 2, 3, se_down[i]), MobileOne(C, C, 1))]
+            m += ([RepCPE(C)] + [AttentionBlock(C, mlp_ratio) for _ in range(L)] if mix == "attn"
+                  else [RepMixerBlock(C, mlp_ratio) for _ in range(L)])
             stages.append(nn.Sequential(*m))
         self.stages = nn.ModuleList(stages)
         self.conv_exp = MobileOne(dims[-1], 2 * dims[-1], 3, 1, dims[-1], se=True)
@@ -390,7 +359,6 @@ class MCt(nn.Module):
     """MCt text encoder: token + learnable position embedding -> Text-RepMixer block -> transformer layers ->
     Text-RepMixer block -> LayerNorm -> EOT (argmax id) pooling -> @ projection. Non-causal (mobileclip_s0.json).
     The RepMixer blocks run on (B, D, 1, L) with 1x11 depthwise kernels; the 1x11 mixer has no 1x1 scale branch.
-
     tokens (B, L) -> (B, embed_dim)."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=4, heads=8, embed_dim=512, k=11):
@@ -406,46 +374,33 @@ class MCt(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(self, tokens):
-        L = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:L]            # (B, L, D)
-        x = self.rep_in(x.transpose(1, 2)[:, :, None]).squeeze(2).transpose(1, 2)
+        conv = lambda blk, x: blk(x.transpose(1, 2)[:, :, None]).squeeze(2).transpose(1, 2)  # noqa: E731 (B, L, D)
+        x = conv(self.rep_in, self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]])
         for blk in self.blocks:
             x = blk(x)
-        x = self.rep_out(x.transpose(1, 2)[:, :, None]).squeeze(2).transpose(1, 2)
-        x = self.ln_final(x)
+        x = self.ln_final(conv(self.rep_out, x))
         return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
 
 
-def mci0(embed_dim=512):
-    return MCi((2, 6, 10, 2), (64, 128, 256, 512), 3.0, embed_dim)
+# the released towers (ml-mobileclip configs; any embed_dim=): image MCi0/1/2, text MCt, and the 12-layer non-causal
+# 'base' text tower of MobileCLIP-S1/S2/B (common.models' tower)
+mci0 = partial(MCi, (2, 6, 10, 2), (64, 128, 256, 512))
+mci1 = partial(MCi, (4, 12, 20, 4), (64, 128, 256, 512))
+mci2 = partial(MCi, (4, 12, 24, 4), (80, 160, 320, 640))
+mct = partial(MCt, 49408, 77, 512, 4, 8)
+base_text = partial(TextTransformer, 49408, 77, 512, 12, 8, causal=False)
 
 
-def mci1(embed_dim=512):
-    return MCi((4, 12, 20, 4), (64, 128, 256, 512), 3.0, embed_dim)
-
-
-def mci2(embed_dim=512):
-    return MCi((4, 12, 24, 4), (80, 160, 320, 640), 3.0, embed_dim)
-
-
-def mct(embed_dim=512):
-    return MCt(49408, 77, 512, 4, 8, embed_dim)
-
-
-def base_text(embed_dim=512):
-    """MobileCLIP-S1/S2/B 'base' text tower: 12 pre-norm layers, width 512, non-causal (common.models' tower)."""
-    return TextTransformer(49408, 77, 512, 12, 8, embed_dim, causal=False)
-
-
-def mci_tiny(embed_dim=128):
+def mci_tiny(embed_dim):
     """32-px MCi with the same blocks: stem stride 4 (8x8), RepMixer stages at 8x8 and 4x4, attention at 2x2."""
     return MCi((1, 2, 2), (32, 64, 128), 3.0, embed_dim, ("rep", "rep", "attn"), (False, False, True))
 
 
-def mct_tiny(vocab_size, context_length=32, embed_dim=128):
+def mct_tiny(vocab_size, context_length, embed_dim):
     return MCt(vocab_size, context_length, 128, 2, 4, embed_dim, k=5)
 
 
+@torch.no_grad()
 def reparameterize(model):
     """Fold every train-time branch (MobileOne, RepLK, RepMixer, RepCPE) in place; call in eval mode."""
     for m in list(model.modules()):
@@ -454,70 +409,49 @@ def reparameterize(model):
     return model
 
 
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
 @torch.no_grad()
-def randomize_stats(model, seed=0):
-    """Random BN running stats / affine params and layer scales ~ O(1), so that every branch matters in the
-    equivalence check (with the default init - BN identity, layer scale 1e-5 - folding is trivially exact)."""
+def reparam_rel_err(model, x, seed=0):
+    """Relative L2 error between the train-time multi-branch model and its folded copy (eval mode, fp32), after
+    setting BN running stats / affine params and layer scales to random O(1) values in place, so that every branch
+    matters (with the default init - BN identity, layer scale 1e-5 - folding is trivially exact)."""
     g = torch.Generator().manual_seed(seed)
     u = lambda t, a, b: t.copy_(a + (b - a) * torch.rand(t.shape, generator=g))  # noqa: E731
-    for n, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             u(m.running_mean, -0.5, 0.5), u(m.running_var, 0.5, 1.5), u(m.weight, 0.5, 1.5), u(m.bias, -0.5, 0.5)
     for n, p in model.named_parameters():
         if n.split(".")[-1] in ("ls", "ls1", "ls2"):
             u(p, 0.1, 0.5)
-    return model
-
-
-@torch.no_grad()
-def reparam_rel_err(model, x, seed=0):
-    """Relative L2 error between the train-time multi-branch model and its folded copy (eval mode, fp32)."""
-    import copy
-    m = randomize_stats(model, seed).float().eval()
-    y0 = m(x)
-    y1 = reparameterize(copy.deepcopy(m))(x)
+    m = model.float().eval()
+    y0, y1 = m(x), reparameterize(copy.deepcopy(m))(x)
     return ((y1 - y0).norm() / y0.norm()).item()
 
 
 def param_table():
     """Train-time and reparameterized counts of the released towers (built on the meta device: no memory/time)."""
-    out = {}
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
-        for name, f in (("mci0", mci0), ("mci1", mci1), ("mci2", mci2), ("mct", mct), ("base_text", base_text)):
-            m = f()
-            n0 = n_params(m)
-            out[name] = {"train": n0, "reparam": n_params(reparameterize(m))}
-    return out
+        ms = {"mci0": mci0(), "mci1": mci1(), "mci2": mci2(), "mct": mct(), "base_text": base_text()}
+        return {k: {"train": n_params(m), "reparam": n_params(reparameterize(m))} for k, m in ms.items()}
 
 
-# ================================================================================================================
 # 2. Miniature models: student = tiny MobileCLIP, teachers = larger ViT CLIPs, CoCa-style captioner
 
-def student(vocab_size, cfg):
-    return CLIP(mci_tiny(128), mct_tiny(vocab_size, 32, 128))
+def student(vocab_size, cfg):  # the tiny MobileCLIP
+    return CLIP(mci_tiny(cfg.embed_dim), mct_tiny(vocab_size, cfg.context_length, cfg.embed_dim))
 
 
-# Class-name texts of the teachers' image-label term. DataCompDR's teachers are CLIPs trained on billions of pairs
-# and know objects well; on the world's captions alone a 200-step teacher learns colour, position and background
-# (retrieval R@1 0.34) but hardly shape (linear probe 0.19, zero-shot 0.13, chance 0.10), and mixing name-only
-# captions into its batches did not help (probe 0.16: same-class pairs become false negatives). So the teachers also
-# see the world's shape label, as UniCL (Yang et al. 2022, arXiv:2204.03610) trains on image-text + image-label data:
-# a 10-way softmax over the embedded class names. Templates disjoint from the evaluation TEMPLATES; the students
-# never see labels or these texts. Measured in the default run: still only 0.21 / 0.18 shape probe (the CLIP term
-# is satisfied by colour, position and background first); kept as the principled try, not as a solved problem.
+# Class-name texts of the teachers' image-label term: on the world's captions alone a small teacher learns colour,
+# position and background but hardly shape, so the teachers also see the shape label, as UniCL (arXiv:2204.03610)
+# trains on image-text + image-label data. Disjoint from the evaluation TEMPLATES; the students never see them.
 NAME_TEMPLATES = ["{}", "the {}", "one {} shape", "{} icon", "there is a {}", "clip art {}"]
 
 
 def teacher(vocab_size, cfg, width):
-    """A ViT CLIP wider than the student (the miniature of DataCompDR's ViT-L/14 ensemble)."""
-    # 4-2-2 conv stem, 8 px patches (4x4 tokens at 32 px): on this world a conv-stem ViT learns shapes several
-    # times faster than linear 4-px patches (common.models.clip_tiny), and weak teachers have nothing to distil.
-    vis = VisionTransformer(cfg.image_size, 8, width, 4, width // 32, 4.0, 128, stem="conv")
-    return CLIP(vis, text_tiny(vocab_size, 32, width, 3, width // 32, 128))
+    """A ViT CLIP wider than the student (the miniature of DataCompDR's ViT-L/14 ensemble). 4-2-2 conv stem and 8 px
+    patches (4x4 tokens at 32 px): a ViT learns this world's shapes much faster than with linear 4-px patches."""
+    vis = VisionTransformer(cfg.image_size, 8, width, 4, width // 32, 4.0, cfg.embed_dim, stem="conv")
+    return CLIP(vis, text_tiny(vocab_size, cfg.context_length, width, 3, width // 32, cfg.embed_dim))
 
 
 class CrossAttn(nn.Module):
@@ -536,9 +470,8 @@ class CrossAttn(nn.Module):
 
 
 class Captioner(nn.Module):
-    """Causal text decoder with cross-attention to a frozen image encoder's tokens (CoCa captioning head).
-
-    tokens (B, L), img (B, M, Ci) -> next-token logits (B, L, V)."""
+    """Causal text decoder with cross-attention to a frozen image encoder's tokens (CoCa captioning head), here
+    teacher 0's ViT tokens after ln_post. tokens (B, L), img (B, M, Ci) -> next-token logits (B, L, V)."""
 
     def __init__(self, vocab_size, context_length, img_width, width=128, layers=2, heads=4):
         super().__init__()
@@ -558,18 +491,13 @@ class Captioner(nn.Module):
         return self.head(self.ln(x[:, -1:] if last_only else x))  # generation needs only the last position
 
 
-def image_memory(t, x):
-    """Teacher-0's ViT tokens (B, 1 + 4x4, C) after ln_post: the frozen image encoder the captioner attends to."""
-    return t.visual.forward_tokens(x)
-
-
 @torch.no_grad()
-def generate(cap, mem, tok, top_k=0, gen=None, L=32):
+def generate(cap, mem, tok, top_k=0, gen=None):
     """Greedy (top_k=0) or top-k sampled captions for image memories (B, M, C) -> list[str]."""
-    B = mem.shape[0]
-    seq = torch.full((B, 1), tok.sot_token_id, dtype=torch.long, device=mem.device)
-    done = torch.zeros(B, dtype=torch.bool, device=mem.device)
-    for _ in range(L - 1):
+    eot = tok.eot_token_id
+    seq = torch.full((mem.shape[0], 1), tok.sot_token_id, dtype=torch.long, device=mem.device)
+    done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
+    for _ in range(tok.context_length - 1):
         logits = cap(seq, mem, last_only=True)[:, -1].float()
         if top_k:
             v, i = logits.topk(top_k, -1)
@@ -578,25 +506,20 @@ def generate(cap, mem, tok, top_k=0, gen=None, L=32):
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.zeros_like(nxt), nxt)
         seq = torch.cat([seq, nxt[:, None]], 1)
-        done |= nxt == tok.eot_token_id
+        done |= nxt == eot
         if done.all():
             break
-    out = []
-    for s in seq[:, 1:].tolist():
-        s = s[:s.index(tok.eot_token_id)] if tok.eot_token_id in s else s
-        out.append(tok.decode(s).strip())
-    return out
+    return [tok.decode(s[:s.index(eot)] if eot in s else s).strip() for s in seq[:, 1:].tolist()]
 
 
-# ================================================================================================================
-# 3. Data: every stage trains from a common.data.Stream (the world, tar shards or folders; split over ranks x loader
-#    workers, shuffled, resumable). The transforms run in the workers and bring any input size to image_size.
+# 3. Data: every stage trains from a common.data.Stream; its transforms bring any input size to image_size
 
 KEEP = ("image", "caption", "alt_text", "label", "seg", "depth")  # the world fields the stages read (and cache)
 
 
 def base_aug(S):
-    """Standard CLIP augmentation of the baseline (open_clip: RRC scale (0.9, 1), no flip); MobileCLIP: no mean/std."""
+    """Standard CLIP augmentation of the baseline (open_clip: RRC scale (0.9, 1), no flip); MobileCLIP: no mean/std.
+    Also the teachers' light crop: at 32 px a stronger crop cuts the shape out, and the teachers must know shapes."""
     return Compose([ToTensor(), RandomResizedCrop(S, scale=(0.9, 1.0))])
 
 
@@ -619,22 +542,15 @@ def eval_set(src, n, S):
     """One pass of up to n samples -> dict(rows (for data_report), images uint8 (n, S, S, 3), accurate, labels | None,
     seg | None, depth | None); seg and depth follow the image's resize and crop (nearest)."""
     view, dview = eval_view(S), Compose([Resize(S, "nearest"), CenterCrop(S)])
-
-    def one(s):
-        r = {"__key__": s["__key__"], "image": to_uint8(view(s["image"])), "accurate": s["caption"]}
-        if "label" in s:
-            r["label"] = int(s["label"])
-        for k in ("seg", "depth"):
-            if k in s:
-                r[k] = dview(torch.from_numpy(np.asarray(s[k], np.float32))[None])[0]
-        return r
-    rows = read_samples(src, n, one)
+    rows = read_samples(src, n, lambda s: {
+        "__key__": s["__key__"], "image": to_uint8(view(s["image"])), "accurate": s["caption"],
+        **({"label": int(s["label"])} if "label" in s else {}),
+        **{k: dview(torch.from_numpy(np.asarray(s[k], np.float32))[None])[0] for k in ("seg", "depth") if k in s}})
     col = lambda k: stack(rows, k).numpy() if all(k in r for r in rows) else None  # noqa: E731
     return {"rows": rows, "images": col("image"), "accurate": stack(rows, "accurate"), "labels": col("label"),
             "seg": col("seg"), "depth": col("depth")}
 
 
-# ================================================================================================================
 # 4. Reinforced dataset (DataCompDR layout, sec. 3.1), built by streaming the training source shard by shard
 
 def dr_members(image, gt, paug, syn, image_emb, text_emb):
@@ -668,23 +584,12 @@ def dr_tf(cfg, tok, quality=False):
 
 
 @torch.no_grad()
-def reinforce(cfg, dist, tok, src, gt, teachers, cap, chunk=250):
-    """Build the reinforced shards: common.data.for_each_shard deals the input units (a tar shard, or 500 world
-    samples) to the ranks, and each unit becomes one output shard of dr_members, in chunks of `chunk` samples:
-    synthetic captions (first greedy, the others top-k sampled, CoCa generation as in DataCompDR), k stored
-    augmentations with the teachers' image embeddings, the teachers' text embeddings of [ground truth] + synthetic
-    captions. A killed build resumes at its first missing shard; shards of another configuration are removed."""
-    rdir, mpath = os.path.join(cfg.out, "reinforced"), os.path.join(cfg.out, "reinforced", "meta.json")
-    want = {k: getattr(cfg, k) for k in ("seed", "data", "holdout", "image_size", "n_train", "n_cap", "k_aug", "n_syn",
-                                         "top_k", "rrc_scale", "teacher_steps", "teacher_batch", "teacher_lr",
-                                         "teacher_widths", "teacher_label_weight", "cap_steps", "val_data")}
-    want.update(teacher_stem="conv", teacher_aug="base", ground_truth=gt)
-    if dist.is_master and (not os.path.exists(mpath) or json.load(open(mpath)) != want):
-        for p in glob(os.path.join(rdir, "shard-*.tar")):
-            os.remove(p)
-        os.makedirs(rdir, exist_ok=True)
-        save_json(mpath, want)
-    dist.barrier()
+def reinforce(cfg, dist, tok, src, gt, teachers, cap, rdir, fp, chunk=250):
+    """The reinforced shards in rdir: common.data.for_each_shard deals the input units (a tar shard, or 500 world
+    samples) to the ranks; each becomes one output shard of dr_members, in chunks of `chunk` samples: synthetic
+    captions (first greedy, the others top-k sampled, as DataCompDR's CoCa), k stored augmentations with the teachers'
+    image embeddings, the teachers' text embeddings of [ground truth] + synthetic captions. A killed build resumes
+    at its first missing shard; shards of another fingerprint fp are removed first."""
     t0, dev, view, aug = time.time(), dist.device, eval_view(cfg.image_size), dr_aug(cfg)
     for m in (*teachers, cap):
         m.eval()
@@ -693,78 +598,50 @@ def reinforce(cfg, dist, tok, src, gt, teachers, cap, chunk=250):
         it = iter(samples)
         while rows := list(itertools.islice(it, chunk)):
             keys = [s["__key__"] for s in rows]
-            mem = image_memory(teachers[0], torch.stack([view(s["image"]) for s in rows]).to(dev))
+            mem = teachers[0].visual.forward_tokens(torch.stack([view(s["image"]) for s in rows]).to(dev))
             g = torch.Generator().manual_seed(key_hash(f"{cfg.seed}/syn/{keys[0]}"))
             syn = [list(c) for c in zip(*[generate(cap, mem, tok, cfg.top_k if j else 0, g) for j in range(cfg.n_syn)])]
-            xs, paug = [], []
-            for s in rows:
-                views = [aug.sample_apply(s["image"], torch.Generator().manual_seed(
-                    key_hash(f"{cfg.seed}/aug/{s['__key__']}/{a}"))) for a in range(cfg.k_aug)]
-                xs += [x for x, _ in views]
-                paug.append([p for _, p in views])
-            X = torch.stack(xs).to(dev)
+            views = [aug.sample_apply(s["image"], torch.Generator().manual_seed(key_hash(f"{cfg.seed}/aug/{k}/{a}")))
+                     for k, s in zip(keys, rows) for a in range(cfg.k_aug)]
+            X = torch.stack([x for x, _ in views]).to(dev)
             img_emb = torch.cat([t.encode_image(X) for t in teachers], -1).view(len(rows), cfg.k_aug, -1).float()
             T = tok([t for s, sy in zip(rows, syn) for t in [s[gt], *sy]]).to(dev)
             txt_emb = torch.cat([t.encode_text(T) for t in teachers], -1).view(len(rows), 1 + cfg.n_syn, -1).float()
             for j, s in enumerate(rows):
-                yield keys[j], dr_members(s["image"], s[gt], paug[j], syn[j], img_emb[j].cpu().numpy(),
+                paug = [p for _, p in views[j * cfg.k_aug:(j + 1) * cfg.k_aug]]
+                yield keys[j], dr_members(s["image"], s[gt], paug, syn[j], img_emb[j].cpu().numpy(),
                                           txt_emb[j].cpu().numpy())
 
-    paths = for_each_shard(src, rdir, build, dist, shard_size=500, prefix="shard")
+    paths = for_each_shard(src, rdir, build, dist, shard_size=500, prefix="shard", fingerprint=fp)
     dist.print(f"reinforce: {src.name} x {cfg.k_aug} augs x {len(teachers)} teachers -> {len(paths)} shards in {rdir} "
                f"({time.time() - t0:.1f}s)")
-    return rdir
 
 
-# ================================================================================================================
-# 5. Losses (paper sec. 3.2; open_clip_v1.patch DistillClipLoss / DRClipLoss). Logits in at least fp32, under
-#    autocast too (common.losses.fp32_logits): bf16 logits at scale 100 carry errors the softmax sees as noise.
-
-def teacher_probs(a, b, scale, dims):
-    """Average over teachers of softmax(scale * A_k B_k^T): a (N, sum dims), b (M, sum dims), each teacher's slice
-    already L2-normalised -> (N, M). Softmax per teacher, then the mean (--distill-average-after-softmax)."""
-    P, o = 0.0, 0
-    for d in dims:
-        P = P + fp32_logits(a[:, o:o + d], b[:, o:o + d], scale).softmax(-1)
-        o += d
-    return P / len(dims)
-
+# 5. Losses (sec. 3.2; open_clip_v1.patch DistillClipLoss / DRClipLoss): each *_objective is one stage's loss_fn.
+#    Logits in at least fp32, under autocast too (fp32_logits): at scale 100, bf16 errors are noise to the softmax.
 
 def kd_loss(img_f, txt_f, scale, t_img, t_txt, t_scale, dims):
     """KD = 1/2 [CE(P_T^{i->t}, S^{i->t}) + CE(P_T^{t->i}, S^{t->i})], CE(P, S) = -mean_rows sum_j P log softmax(S).
     Cross-entropy, not KL: same gradients, but the value at teacher = student is the teacher entropy, not 0.
-    Local rows vs all gathered columns (open_clip local-loss), so it works under torchrun."""
+    P_T: mean over teachers of softmax(t_scale A_k B_k^T), A_k, B_k teacher k's L2-normalised slice (dims[k] wide) of
+    the stored embeddings (--distill-average-after-softmax). Local rows vs all gathered columns: works under DDP."""
+    offsets = np.cumsum([0, *dims[:-1]]).tolist()
+    teacher_probs = lambda a, b: sum(fp32_logits(a[:, o:o + d], b[:, o:o + d], t_scale).softmax(-1)  # noqa: E731
+                                     for o, d in zip(offsets, dims)) / len(dims)
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731 - fp64 stays fp64
     img_f, txt_f, t_img, t_txt = up(img_f), up(txt_f), up(t_img), up(t_txt)  # the gathers' all-reduce in fp32 too
-    all_txt, r = gather_features(txt_f)
-    all_img, _ = gather_features(img_f)
-    all_t_txt, _ = gather_features(t_txt)
-    all_t_img, _ = gather_features(t_img)
+    all_txt, all_img, all_t_txt, all_t_img = (gather_features(f)[0] for f in (txt_f, img_f, t_txt, t_img))
     with torch.autocast(img_f.device.type, enabled=False):
         ce = lambda P, S: -(P * S.log_softmax(-1)).sum(-1).mean()  # noqa: E731
-        i2t = ce(teacher_probs(t_img, all_t_txt, t_scale, dims), fp32_logits(img_f, all_txt, scale))
-        t2i = ce(teacher_probs(t_txt, all_t_img, t_scale, dims), fp32_logits(txt_f, all_img, scale))
+        i2t = ce(teacher_probs(t_img, all_t_txt), fp32_logits(img_f, all_txt, scale))
+        t2i = ce(teacher_probs(t_txt, all_t_img), fp32_logits(txt_f, all_img, scale))
         return 0.5 * (i2t + t2i)
 
 
-# ================================================================================================================
-# 6. Training stages (all through common.train.fit: DDP, schedule, checkpoints with the stream state, log.jsonl)
-
-def stage_ok(cfg, dist, name, want):
-    """A stage in --out is reused only if its sidecar JSON matches `want`; otherwise its checkpoint is removed."""
-    side, ck = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".safetensors")
-    ok = os.path.exists(side) and os.path.exists(ck) and json.load(open(side)) == want
-    dist.barrier()
-    if not ok and dist.is_master and os.path.exists(ck):
-        os.remove(ck)
-    dist.barrier()
-    return ok
-
-
-def train_clip(cfg, dist, model, name, stream, steps, tag, lr=None, on_step=None, resume=False, names=None):
-    """Contrastive training on a stream of {"image", "text", "label"} batches. Teachers (names given: (C, T, L)
-    tokens of every NAME_TEMPLATES text per class): + teacher_label_weight * CE(s * img_f @ name_f^T, label), name_f =
-    the text tower's embedding of one random template per class; UniCL's image-label term."""
+def clip_objective(names=None, label_weight=0.0):
+    """CLIP loss on {"image", "text", "label"} batches. The teachers (names: (C, T, L) tokens of every NAME_TEMPLATES
+    text per class) add label_weight * CE(s * img_f @ name_f^T, label), name_f = the text tower's embedding of one
+    random template per class: UniCL's image-label term."""
 
     def loss_fn(m, b):
         x, txt = b["image"], b["text"]
@@ -777,33 +654,12 @@ def train_clip(cfg, dist, model, name, stream, steps, tag, lr=None, on_step=None
         lc = clip_loss(img_f, txt_f[:len(x)], s)
         with torch.autocast(x.device.type, enabled=False):
             ll = F.cross_entropy(fp32_logits(img_f, txt_f[len(x):], s), b["label"])
-        return lc + cfg.teacher_label_weight * ll, {"scale": s.item(), "clip": lc.item(), "label": ll.item()}
-
-    seed_all(cfg.seed + tag, dist.rank)
-    return fit(model, loss_fn, stream, steps, cfg.out, name=name, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
-               warmup=cfg.warmup, resume=resume, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp,
-               on_step=on_step, config=config_to_dict(cfg))
+        return lc + label_weight * ll, {"scale": s.item(), "clip": lc.item(), "label": ll.item()}
+    return loss_fn
 
 
-def train_captioner(cfg, dist, cap, name, stream, memory, eot, tag=7):
-    """Next-token cross-entropy on accurate captions of held-out images (padding after EOT ignored); memory(images)
-    = the frozen image encoder's tokens the decoder attends to."""
-
-    def loss_fn(m, b):
-        t = b["text"]
-        with torch.no_grad():
-            mm = memory(b["image"])
-        logits = m(t[:, :-1], mm)
-        keep = torch.arange(t.shape[1] - 1, device=t.device)[None] < (t == eot).float().argmax(1, keepdim=True)
-        return F.cross_entropy(logits[keep].float(), t[:, 1:][keep])
-
-    seed_all(cfg.seed + tag, dist.rank)
-    return fit(cap, loss_fn, stream, cfg.cap_steps, cfg.out, name=name, lr=2e-3, weight_decay=0.05, warmup=20,
-               resume=True, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, config=config_to_dict(cfg))
-
-
-def train_reinforced(cfg, dist, model, name, stream, dims, tag, on_step=None):
-    """Student on the reinforced shards (dr_tf batches): L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD
+def dr_objective(lam, teacher_scale, dims):
+    """The student on the reinforced shards (dr_tf batches): L = sum_{texts in (gt, syn)} (1 - lam) CLIP + lam KD
     (DRClipLoss). No teacher forward."""
 
     def loss_fn(m, b):
@@ -811,49 +667,45 @@ def train_reinforced(cfg, dist, model, name, stream, dims, tag, on_step=None):
         img_f, txt_f, s = m(x, torch.cat([b["gt"], b["syn"]]))
         B, tot, kd = len(x), 0.0, 0.0
         for tf, tt in ((txt_f[:B], b["t_gt"]), (txt_f[B:], b["t_syn"])):
-            k = kd_loss(img_f, tf, s, b["t_img"], tt, cfg.teacher_scale, dims)
-            tot = tot + (1 - cfg.lam) * clip_loss(img_f, tf, s) + cfg.lam * k
+            k = kd_loss(img_f, tf, s, b["t_img"], tt, teacher_scale, dims)
+            tot = tot + (1 - lam) * clip_loss(img_f, tf, s) + lam * k
             kd = kd + k.item() / 2
         return tot, {"kd": kd, "scale": s.item()}
-
-    seed_all(cfg.seed + tag, dist.rank)
-    return fit(model, loss_fn, stream, cfg.steps, cfg.out, name=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               warmup=cfg.warmup, dist=dist, log_every=cfg.log_every, desc=name, amp=cfg.amp, on_step=on_step,
-               config=config_to_dict(cfg))
+    return loss_fn
 
 
-# ================================================================================================================
-# 7. Evaluation: zero-shot, retrieval, dense probes (frozen backbone + linear heads), sample efficiency
+def caption_objective(memory, eot):
+    """Next-token cross-entropy of the captioner (padding after EOT ignored); memory(images) = the frozen image
+    encoder's tokens the decoder attends to."""
+
+    def loss_fn(m, b):
+        t = b["text"]
+        with torch.no_grad():
+            mm = memory(b["image"])
+        keep = torch.arange(t.shape[1] - 1, device=t.device)[None] < (t == eot).float().argmax(1, keepdim=True)
+        return F.cross_entropy(m(t[:, :-1], mm)[keep].float(), t[:, 1:][keep])
+    return loss_fn
+
+
+# 6. Evaluation: zero-shot, retrieval, dense probes (frozen backbone + linear heads), sample efficiency
 
 @torch.no_grad()
 def evaluate(model, tok, test, dev, names=None, n=None, probe=None):
     """Zero-shot accuracy over the class names (prompt ensemble; needs labels and names), mean R@1 image<->accurate
-    caption; with probe (a train subset) also a linear probe of the label on the frozen image embedding (what the
-    tower knows, prompts aside)."""
+    caption; with probe (a train subset) also a linear probe of the label on the frozen image embedding."""
     m = unwrap(model)
-    was = m.training
-    m.eval()
-    n = n or len(test["images"])
-    img_f = extract_features(m.encode_image, test["images"][:n], device=dev)
-    res = {}
+    was, n, res = m.training, n or len(test["images"]), {}
+    img_f = extract_features(m.eval().encode_image, test["images"][:n], device=dev)
     if names is not None:
         clf = zero_shot_classifier(m, tok, names, TEMPLATES, dev)
         res["zeroshot_acc"] = zero_shot_accuracy(img_f, clf, test["labels"][:n])
         if probe is not None and probe["labels"] is not None:
-            tr_f = extract_features(m.encode_image, probe["images"], device=dev)
-            res["shape_probe_acc"] = linear_probe(tr_f, probe["labels"], img_f, test["labels"][:n])
+            res["shape_probe_acc"] = linear_probe(extract_features(m.encode_image, probe["images"], device=dev),
+                                                  probe["labels"], img_f, test["labels"][:n])
     txt_f = extract_features(m.encode_text, tok(test["accurate"][:n]), device=dev)
     res["retrieval_r1"] = retrieval_recall(img_f, txt_f)["mean_r1"]
     m.train(was)
     return res
-
-
-def dense(cfg, model, train, test, frac):
-    """Segmentation mIoU / depth RMSE of linear heads on the frozen image tower's patch features."""
-    v = unwrap(model).visual.eval()
-    C = int(max(train["seg"].max(), test["seg"].max())) + 1  # seg values are class ids, 0 = background
-    return dense_probe(v.patch_tokens, train["images"], train["seg"], train["depth"], test["images"], test["seg"],
-                       test["depth"], C, steps=cfg.dense_steps, label_fraction=frac, seed=cfg.seed)
 
 
 def samples_to_match(curve_b, curve_r, B):
@@ -870,71 +722,49 @@ def samples_to_match(curve_b, curve_r, B):
     return {"samples": None, "baseline_samples": total, "ratio": None}
 
 
-def plot_curves(path, curves, B, title):
-    """Zero-shot accuracy vs seen samples, one line per run (PIL; matplotlib is not a dependency)."""
-    from PIL import ImageDraw
-    W, H, L, T = 640, 400, 60, 40
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    xs = [s * B for c in curves.values() for s, _ in c] or [1]
-    ys = [a for c in curves.values() for _, a in c] or [1]
-    xm, ym = max(xs), max(max(ys) * 1.1, 0.2)
-    X = lambda s: L + (W - L - 20) * s / xm  # noqa: E731
-    Y = lambda a: H - T - (H - 2 * T) * a / ym  # noqa: E731
-    d.line([(L, T), (L, H - T), (W - 20, H - T)], fill="black")
-    for k in range(6):
-        a = ym * k / 5
-        d.text((5, Y(a) - 6), f"{a:.2f}", fill="black")
-        d.text((X(xm * k / 5) - 15, H - T + 5), f"{int(xm * k / 5)}", fill="black")
-    d.text((L, 10), title, fill="black")
-    d.text((W // 2 - 40, H - 18), "seen samples", fill="black")
-    for (name, c), col in zip(curves.items(), ["red", "blue", "green", "purple"]):
-        pts = [(X(s * B), Y(a)) for s, a in c]
-        if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
-        d.text((W - 200, T + 15 * list(curves).index(name)), name, fill=col)
-    im.save(path)
-
-
-# ================================================================================================================
-# 8. main: params -> teachers -> captioner -> reinforce -> baseline / reinforced / quality -> evaluation
+# 7. main: params -> teachers -> captioner -> reinforce -> baseline / reinforced / quality -> evaluation
 
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"], presets={"smoke": SMOKE})
-    cmd = getattr(cfg, "_command", None) or "all"
-    t0 = time.time()
-    dist = setup_distributed(cfg.device)
+    cmd, t0, dist = getattr(cfg, "_command", None) or "all", time.time(), setup_distributed(cfg.device)
     for k in ("batch_size", "teacher_batch"):
         if getattr(cfg, k) % dist.world_size:
             raise SystemExit(f"config error: {k}={getattr(cfg, k)} is not divisible by {dist.world_size} ranks")
     widths = [int(w) for w in cfg.teacher_widths.split(",")]
     if len(widths) < 2 or min(widths) <= 128:
-        raise SystemExit(f"config error: teacher_widths={cfg.teacher_widths!r}; need >= 2 widths > 128 (the student)")
-    os.makedirs(cfg.out, exist_ok=True)
+        raise SystemExit(f"config error: teacher_widths={cfg.teacher_widths!r}; need >= 2 widths > 128 (the student's)")
     res = {}
+
+    def finish(title):  # rank 0: results.json and the table
+        res.update(seconds=time.time() - t0, device=dist.device, world_size=dist.world_size)
+        save_json(os.path.join(cfg.out, "results.json"), res)
+        print_table({k: v for k, v in res.items() if k not in ("curves", "example", "data_by_stage")}, title=title)
+        dist.cleanup()
+        return res
+
     if dist.is_master:
         save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
         # ---- 1. encoders: exact counts and reparameterization equivalence (random BN stats / layer scales)
         res["params"] = param_table()
         seed_all(cfg.seed)
-        mi, mt = (mci_tiny(), mct_tiny(1000)) if cfg.smoke else (mci0(), mct())
+        mi, mt = ((mci_tiny(cfg.embed_dim), mct_tiny(1000, cfg.context_length, cfg.embed_dim)) if cfg.smoke
+                  else (mci0(), mct()))
         x, t = torch.rand(2, 3, 64, 64), torch.randint(1, 999, (2, 20))
         res["reparam_max_rel_err"] = max(reparam_rel_err(mi, x), reparam_rel_err(mt, t))
         res["reparam_models"] = "mci_tiny+mct_tiny" if cfg.smoke else "mci0+mct"
         del mi, mt
-        if cmd == "params":
-            res.update(seconds=time.time() - t0, device=dist.device)
-            save_json(os.path.join(cfg.out, "results.json"), res)
-            print_table(res, title="MobileCLIP encoders")
     if cmd == "params":
-        dist.cleanup()
-        return res
+        return finish("MobileCLIP encoders") if dist.is_master else dist.cleanup()
+    rdir = os.path.join(cfg.out, "reinforced")  # the reinforced shards
+    if cfg.retrain and dist.is_master:  # every stage again: remove what fit / for_each_shard would reuse or continue
+        for p in glob(os.path.join(cfg.out, "*.safetensors")):
+            os.remove(p)
+        shutil.rmtree(rdir, ignore_errors=True)
+    dist.barrier()
 
     # ---- data: web pairs (ground truth = alt-text where the samples have it), held-out pairs with accurate captions
     #      for the captioner ("val"), test pairs; all streamed (common.data), the world rendered once and cached
-    tok, dev, S, W = world_tokenizer(context_length=32), dist.device, cfg.image_size, dist.world_size
+    tok, dev, S = world_tokenizer(context_length=cfg.context_length), dist.device, cfg.image_size
     world = lambda split: World(seed=cfg.seed, split=split, size=S)  # noqa: E731
     peek = read_samples(open_source(cfg.data, "train", world=world, n=1, holdout=cfg.holdout), 1)
     if "caption" not in peek[0]:
@@ -946,142 +776,123 @@ def main(argv=None):
                                        holdout=cfg.holdout, require=need, keep=KEEP)
     train_src, cap_src = src("train", cfg.n_train), src("val", cfg.n_cap)
     test, probe = eval_set(src("test", cfg.n_test), cfg.n_test, S), eval_set(train_src, min(cfg.n_train, 1000), S)
-    names = None  # zero-shot needs labels and their names (never the world's names on real data)
-    if test["labels"] is not None:
-        names = class_names_of(train_src, None if cfg.data else class_names("shape"))
-    streams = {}
-
-    def stream(name, source, B, tf, tag):  # one per stage; the finished stages' loader workers are let go
-        for st in streams.values():
-            st.close()
-        streams[name] = Stream(source, B // W, tf, seed=1000 * cfg.seed + tag, num_workers=cfg.num_workers, dist=dist,
-                               name=name)
-        return streams[name]
-
+    names = (class_names_of(train_src, None if cfg.data else class_names("shape"))  # zero-shot: labels and names
+             if test["labels"] is not None else None)  # (never the world's names on real data)
     dist.print(f"data: train {train_src.name}, captioner {cap_src.name}, test {len(test['rows'])} of "
                f"{test['rows'].name}; teachers and captioner read 'caption', the students' ground truth is '{gt}'"
-               + (" (no alt_text: the same captions)" if gt == "caption" else "")
                + (f"; zero-shot over {len(names)} classes" if names else "; no labels: zero-shot and probes n/a"))
 
-    # ---- teachers: >= 2 ViT CLIPs wider than the student, trained on accurate captions with a light crop, plus the
+    # ---- every stage: one common.train.fit on its own stream, reused from --out while its fingerprint fp matches
+    streams, hdr, clock = {}, config_to_dict(cfg), {"start": time.time() - t0}
+    tc = TrainConfig(cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                     ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, amp=cfg.amp, resume=cfg.resume)
+    pick = lambda *keys: {k: getattr(cfg, k) for k in keys}  # noqa: E731
+
+    def fingerprint(tc, batch_size, *keys, **kw):  # the data, the optimisation, the batch, cfg[keys] and kw
+        opt = {k: v for k, v in vars(tc).items() if k not in ("ckpt_every", "log_every", "resume")}
+        data = pick("seed", "data", "val_data", "holdout", "image_size", "context_length", *keys)
+        return {**data, **opt, "batch_size": batch_size, **kw}
+
+    def train(name, model, loss_fn, source, B, transform, tc, fp, tag, on_step=None):
+        for st in streams.values():  # the finished stages' loader workers are let go
+            st.close()
+        streams[name] = Stream(source, B // dist.world_size, transform, seed=1000 * cfg.seed + tag,
+                               num_workers=cfg.num_workers, dist=dist, name=name)
+        seed_all(cfg.seed + tag, dist.rank)  # the stage's in-loss randomness
+        fit(model, loss_fn, streams[name], tc, cfg.out, name, dist, fingerprint=fp, on_step=on_step, config=hdr)
+        clock[name] = time.time() - t0
+
+    # ---- teachers: >= 2 ViT CLIPs wider than the student on accurate captions with a light crop, plus the
     #      image-label term (NAME_TEMPLATES) when the data has labels
-    name_tok = None
-    if names is not None and cfg.teacher_label_weight > 0:
-        name_tok = tok([t.format(c) for c in names for t in NAME_TEMPLATES]).view(len(names), len(NAME_TEMPLATES), -1)
-    teachers, t_want, clock = [], [], {"start": time.time() - t0}
+    name_tok = (tok([t.format(c) for c in names for t in NAME_TEMPLATES]).view(len(names), len(NAME_TEMPLATES), -1)
+                if names is not None and cfg.teacher_label_weight > 0 else None)
+    teacher_tc, teachers, t_fps = replace(tc, steps=cfg.teacher_steps, lr=cfg.teacher_lr), [], []
     for k, w in enumerate(widths):
-        name = f"teacher{k}"
         T = teacher(tok.vocab_size, cfg, w).to(dev)
-        want = {"width": w, "steps": cfg.teacher_steps, "batch": cfg.teacher_batch, "lr": cfg.teacher_lr,
-                "stem": "conv", "aug": "base", "label_weight": cfg.teacher_label_weight, "seed": cfg.seed,
-                "n_train": cfg.n_train, "data": cfg.data, "holdout": cfg.holdout, "labels": name_tok is not None}
-        stage_ok(cfg, dist, name, want)
-        # light crop: at 32 px, RRC down to 35% area cuts the shape out (supervised conv-stem ViT, 160 steps x 128:
-        # 0.65 shape accuracy without crop, 0.21 with RRC(0.35, 1)), and the teachers must know shapes
-        train_clip(cfg, dist, T, name, stream(name, train_src, cfg.teacher_batch, clip_tf(base_aug(S), tok, "caption"),
-                                              10 + k), cfg.teacher_steps, 10 + k, lr=cfg.teacher_lr, resume=True,
-                   names=name_tok)
-        if dist.is_master:
-            save_json(os.path.join(cfg.out, name + ".json"), want)
+        t_fps.append(fingerprint(teacher_tc, cfg.teacher_batch, "n_train", "embed_dim", width=w,
+                                 label_weight=cfg.teacher_label_weight if name_tok is not None else 0.0))
+        train(f"teacher{k}", T, clip_objective(name_tok, cfg.teacher_label_weight), train_src, cfg.teacher_batch,
+              clip_tf(base_aug(S), tok, "caption"), teacher_tc, t_fps[-1], 10 + k)
         teachers.append(T.eval())
-        t_want.append(want)
-    clock["teachers"] = time.time() - t0
 
-    # ---- captioner: CoCa-style decoder on teacher 0's frozen image tokens, trained on held-out accurate captions
-    cap = Captioner(tok.vocab_size, 32, widths[0]).to(dev)
-    want = {"steps": cfg.cap_steps, "seed": cfg.seed, "n_cap": cfg.n_cap, "teacher0": t_want[0], "data": cfg.data,
-            "val_data": cfg.val_data, "holdout": cfg.holdout}
-    stage_ok(cfg, dist, "captioner", want)
-    view = eval_view(S)
-    cs = stream("captioner", cap_src, cfg.batch_size, lambda s, g: {"image": view(s["image"]),
-                                                                    "text": tok([s["caption"]])[0]}, 7)
-    train_captioner(cfg, dist, cap, "captioner", cs, lambda x: image_memory(teachers[0], x), tok.eot_token_id)
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "captioner.json"), want)
-    rdir = reinforce(cfg, dist, tok, train_src, gt, teachers, cap)
-    clock["captioner+reinforce"] = time.time() - t0
+    # ---- captioner (CoCa-style, on teacher 0's frozen image tokens and held-out accurate captions), then the shards
+    cap, view = Captioner(tok.vocab_size, cfg.context_length, widths[0]).to(dev), eval_view(S)
+    cap_tc = replace(tc, steps=cfg.cap_steps, lr=2e-3, weight_decay=0.05, warmup=20)
+    cap_fp = fingerprint(cap_tc, cfg.batch_size, "n_cap", teacher0=t_fps[0])
+    train("captioner", cap, caption_objective(teachers[0].visual.forward_tokens, tok.eot_token_id), cap_src,
+          cfg.batch_size, lambda s, g: {"image": view(s["image"]), "text": tok([s["caption"]])[0]}, cap_tc, cap_fp, 7)
+    r_fp = {"teachers": t_fps, "captioner": cap_fp, "ground_truth": gt, **pick("k_aug", "n_syn", "top_k", "rrc_scale")}
+    reinforce(cfg, dist, tok, train_src, gt, teachers, cap, rdir, r_fp)
+    clock["reinforce"] = time.time() - t0
     if cmd == "reinforce":
-        dist.print(f"reinforced shards in {rdir}")
-        dist.cleanup()
-        return None
+        return dist.cleanup()
 
-    # ---- students (same tiny MobileCLIP init): baseline on the ground truth; reinforced and quality (synthetic
-    #      captions) read the reinforced shards back as a stream
+    # ---- students (same init): baseline on the ground truth; reinforced and quality read the shards back
     rsrc = open_source(rdir, "train", require=("image", "caption", "paug.json", "syn.json", "npz"))
-    if not cfg.data:  # the miniature keeps its n_train decoded reinforced samples in memory, as it caches the world
-        rsrc = SampleSource(read_samples(rsrc, cfg.n_train), rsrc.name)
-    dims, curves, runs = [128] * len(teachers), {}, {}
+    rsrc = rsrc if cfg.data else SampleSource(read_samples(rsrc, cfg.n_train), rsrc.name)  # world: in memory
+    curves, runs = {}, {}
 
-    def tracker(name):
-        curves[name] = []
+    def tracker(name, fp):  # zero-shot accuracy every eval_every steps (rank 0), kept with the stage's fingerprint
+        path = os.path.join(cfg.out, f"{name}_curve.json")
+        curves[name] = json.load(open(path)) if stage_current(path, fp) else []  # a reused stage's curve
 
         def on_step(step, raw, metrics):
             if dist.is_master and (step % cfg.eval_every == 0 or step == cfg.steps):
-                curves[name].append((step, evaluate(raw, tok, test, dev, names, 500)["zeroshot_acc"]))
+                acc = evaluate(raw, tok, test, dev, names, 500)["zeroshot_acc"]
+                curves[name] = [p for p in curves[name] if p[0] < step] + [[step, acc]]  # resumed: from its start
+                save_json(path, curves[name])
+                mark_stage(path, fp)
         return on_step if names is not None else None
 
-    for name, tag in (("baseline", 1), ("reinforced", 2), ("quality", 3)):
+    s_fp = fingerprint(tc, cfg.batch_size, "n_train", "embed_dim", "eval_every", "n_test", ground_truth=gt)
+    dims = [cfg.embed_dim] * len(teachers)  # each teacher's slice of the stored embeddings
+    for name, tag, source, transform, loss_fn, fp in (
+            ("baseline", 1, train_src, clip_tf(base_aug(S), tok, gt), clip_objective(), s_fp),
+            ("reinforced", 2, rsrc, dr_tf(cfg, tok), dr_objective(cfg.lam, cfg.teacher_scale, dims),
+             {**s_fp, "shards": r_fp, **pick("lam", "teacher_scale")}),
+            ("quality", 3, rsrc, dr_tf(cfg, tok, True), clip_objective(), {**s_fp, "shards": r_fp})):
         seed_all(cfg.seed)
-        m = student(tok.vocab_size, cfg).to(dev)
-        if name == "baseline":
-            train_clip(cfg, dist, m, name, stream(name, train_src, cfg.batch_size, clip_tf(base_aug(S), tok, gt), tag),
-                       cfg.steps, tag, on_step=tracker(name))
-        elif name == "reinforced":
-            train_reinforced(cfg, dist, m, name, stream(name, rsrc, cfg.batch_size, dr_tf(cfg, tok), tag), dims, tag,
-                             on_step=tracker(name))
-        else:
-            train_clip(cfg, dist, m, name, stream(name, rsrc, cfg.batch_size, dr_tf(cfg, tok, True), tag), cfg.steps,
-                       tag)
-        runs[name] = m
-        clock[name] = time.time() - t0
+        runs[name] = student(tok.vocab_size, cfg).to(dev)
+        on_step = tracker(name, fp) if name != "quality" else None  # sample-efficiency curves
+        train(name, runs[name], loss_fn, source, cfg.batch_size, transform, tc, fp, tag, on_step)
     # provenance (collective): all stages together, and each stage alone (a stage sees each key once per epoch)
     res["data"] = data_report(list(streams.values()), [test["rows"]], dist)
     res["data_by_stage"] = {k: data_report([s], [test["rows"]], dist) for k, s in streams.items()}
     if not dist.is_master:
-        dist.cleanup()
-        return None
+        return dist.cleanup()
 
     # ---- evaluation (rank 0)
     ev = {k: evaluate(m, tok, test, dev, names, probe=probe) for k, m in runs.items()}
-    ev["teachers"] = [evaluate(t, tok, test, dev, names, probe=probe) for t in teachers]
-    res.update(baseline_zeroshot_acc=ev["baseline"].get("zeroshot_acc"),
-               reinforced_zeroshot_acc=ev["reinforced"].get("zeroshot_acc"),
-               baseline_retrieval_r1=ev["baseline"]["retrieval_r1"],
-               reinforced_retrieval_r1=ev["reinforced"]["retrieval_r1"],
-               quality_zeroshot_acc=ev["quality"].get("zeroshot_acc"),
-               quality_retrieval_r1=ev["quality"]["retrieval_r1"],
-               teacher_zeroshot_acc=[e.get("zeroshot_acc") for e in ev["teachers"]],
-               teacher_retrieval_r1=[e["retrieval_r1"] for e in ev["teachers"]],
-               shape_probe_acc={**{k: ev[k].get("shape_probe_acc") for k in runs},
-                                "teachers": [e.get("shape_probe_acc") for e in ev["teachers"]]},
+    ev_t = [evaluate(t, tok, test, dev, names, probe=probe) for t in teachers]
+    for key in ("zeroshot_acc", "retrieval_r1"):
+        res.update({f"{k}_{key}": ev[k].get(key) for k in runs}, **{f"teacher_{key}": [e.get(key) for e in ev_t]})
+    res.update(shape_probe_acc={**{k: ev[k].get("shape_probe_acc") for k in runs},
+                                "teachers": [e.get("shape_probe_acc") for e in ev_t]},
                zeroshot_chance=1.0 / len(names) if names else None, retrieval_chance_r1=1.0 / len(test["images"]),
                caption_fields={"teachers_captioner": "caption", "ground_truth": gt})
     if curves.get("baseline"):
         res["samples_to_match_baseline"] = samples_to_match(curves["baseline"], curves["reinforced"], cfg.batch_size)
         res["curves"] = {k: [[s * cfg.batch_size, a] for s, a in c] for k, c in curves.items()}
-        plot_curves(os.path.join(cfg.out, "curves.png"), curves, cfg.batch_size,
-                    "zero-shot accuracy: baseline (alt-text) vs reinforced (MobileCLIP DR)")
+        line_plot(os.path.join(cfg.out, "curves.png"), panel(
+            "zero-shot accuracy: baseline (alt-text) vs reinforced (MobileCLIP DR)",
+            {k: ([s for s, _ in c], [a for _, a in c]) for k, c in res["curves"].items()}, "seen samples", "acc"))
     if test["seg"] is not None and probe["seg"] is not None and test["depth"] is not None:
-        # quality captions: the alt-text CLIP is the baseline run; the quality CLIP saw only synthetic captions
+        # quality captions: linear seg / depth heads on the frozen patch features of the alt-text CLIP (the baseline)
+        # and of the quality CLIP (synthetic captions only)
+        C = int(max(probe["seg"].max(), test["seg"].max())) + 1  # seg values are class ids, 0 = background
         for tag, frac in (("", 1.0), ("_10pct", 0.1)):
-            a, q = dense(cfg, runs["baseline"], probe, test, frac), dense(cfg, runs["quality"], probe, test, frac)
+            a, q = (dense_probe(unwrap(runs[k]).visual.eval().patch_tokens, probe["images"], probe["seg"],
+                                probe["depth"], test["images"], test["seg"], test["depth"], C, steps=cfg.dense_steps,
+                                label_fraction=frac, seed=cfg.seed) for k in ("baseline", "quality"))
             res.update({f"alt_miou{tag}": a["miou"], f"quality_miou{tag}": q["miou"],
                         f"alt_depth_rmse{tag}": a["depth_rmse"], f"quality_depth_rmse{tag}": q["depth_rmse"]})
     else:
         res["dense_probes"] = "n/a: the data has no seg and depth members"
-    ex = read_samples(rsrc, 1)[0]
-    res["example"] = {"key": ex["__key__"], "ground_truth": ex["caption"],
-                      "synthetic": json.loads(ex["syn.json"])["syn_text"]}
-    res["loss_curves_in"] = "log.jsonl"
-    clock["eval+dense"] = time.time() - t0
-    res["stage_end_seconds"] = clock  # wall clock at the end of each stage (rank 0)
-    res.update(seconds=time.time() - t0, device=dev, world_size=dist.world_size)
-    save_json(os.path.join(cfg.out, "results.json"), res)
-    print_table({k: v for k, v in res.items() if k not in ("curves", "example", "data_by_stage")},
-                title=f"MobileCLIP results ({cfg.out})")
-    dist.cleanup()
-    return res
+    ex, clock["eval+dense"] = read_samples(rsrc, 1)[0], time.time() - t0
+    res.update(example={"key": ex["__key__"], "ground_truth": ex["caption"], "synthetic": json.loads(
+        ex["syn.json"])["syn_text"]}, loss_curves_in="log.jsonl", stage_end_seconds=clock)  # rank 0's wall clock
+    return finish(f"MobileCLIP results ({cfg.out})")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -47,8 +47,8 @@ def _draw_lines(d, font, box, p):
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     if x1 == x0:  # one x value: a range around it wide enough for distinct tick labels
-        d = 0.1 * abs(x0) or 1.0
-        x0, x1 = x0 - d, x1 + d
+        dx = 0.1 * abs(x0) or 1.0
+        x0, x1 = x0 - dx, x1 + dx
     pad = 0.06 * (y1 - y0 or 1.0)
     y0, y1 = y0 - pad, y1 + pad
     px = lambda v: L + (tx(v) - x0) / (x1 - x0) * (R - L)  # noqa: E731

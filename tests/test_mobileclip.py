@@ -1,8 +1,9 @@
 """Tests for mobileclip.py: exact encoder parameter counts, reparameterization equivalence (with randomised BN
 statistics / layer scales so the check is not trivial), the KD loss against a hand computation and in fp32 under
-autocast, augmentation replay, the reinforced-shard round trip (written by for_each_shard, read back as a stream), a
-2-process torchrun smoke run on the world that must learn, and --smoke on exported world shards at another image
-size (1 process with bf16 autocast, 2 gloo processes) with its provenance block checked."""
+autocast, augmentation replay, the reinforced-shard round trip (written by for_each_shard, read back as a stream), one
+embed_dim for student, teachers and the stored embeddings, a 2-process torchrun smoke run on the world that must learn,
+and --smoke on exported world shards at another image size (1 process with bf16 autocast, 2 gloo processes) with its
+provenance block checked; the 1-process run again reuses every stage by fingerprint with identical results."""
 import io
 import json
 import math
@@ -51,7 +52,7 @@ def test_reparameterization_equivalence(name):
 
 
 def test_tiny_reparam_and_shapes():
-    m = M.mci_tiny()
+    m = M.mci_tiny(128)
     x = torch.rand(3, 3, 32, 32)
     assert M.reparam_rel_err(m, x) < 1e-5
     f, grid = m.patch_tokens(x)
@@ -161,6 +162,20 @@ def test_reinforced_shard_roundtrip(tmp_path):
                                               atol=2e-3)
 
 
+def test_embed_dim_is_one_config_field():
+    """--embed_dim sizes the student's and every teacher's joint embedding (and so each teacher's slice of the stored
+    embeddings the KD loss reads); nothing else pins it."""
+    cfg = M.parse_config(M.Config, ["--embed_dim=48"])
+    tok = M.world_tokenizer(context_length=cfg.context_length)
+    x, t = torch.rand(2, 3, cfg.image_size, cfg.image_size), tok(["a red circle", "a blue square"])
+    for m in (M.student(tok.vocab_size, cfg), M.teacher(tok.vocab_size, cfg, 160)):
+        img_f, txt_f, _ = m.eval()(x, t)
+        assert img_f.shape == txt_f.shape == (2, 48)
+    A = torch.nn.functional.normalize(torch.randn(4, 48), dim=-1)
+    T = torch.cat([torch.nn.functional.normalize(torch.randn(4, 48), dim=-1) for _ in range(2)], 1)  # 2 teachers
+    assert torch.isfinite(M.kd_loss(A, A, 10.0, T, T, 100.0, [cfg.embed_dim] * 2))
+
+
 def test_torchrun_smoke_learns(tmp_path):
     """The whole pipeline on 2 gloo processes; it must learn (losses fall, metrics above chance)."""
     out = tmp_path / "run"
@@ -230,3 +245,13 @@ def test_smoke_on_exported_shards(tmp_path, procs):
     assert d["train_samples_seen"] == 6 * 3 * 16 and d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0
     assert len(list((out / "reinforced").glob("shard-*.tar"))) == 4  # one per input shard, built over the ranks
     assert res["zeroshot_chance"] == 0.1 and math.isfinite(res["quality_depth_rmse"])  # classes.txt, 28 px seg/depth
+    if procs == 1:  # the same command again: every stage reused by its fingerprint, the same results (curves too)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        for name in stages:
+            assert f"{name}: reusing" in r.stdout, (name, r.stdout[-3000:])
+        again = json.loads((out / "results.json").read_text())
+        for k in ("seconds", "stage_end_seconds"):
+            res.pop(k), again.pop(k)
+        assert again == res and res["curves"]["reinforced"]
