@@ -30,7 +30,7 @@ from common.eval import extract_features, linear_probe, retrieval_recall, zero_s
 from common.losses import clip_loss
 from common.models import clip_tiny
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, fit, seed_all, setup_distributed
+from common.train import TrainConfig, fit, seed_all, start_run
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -78,12 +78,7 @@ def main(argv=None):
         raise SystemExit(f"config error: --image_size={cfg.image_size} must be a multiple of --patch_size="
                          f"{cfg.patch_size} (a multiple of 4 for the conv stem)")
     t0 = time.time()
-    dist = setup_distributed(cfg.device)
-    if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
-    os.makedirs(cfg.out, exist_ok=True)
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    dist = start_run(cfg)
 
     # ---- data: a stream of (augmented image, tokens) pairs; test pairs from their own split
     tok = world_tokenizer(context_length=32)

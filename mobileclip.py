@@ -46,7 +46,7 @@ from common.losses import clip_loss, fp32_logits, gather_features
 from common.models import CLIP, Block, TextTransformer, VisionTransformer, text_tiny
 from common.plot import line_plot, panel
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, fit, mark_stage, seed_all, setup_distributed, stage_current, unwrap
+from common.train import TrainConfig, fit, mark_stage, seed_all, stage_current, start_run, unwrap
 from common.transforms import CenterCrop, Compose, RandAugment, RandomResizedCrop, Resize, ToTensor, to_uint8
 from common.world import TEMPLATES, World, class_names
 from kernels.attention import attention
@@ -726,10 +726,7 @@ def samples_to_match(curve_b, curve_r, B):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"], presets={"smoke": SMOKE})
-    cmd, t0, dist = getattr(cfg, "_command", None) or "all", time.time(), setup_distributed(cfg.device)
-    for k in ("batch_size", "teacher_batch"):
-        if getattr(cfg, k) % dist.world_size:
-            raise SystemExit(f"config error: {k}={getattr(cfg, k)} is not divisible by {dist.world_size} ranks")
+    cmd, t0, dist = getattr(cfg, "_command", None) or "all", time.time(), start_run(cfg, ("batch_size", "teacher_batch"))
     widths = [int(w) for w in cfg.teacher_widths.split(",")]
     if len(widths) < 2 or min(widths) <= 128:
         raise SystemExit(f"config error: teacher_widths={cfg.teacher_widths!r}; need >= 2 widths > 128 (the student's)")
@@ -743,7 +740,6 @@ def main(argv=None):
         return res
 
     if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
         # ---- 1. encoders: exact counts and reparameterization equivalence (random BN stats / layer scales)
         res["params"] = param_table()
         seed_all(cfg.seed)

@@ -55,8 +55,7 @@ from common.data import (SampleSource, Stream, class_names_of, data_report, deco
 from common.eval import extract_features
 from common.losses import distill_kl, fp32_logits
 from common.plot import bar_plot, image_grid
-from common.train import (Dist, TrainConfig, fit, load_weights, mark_stage, seed_all, setup_distributed,
-                          stage_current, unwrap)
+from common.train import Dist, TrainConfig, fit, load_weights, mark_stage, seed_all, stage_current, start_run, unwrap
 from common.transforms import (Compose, RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
                                RandomResizedCrop, eval_transform, normalize, to_tensor, to_uint8)
 from common.world import COLORS, SHAPES, World
@@ -835,12 +834,7 @@ def main(argv=None):
         if bad:
             raise ValueError(f"config error: {want} expected")
     t0 = time.time()
-    dist = setup_distributed(cfg.device)
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
-    os.makedirs(cfg.out, exist_ok=True)
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    dist = start_run(cfg)
     res, plots, streams = {}, {}, {}
     if cfg._command == "merge":
         dirs = [d for d in cfg.merge_from.split(",") if d.strip()]

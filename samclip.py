@@ -31,7 +31,7 @@ from common.losses import clip_loss, fp32_logits
 from common.models import CLIP, Block, text_tiny, vit_tiny
 from common.plot import image_grid
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, fit, load_weights, no_decay, seed_all, setup_distributed
+from common.train import TrainConfig, fit, load_weights, no_decay, seed_all, start_run
 from common.transforms import CenterCrop, Resize, normalize, to_tensor, to_uint8
 from common.world import TEMPLATES, TEXTURES, World, class_names
 
@@ -751,12 +751,7 @@ def main(argv=None):
     t0 = time.time()
     if cfg.threads > 0:  # tiny models: spinning OpenMP threads cost far more than they give on a shared CPU (docs)
         torch.set_num_threads(cfg.threads)
-    dist = setup_distributed(cfg.device)
-    for k in ("clip_batch", "sam_batch", "batch_size", "replay_batch"):
-        if getattr(cfg, k) % dist.world_size:
-            raise ValueError(f"--{k}={getattr(cfg, k)} is not divisible by {dist.world_size} ranks")
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    dist = start_run(cfg, ("clip_batch", "sam_batch", "batch_size", "replay_batch"))
     dev, S, tok = dist.device, cfg.image_size, world_tokenizer(context_length=32)
 
     def source(split, n, need=("image",), cache=False):

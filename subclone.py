@@ -52,13 +52,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
+from common.config import parse_config, print_table, run_cli, save_json
 from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
 from common.losses import fp32_logits
 from common.models import TextTransformer, VisionTransformer
 from common.plot import line_plot, panel
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, broadcast_json, fit, load_weights, save_weights, seed_all, setup_distributed
+from common.train import TrainConfig, broadcast_json, fit, load_weights, save_weights, seed_all, start_run
 from common.transforms import eval_transform
 from common.world import SHAPES, World
 
@@ -685,16 +685,11 @@ def main(argv=None):
     t0 = time.time()
     if cfg.threads > 0:  # small matmuls: a second intra-op thread mostly spin-waits, badly so on shared cores
         torch.set_num_threads(cfg.threads)
-    dist = setup_distributed(cfg.device)
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
-    os.makedirs(cfg.out, exist_ok=True)
+    dist = start_run(cfg)
     if cfg._command == "clone":
         clone_cmd(cfg, dist)
         dist.cleanup()
         return None
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
 
     tok = world_tokenizer(context_length=cfg.context_length + 1) if "gpt" in kinds else None
     res, panels, streams, evals = {}, [], [], []

@@ -140,6 +140,21 @@ def broadcast_json(obj, dist, src=0):
     return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
+def start_run(cfg, batch_keys=("batch_size",)):
+    """The first lines of every script's main(): torchrun setup on cfg.device, each global batch size named in
+    batch_keys divisible by the number of ranks (a ValueError naming the flag), cfg.out created and the resolved
+    config saved as config.json (rank 0). Returns the Dist."""
+    dist = setup_distributed(cfg.device or None)
+    for k in batch_keys:
+        if getattr(cfg, k) % dist.world_size:
+            raise ValueError(f"--{k}={getattr(cfg, k)} is not divisible by the {dist.world_size} ranks")
+    os.makedirs(cfg.out, exist_ok=True)
+    if dist.is_master:
+        from common.config import config_to_dict, save_json
+        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    return dist
+
+
 def seed_all(seed, rank=0):
     """Seed python, numpy and torch (all devices) with seed + rank (different augmentation per rank)."""
     s = int(seed) + 1000003 * int(rank)  # large odd stride: ranks never collide with seed+1 runs
@@ -623,7 +638,7 @@ def mark_stage(path, fingerprint, complete=True):
 
 
 def fit(model, loss_fn, data, train, out_dir, name="model", dist=None, *, fingerprint=None, on_step=None,
-        optimizer=None, config=None, progress=True, find_unused_parameters=False, **legacy):
+        optimizer=None, config=None, progress=True, find_unused_parameters=False):
     """Train `model` for `train.steps` optimizer steps; returns {"loss": [...] (every step), "steps", "seconds",
     "start", "resumed", "reused"}.
 
@@ -646,9 +661,8 @@ def fit(model, loss_fn, data, train, out_dir, name="model", dist=None, *, finger
       logit_scale or evaluate. A non-finite loss raises RuntimeError before the update, so the checkpoint on disk
       (and the in-memory weights) stay the last good ones.
     """
-    if not isinstance(train, TrainConfig):  # TEMPORARY: old keyword call sites, removed once all are migrated
-        legacy.pop("desc", None), legacy.pop("save_final", None)
-        train = TrainConfig(steps=int(train), **legacy)
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"fit: train must be a TrainConfig, got {type(train).__name__}")
     tc, steps, desc = train, train.steps, name
     dist = dist or Dist(device=str(next(model.parameters()).device))
     out_dir = str(out_dir)
