@@ -23,12 +23,19 @@ Run:
   python fastfill.py --help               # every config field
   torchrun --nproc_per_node=2 fastfill.py # data-parallel training (gloo on CPU); rank 0 evaluates and writes
   python fastfill.py --data='DIR/{split}' # tar shards (label + classes.txt) or class folders; else --holdout splits
+  python fastfill.py --data='DIR/{split}' --old_model=ViT-B-32.safetensors --new_model=ViT-L-14.safetensors \
+      --bpe=bpe_simple_vocab_16e6.txt.gz  # real old/new models (image towers, zero-shot heads); only h is trained
 Stages (old model, new model, one h per loss) are common.train.fit checkpoints in --out: reused when finished and
 their fingerprint (the config values that change them) matches, continued mid-stage with --resume after a kill,
 trained again with --retrain. There is no --steps: each stage's length is its epochs (--old_epochs, --new_epochs,
 --h_epochs), steps = epochs x training samples / batch.
+--old_model / --new_model: an open_clip / OpenAI ViT CLIP (its image tower, at its own image size and open_clip's
+preprocessing, with a zero-shot classifier over the class names; --bpe for its tokenizer) or a fastfill encoder
+checkpoint replaces training that model; h is still trained. The gallery is then --data's test split (docs/fastfill.md).
 """
+import hashlib
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -43,11 +50,15 @@ import torch.nn.functional as F
 from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, iter_samples, open_source, read_samples,
                          stack)
+from common.convert import CheckpointError, read_safetensors
+from common.eval import OPENAI_IMAGENET_TEMPLATES, zero_shot_classifier
 from common.losses import fp32_logits
+from common.models import clip_from_state_dict
 from common.plot import line_plot, panel
+from common.tokenizer import Tokenizer, world_tokenizer
 from common.train import TrainConfig, all_gather_rows, all_reduce, fit, seed_all, setup_distributed
 from common.transforms import eval_transform
-from common.world import World, class_names
+from common.world import TEMPLATES, World, class_names
 
 LOSSES = ("l2", "l2_ce", "fastfill")
 POLICIES = ("random", "entropy", "uncertainty", "oracle")
@@ -93,6 +104,13 @@ class Config:
     eval_batch: int = 512  # queries per distance block (shrunk automatically for huge galleries)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     ckpt_every: int = 200  # checkpoint interval (steps) of every training stage: a killed run resumes mid-stage
+    old_model: str = ""  # old model from a file, not trained: open_clip ViT CLIP or fastfill encoder .safetensors
+    new_model: str = ""  # new model from a file, likewise (CLIP: image tower + zero-shot head; docs/fastfill.md)
+    bpe: str = ""  # CLIP's merges file for a CLIP checkpoint's zero-shot head (else the world tokenizer, if it fits)
+    old_quick_gelu: str = "auto"  # a CLIP --old_model: auto (QuickGELU for OpenAI-format keys) | true | false
+    new_quick_gelu: str = "auto"  # the same for a CLIP --new_model (true for OpenAI weights that open_clip re-saved)
+    old_vision_heads: int = 0  # a CLIP --old_model's image-tower heads (0: width // 64; ViT-H/g/bigG-14 need 16)
+    new_vision_heads: int = 0  # the same for a CLIP --new_model
 
 
 # --smoke: tiny sizes, the same pipeline end to end, in its own --out (fields given on the command line win)
@@ -123,10 +141,92 @@ class Encoder(nn.Module):
         self.embed = nn.Linear(4 * w, dim)
         self.fc = nn.Linear(dim, num_classes)
 
+    dim = property(lambda self: self.embed.out_features)
+
     def forward(self, x):
         """x (B, 3, H, W) -> (feature (B, dim), logits (B, C))."""
         f = self.embed(self.features(x).mean((2, 3)))
         return f, fp32_logits(f, self.fc.weight, bias=self.fc.bias)  # logits in fp32 also under bf16 autocast
+
+
+class ClipTower(nn.Module):
+    """An open_clip CLIP's image tower as a frozen embedder: image -> (L2-normalised embedding (B, E), logits of a
+    zero-shot classifier fc: weight = logit_scale x the class names' text embeddings, bias 0), CLIP's own use of
+    its embedding space. fc plays the trained encoder's classifier (point-to-cluster loss, entropy policy)."""
+
+    def __init__(self, clip, classifier):
+        super().__init__()
+        self.visual, self.dim = clip.visual, classifier.shape[1]
+        self.fc = nn.Linear(self.dim, classifier.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(classifier * clip.logit_scale.exp().clamp(max=100))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        f = F.normalize(self.visual(x).float(), dim=-1)
+        return f, fp32_logits(f, self.fc.weight, bias=self.fc.bias)
+
+
+def file_id(path, n=1 << 20):
+    """A checkpoint file's identity for fingerprints: its size and the sha1 of its first and last MiB (another file
+    saved at the same path, even of the same architecture, differs there; reading 2 MiB keeps it cheap)."""
+    size, h = os.path.getsize(path), hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        f.seek(max(size - n, 0))
+        h.update(f.read(n))
+    return {"bytes": size, "sha1_head_tail": h.hexdigest()}
+
+
+def load_model(cfg, role, n_classes, names, templates, device="cpu"):
+    """--old_model / --new_model -> (frozen model in eval mode, its image size, its results.json / fingerprint entry).
+
+    An open_clip / OpenAI ViT CLIP (common.models; shapes inferred) gives a ClipTower whose zero-shot head covers
+    `names` (the old model's: the old classes), tokenised by --bpe (else the world's tokenizer, when the checkpoint's
+    vocabulary is the world's). A fastfill encoder checkpoint (this script's old.safetensors / new.safetensors) is
+    rebuilt from its shapes; its image size is the one in its fingerprint, and its classifier must have n_classes.
+    Every problem is a CheckpointError that names the file."""
+    path = getattr(cfg, f"{role}_model")
+    sd, meta = read_safetensors(path)
+    if meta.get("format", "").startswith("clipbook-checkpoint"):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    info = {"checkpoint": path, "path": os.path.abspath(path), **file_id(path)}
+    if "features.0.weight" in sd:  # a fastfill Encoder: widths, dims and depth from its shapes
+        try:
+            convs = sum(1 for k, v in sd.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4)
+            model = Encoder(sd["features.0.weight"].shape[0], sd["embed.weight"].shape[0], sd["fc.weight"].shape[0],
+                            extra=convs - 3)
+            model.load_state_dict(sd, strict=True)
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a fastfill encoder checkpoint ({str(e).splitlines()[0]})") from None
+        if model.fc.out_features != n_classes:
+            raise CheckpointError(f"{path}: its classifier has {model.fc.out_features} classes, the {role} model of "
+                                  f"this data needs {n_classes}")
+        size = json.loads(meta.get("fingerprint", "{}")).get("image_size", cfg.image_size)
+        info.update(kind="fastfill encoder", image_size=size, dim=model.dim, classifier="its trained fc")
+        return model.to(device).eval(), size, info
+    qg = {"auto": None, "true": True, "false": False}[getattr(cfg, f"{role}_quick_gelu")]
+    try:
+        clip = clip_from_state_dict(sd, quick_gelu=qg, vision_heads=getattr(cfg, f"{role}_vision_heads") or None)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e.args[0] if isinstance(e, KeyError) else e} (--{role}_model takes an "
+                              "open_clip / OpenAI ViT CLIP or a fastfill encoder checkpoint)") from None
+    ctx, V = clip.text.context_length, clip.text.vocab_size
+    tok = Tokenizer.from_file(cfg.bpe, context_length=ctx) if cfg.bpe else world_tokenizer(context_length=ctx)
+    if tok.vocab_size > V or (not cfg.bpe and tok.vocab_size != V):
+        raise CheckpointError(f"{path}: its token_embedding has {V} rows but the "
+                              f"{'--bpe ' + cfg.bpe if cfg.bpe else 'world'} tokenizer has {tok.vocab_size} ids"
+                              + ("" if cfg.bpe else "; pass --bpe=bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)"))
+    clip = clip.to(device)
+    with torch.no_grad():  # a few classes at a time: every template of every class is one text batch
+        head = torch.cat([zero_shot_classifier(clip, tok, names[i:i + 8], templates, device)
+                          for i in range(0, len(names), 8)])
+        model = ClipTower(clip, head.to(device))
+    size = clip.config["image_size"]
+    info.update(kind="open_clip CLIP image tower", image_size=size, dim=model.dim, model=clip.config,
+                tokenizer=os.path.abspath(cfg.bpe) if cfg.bpe else "world",
+                classifier=f"zero-shot: {len(names)} class names x {len(templates)} templates")
+    return model.eval(), size, info
 
 
 class Transformation(nn.Module):
@@ -153,9 +253,10 @@ class Transformation(nn.Module):
 # Data (common.data): labelled images. The encoders train from Streams over the train split, h from a Stream over
 # the frozen features of the train images; the test split (gallery = queries) is read once.
 # --------------------------------------------------------------------------------------------------------------
-def prepare(to_input, field, n_classes, s, g=None, pad=3):
+def prepare(to_input, field, n_classes, s, g=None, pad=3, inputs=None):
     """sample -> {"x": float (3, image_size, image_size), CLIP-normalised, "y": class id}. With g (training):
-    random translation (reflect pad + crop) and horizontal flip."""
+    random translation (reflect pad + crop) and horizontal flip. inputs {key: transform}: more inputs of the image
+    (a loaded model's own size; never augmented)."""
     y = int(s[field])
     if not 0 <= y < n_classes:
         raise ValueError(f"sample {s['__key__']!r}: {field} {y} outside the {n_classes} class names of the data")
@@ -164,7 +265,7 @@ def prepare(to_input, field, n_classes, s, g=None, pad=3):
         (i, j), H, W = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist(), x.shape[1], x.shape[2]
         x = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0, :, i:i + H, j:j + W]
         x = x.flip(-1) if torch.rand((), generator=g) < 0.5 else x
-    return {"__key__": s["__key__"], "x": x, "y": y}
+    return {"__key__": s["__key__"], "x": x, "y": y, **{k: f(s["image"]) for k, f in (inputs or {}).items()}}
 
 
 def old_rows(n_old, batch):
@@ -241,18 +342,20 @@ def h_loss(kind, ce_weight, W, b, model, batch):
 
 
 @torch.no_grad()
-def extract(models, samples, dist, batch=512):
+def extract(models, samples, dist, batch=512, keys=None):
     """Features and logits of each model, and the labels, on this rank's prepared samples; every rank gets all ranks'
-    rows in rank order. Returns [(features, logits) per model], labels."""
+    rows in rank order. keys: each model's input key in the samples (default "x"). Returns [(features, logits) per
+    model], labels."""
     dev, it, out, ys = torch.device(dist.device), iter(samples), [([], []) for _ in models], []
+    keys = keys or ["x"] * len(models)
     while chunk := list(itertools.islice(it, batch)):
-        x = stack(chunk, "x").to(dev)
-        for m, (fs, ls) in zip(models, out):
-            f, logit = m.eval()(x)
+        xs = {k: stack(chunk, k).to(dev) for k in dict.fromkeys(keys)}
+        for m, k, (fs, ls) in zip(models, keys, out):
+            f, logit = m.eval()(xs[k])
             fs.append(f.float().cpu()), ls.append(logit.float().cpu())
         ys.append(stack(chunk, "y"))
     cat = lambda v, d: all_gather_rows(torch.cat(v) if v else torch.zeros(0, d), dist)  # noqa: E731
-    return ([(cat(fs, m.embed.out_features), cat(ls, m.fc.out_features)) for m, (fs, ls) in zip(models, out)],
+    return ([(cat(fs, m.dim), cat(ls, m.fc.out_features)) for m, (fs, ls) in zip(models, out)],
             cat(ys, 0).view(-1).long())
 
 
@@ -397,6 +500,14 @@ def main(argv=None):
     if cfg.batch_size % dist.world_size or cfg.h_batch % dist.world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} and --h_batch={cfg.h_batch} must be divisible by "
                          f"{dist.world_size} ranks")
+    for r in ("old", "new"):
+        qg = getattr(cfg, f"{r}_quick_gelu")
+        if qg not in ("auto", "true", "false"):
+            raise ValueError(f"--{r}_quick_gelu={qg!r}: expected auto, true or false")
+        if (qg != "auto" or getattr(cfg, f"{r}_vision_heads")) and not getattr(cfg, f"{r}_model"):
+            raise ValueError(f"--{r}_quick_gelu and --{r}_vision_heads describe an --{r}_model checkpoint")
+    if cfg.bpe and not (cfg.old_model or cfg.new_model):
+        raise ValueError("--bpe is the tokenizer of an --old_model / --new_model CLIP checkpoint")
     if cfg.data and cfg.task != "label":
         raise ValueError(f"--task={cfg.task!r} is a world label; on --data the class is the 'label' field (class "
                          "folders, .cls or json 'label' members, names in classes.txt)")
@@ -410,19 +521,34 @@ def main(argv=None):
         cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.image_size), n=n, val_data=cfg.val_data,
         holdout=cfg.holdout, require=("image", cfg.task), keep=("image", cfg.task))
     train = source("train", cfg.n_train)
-    C = len(class_names_of(train, default=None if cfg.data else class_names(
-        "shape_color" if cfg.task == "label_fine" else "shape")))
+    names = class_names_of(train, default=None if cfg.data else class_names(
+        "shape_color" if cfg.task == "label_fine" else "shape"))
+    C = len(names)
     C_old = C // 2  # FCT: the old model sees the first half of the classes (here: the first half of the shapes)
     to_input = eval_transform(cfg.image_size)  # resize + centre crop + CLIP normalisation (common.transforms)
     prep = partial(prepare, to_input, cfg.task, C)
-    test = read_samples(source("test", cfg.n_test), cfg.n_test, prep)
+    # --old_model / --new_model: loaded instead of trained, each fed at its own image size (open_clip's eval
+    # preprocessing there); the trained miniature models read "x" (cfg.image_size)
+    loaded, key = {}, {"old": "x", "new": "x"}
+    templates = OPENAI_IMAGENET_TEMPLATES if cfg.data else TEMPLATES
+    for role, k in (("old", C_old), ("new", C)):
+        if getattr(cfg, f"{role}_model"):
+            loaded[role] = load_model(cfg, role, k, names[:k], templates, dev)
+            size = loaded[role][1]
+            key[role] = "x" if size == cfg.image_size else f"x{size}"
+            dist.print(f"{role} model: {getattr(cfg, f'{role}_model')} ({loaded[role][2]['kind']}, {size} px, "
+                       f"dim {loaded[role][0].dim}), not trained")
+    sizes = {loaded[r][1] for r in loaded if key[r] != "x"}
+    prep_all = partial(prep, inputs={f"x{z}": eval_transform(z) for z in sorted(sizes)}) if sizes else prep
+    test = read_samples(source("test", cfg.n_test), cfg.n_test, prep_all)
     y_te = stack(test, "y")
     dist.print(f"data: train {train.name}, class field {cfg.task!r}, {C} classes (the old model's: ids < {C_old}); "
                f"test {test.name}, {len(test)} samples")
     # one seed for both streams: each rank reads the same samples in both (data block: keys on several ranks = 0)
     streams = {name: Stream(train, k * cfg.batch_size // R, prep, seed=cfg.seed, num_workers=cfg.num_workers,
                             dist=dist, post=post, name=name)
-               for name, k, post in (("old", 2, partial(old_rows, C_old)), ("new", 1, lambda b: (b["x"], b["y"])))}
+               for name, k, post in (("old", 2, partial(old_rows, C_old)), ("new", 1, lambda b: (b["x"], b["y"])))
+               if name not in loaded}
     timing["data"] = time.time() - t
 
     # 2. old model (smaller, half of the classes) and new model (bigger, all classes), reused when valid. The old
@@ -432,11 +558,16 @@ def main(argv=None):
                  "weight_decay", "label_smoothing")
     # (init seeded per stage, on rank 0's seed: DDP broadcasts rank 0's weights; reused stages leave RNG untouched)
     seed_all(cfg.seed)
-    old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev)
+    old = Encoder(cfg.old_width, cfg.old_dim, C_old, extra=0).to(dev) if "old" not in loaded else loaded["old"][0]
     seed_all(cfg.seed + 1)
-    new = Encoder(cfg.new_width, cfg.new_dim, C, extra=cfg.new_extra).to(dev)
-    for name, model, epochs, keys in [("old", old, cfg.old_epochs, ("old_width", "old_dim", "old_epochs")),
-                                      ("new", new, cfg.new_epochs, ("new_width", "new_dim", "new_extra", "new_epochs"))]:
+    new = Encoder(cfg.new_width, cfg.new_dim, C, extra=cfg.new_extra).to(dev) if "new" not in loaded else \
+        loaded["new"][0]
+    model_keys = {"old": ("old_width", "old_dim", "old_epochs"),
+                  "new": ("new_width", "new_dim", "new_extra", "new_epochs")}
+    for name, model, epochs in [("old", old, cfg.old_epochs), ("new", new, cfg.new_epochs)]:
+        if name in loaded:
+            continue
+        keys = model_keys[name]
         t, fp, B = time.time(), fingerprint(cfg, *data_keys, *keys), streams[name].B * R
         train_stage(model, partial(encoder_loss, cfg.label_smoothing), streams[name],
                     epochs * max(1, cfg.n_train // B), name, fp, cfg.lr, cfg.weight_decay, cfg, dist)
@@ -445,9 +576,11 @@ def main(argv=None):
     # 3. frozen features of both models on train (to fit h; each rank a share) and test (gallery/queries)
     t = time.time()
     share = iter_samples(train, dist.rank, R, n=-(-cfg.n_train // R))
-    [(fo_tr, _), (fn_tr, _)], y_tr = extract([old, new], map(prep, share), dist)
+    keys = [key["old"], key["new"]]
+    [(fo_tr, _), (fn_tr, _)], y_tr = extract([old, new], map(prep_all, share), dist, keys=keys)
     per = -(-len(test) // R)
-    [(fo_te, lo_te), (fn_te, ln_te)], _ = extract([old, new], test[dist.rank * per:(dist.rank + 1) * per], dist)
+    [(fo_te, lo_te), (fn_te, ln_te)], _ = extract([old, new], test[dist.rank * per:(dist.rank + 1) * per], dist,
+                                                  keys=keys)
     feats = SampleSource([{"__key__": f"feature-{i}", "f_old": fo_tr[i], "f_new": fn_tr[i], "y": y_tr[i]}
                           for i in range(len(y_tr))], name="train features")
     timing["features"] = time.time() - t
@@ -456,10 +589,12 @@ def main(argv=None):
     hs = {}
     for kind in losses:
         t = time.time()
-        fp = fingerprint(cfg, *data_keys, "old_width", "old_dim", "old_epochs", "new_width", "new_dim", "new_extra",
-                         "new_epochs", "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight", loss=kind)
+        mk = [k for r in ("old", "new") if r not in loaded for k in model_keys[r]]  # a loaded model: its file instead
+        fp = fingerprint(cfg, *data_keys, *mk, "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight", loss=kind,
+                         **{f"{r}_model": fingerprint(cfg, f"{r}_quick_gelu", f"{r}_vision_heads", "bpe",
+                                                      **loaded[r][2]) for r in loaded})
         seed_all(cfg.seed + 2)  # the same init for every loss variant: a paired comparison
-        h = Transformation(cfg.old_dim, cfg.new_dim, cfg.h_hidden).to(dev)
+        h = Transformation(old.dim, new.dim, cfg.h_hidden).to(dev)
         stream = Stream(feats, cfg.h_batch // R, seed=cfg.seed + 1, dist=dist, name=f"h_{kind}",
                         post=lambda b: (b["f_old"], b["f_new"], b["y"]))
         loss = partial(h_loss, kind, cfg.ce_weight, new.fc.weight.detach(), new.fc.bias.detach())
@@ -503,6 +638,8 @@ def main(argv=None):
            "chance_map": chance, "num_classes": C, "num_old_classes": C_old, "n_gallery": len(y_te),
            "old_acc_on_old_classes": float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean()),
            "new_acc": float((ln_te.argmax(-1) == y_te).float().mean()), "class_field": cfg.task, "data": data}
+    for r in loaded:  # which checkpoint each loaded model is (absent: trained here); its accuracies are zero-shot's
+        res[f"{r}_model"] = {k: v for k, v in loaded[r][2].items() if k != "path"}
     curves, ends_exact = {kind: {} for kind in losses}, True
     for i, (kind, p) in enumerate(tasks):
         curves[kind][p] = {m: buf[i, :, j].tolist() for j, m in enumerate(("map", "top1", "top5"))}

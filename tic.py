@@ -33,6 +33,10 @@ comes from its held-out split ({split} in --data, --val_data, or --holdout by ke
 step) is one checkpoint in --out, reused by a later invocation while its fingerprint (the settings that change it,
 including the run it warm-starts from) matches: Step 1 and Restart survive a change of the warm-start lr.
 
+--warm_start=FILE.safetensors (an open_clip / OpenAI ViT CLIP of any size) makes that checkpoint time step 1: it is
+not trained, every run starts from it (Restart and Oracle too; all at --warm_lr), and images and text reach it at its
+own image size, context length and tokenizer (--bpe: CLIP's merges file), with open_clip's normalised preprocessing.
+
     python tic.py                    # default run: 4 time steps x 6 strategies (~10 min on 2 CPU cores)
     python tic.py --smoke            # the same pipeline at tiny sizes (< 60 s)
     python tic.py --strategies=sequential,cumulative_all --steps=200
@@ -40,7 +44,10 @@ including the run it warm-starts from) matches: Step 1 and Restart survive a cha
                                      # KEY.json has a "year" field, grouped by --time_steps
     python tic.py --data='/data/tic/{split}' --n_train=1000000   # {split}/STEP/*.tar; n_train = |D| sizes buffers
     torchrun --nproc_per_node=2 tic.py --smoke
+    python tic.py --warm_start=ViT-B-16.safetensors --bpe=bpe_simple_vocab_16e6.txt.gz --data=/data/tic
+                                     # time step 1 = that open_clip checkpoint (not trained); every run starts from it
 """
+import copy
 import hashlib
 import json
 import os
@@ -55,9 +62,9 @@ from common.config import config_to_dict, parse_config, print_table, run_cli, sa
 from common.data import ShardSource, Stream, class_names_of, data_report, key_hash, open_source, read_samples, stack
 from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss, distill_kl, fp32_logits
-from common.models import CLIP, TextTransformer, VisionTransformer
+from common.models import CLIP, TextTransformer, VisionTransformer, load_clip_checkpoint
 from common.plot import heatmaps, line_plot, panel
-from common.tokenizer import world_tokenizer
+from common.tokenizer import Tokenizer, world_tokenizer
 from common.train import TrainConfig, fit, load_weights, seed_all, setup_distributed, unwrap
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
@@ -103,6 +110,10 @@ class Config:
     ckpt_every: int = 0  # checkpoint every N steps within a run (0: at its end only)
     log_every: int = 50  # log.jsonl row + printed line every N steps
     smoke: bool = False  # tiny run for tests
+    warm_start: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as time step 1's model (not trained; docs/tic.md)
+    bpe: str = ""  # --warm_start: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for its tokenizer (else world's)
+    quick_gelu: str = "auto"  # --warm_start: auto (QuickGELU for OpenAI-format keys) | true | false
+    vision_heads: int = 0  # --warm_start: image-tower heads (0: width // 64; ViT-H/g/bigG-14 need 16)
 
 
 SMOKE = dict(steps=30, n_train=400, n_eval=100, batch_size=32, warmup=5, width=64, layers=2, text_width=64,
@@ -112,6 +123,7 @@ SMOKE = dict(steps=30, n_train=400, n_eval=100, batch_size=32, warmup=5, width=6
 TRAIN_KEYS = ["seed", "data", "val_data", "holdout", "time_steps", "steps", "batch_size", "weight_decay", "n_train",
               "image_size", "patch_size", "width", "layers", "text_width", "text_layers", "context_length",
               "embed_dim", "caption"]
+MODEL_KEYS = ["patch_size", "width", "layers", "text_width", "text_layers", "context_length", "embed_dim"]  # miniature
 
 
 # -----------------------------------------------------------------------------
@@ -123,6 +135,37 @@ def build_model(cfg, vocab_size):
     text = TextTransformer(vocab_size=vocab_size, context_length=cfg.context_length, width=cfg.text_width,
                            layers=cfg.text_layers, heads=max(1, cfg.text_width // 32), embed_dim=cfg.embed_dim)
     return CLIP(visual, text)
+
+
+def load_warm_start(cfg):
+    """--warm_start: (the checkpoint's CLIP on the CPU, its tokenizer, the fingerprint entry of the checkpoint).
+
+    The architecture (sizes, image size, context length) comes from the file's shapes (common.models); the tokenizer is
+    CLIP's BPE from --bpe, else the world's when the checkpoint's vocabulary is exactly the world's. A missing,
+    truncated or mismatched file raises common.convert.CheckpointError naming it (one line from run_cli)."""
+    qg = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
+    model = load_clip_checkpoint(cfg.warm_start, quick_gelu=qg, vision_heads=cfg.vision_heads or None)
+    ctx, V = model.text.context_length, model.text.vocab_size
+    tok = Tokenizer.from_file(cfg.bpe, context_length=ctx) if cfg.bpe else world_tokenizer(context_length=ctx)
+    if tok.vocab_size > V or (not cfg.bpe and tok.vocab_size != V):
+        raise ValueError(f"--warm_start {cfg.warm_start}: its token_embedding has {V} rows but the "
+                         f"{'--bpe ' + cfg.bpe if cfg.bpe else 'world'} tokenizer has {tok.vocab_size} ids"
+                         + ("" if cfg.bpe else "; pass --bpe=bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)"))
+    fp = {"warm_start": os.path.abspath(cfg.warm_start), **file_id(cfg.warm_start),
+          "bpe": os.path.abspath(cfg.bpe) if cfg.bpe else "world", "quick_gelu": model.config["quick_gelu"],
+          "vision_heads": model.config["vision_heads"]}
+    return model, tok, fp
+
+
+def file_id(path, n=1 << 20):
+    """A checkpoint file's identity for fingerprints: its size and the sha1 of its first and last MiB (another file
+    saved at the same path, even of the same architecture, differs there; reading 2 MiB keeps it cheap)."""
+    size, h = os.path.getsize(path), hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        f.seek(max(size - n, 0))
+        h.update(f.read(n))
+    return {"bytes": size, "sha1_head_tail": h.hexdigest()}
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +333,7 @@ def train_time_step(cfg, dist, model, batches, steps, name, lr, warmup, teacher=
         with torch.no_grad():
             t_img, t_txt, t_scale = teacher(*batch)
         kd = lwf_loss(img_f, txt_f, scale, t_img, t_txt, t_scale)
-        return loss + cfg.lwf_weight * kd, {"lwf": float(kd)}
+        return loss + cfg.lwf_weight * kd, {"lwf": float(kd.detach())}
 
     train = TrainConfig(steps, lr=lr, weight_decay=cfg.weight_decay, warmup=warmup, ckpt_every=cfg.ckpt_every,
                         log_every=cfg.log_every, amp=cfg.amp, resume=cfg.resume)
@@ -366,6 +409,10 @@ def main(argv=None):
         raise SystemExit(f"config error: --strategies has {bad}; expected a comma list of {STRATEGIES}")
     if cfg.caption not in ("caption", "alt_text"):
         raise SystemExit(f"config error: --caption={cfg.caption!r}; expected caption or alt_text")
+    if cfg.quick_gelu not in ("auto", "true", "false"):
+        raise SystemExit(f"config error: --quick_gelu={cfg.quick_gelu!r}; expected auto, true or false")
+    if (cfg.bpe or cfg.quick_gelu != "auto" or cfg.vision_heads) and not cfg.warm_start:
+        raise SystemExit("config error: --bpe, --quick_gelu and --vision_heads describe a --warm_start checkpoint")
     dist = setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:
         raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
@@ -375,7 +422,9 @@ def main(argv=None):
 
     # ---- data: per time step a training source and an eval set from its held-out split; a run's training data is
     # one source over the steps it uses (step_fractions), streamed in batches that are uniform over it
-    tok = world_tokenizer(context_length=cfg.context_length)
+    # --warm_start: the checkpoint's own tokenizer, context length, image size and open_clip's (normalised) transforms
+    base, tok, ws_fp = load_warm_start(cfg) if cfg.warm_start else (None, world_tokenizer(cfg.context_length), None)
+    size, norm = (base.config["image_size"], {}) if base is not None else (cfg.image_size, {"mean": None})
     train_parts, eval_parts = step_sources(cfg, groups, "train"), step_sources(cfg, groups, "test")
     T, n, buffer = len(train_parts), cfg.n_train, cfg.buffer or cfg.n_train
     evals = [read_samples(one_source(eval_parts, {k: 1.0}), cfg.n_eval) for k in range(T)] if dist.is_master else []
@@ -385,10 +434,10 @@ def main(argv=None):
             names, zs_na = class_names_of(eval_parts[0][1], default=None if cfg.data else class_names("shape")), None
         except FileNotFoundError as err:
             zs_na = f"n/a: {err}"
-    prep = eval_transform(cfg.image_size, mean=None)
+    prep = eval_transform(size, **norm)
     sets = [{"images": torch.stack([prep(x["image"]) for x in ev]), "tokens": tok(stack(ev, cfg.caption)),
              "labels": stack(ev, "label") if names else None} for ev in evals]
-    aug = train_transform(cfg.image_size, kind="clip", mean=None)
+    aug = train_transform(size, kind="clip", **norm)
     workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
 
     def pair(x, g):  # runs in the DataLoader workers
@@ -401,16 +450,31 @@ def main(argv=None):
     dist.print(f"tic: {T} time steps {[p[0] for p in train_parts]}, {cfg.n_eval} eval pairs each, |D| = {n}, budget "
                f"C = {cfg.steps} steps x {cfg.batch_size} = {cfg.steps * cfg.batch_size} samples per step")
 
-    def fresh():
+    def fresh():  # the init of a run from scratch (--warm_start: the checkpoint)
         seed_all(cfg.seed)  # same init for every from-scratch run
-        return build_model(cfg, tok.vocab_size).to(dist.device)
+        return (build_model(cfg, tok.vocab_size) if base is None else copy.deepcopy(base)).to(dist.device)
 
     def ckpt(name):
         return os.path.join(cfg.out, f"{name}.safetensors")
 
+    def init_from(prev):  # a model holding run prev's weights (step 1 under --warm_start: the checkpoint itself)
+        model = fresh()
+        if base is None or prev != "step1":
+            load_weights(ckpt(prev), model)
+        return model
+
     # one stream and fingerprint per run met here; a run's fingerprint holds its data, budget, lr and the fingerprint
-    # of the run it warm-starts from, so step 1 is trained once and shared, and Restart survives a new --warm_lr
+    # of the run it warm-starts from, so step 1 is trained once and shared, and Restart survives a new --warm_lr.
+    # --warm_start: step 1 is the checkpoint (its fingerprint: the file); every run starts from trained weights, so
+    # every run takes the warm-start lr and warm-up; Restart and Oracle restart from the checkpoint (docs/tic.md)
     results, streams, fps, shared = {}, {}, {}, {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    if base is not None:
+        shared = {k: v for k, v in shared.items() if k not in MODEL_KEYS}
+        fps["step1"] = ws_fp
+        dist.print(f"tic: time step 1 = {cfg.warm_start} ({base.config['image_size']} px, context "
+                   f"{base.config['context_length']}, {'--bpe ' + cfg.bpe if cfg.bpe else 'world'} tokenizer), "
+                   "not trained")
+    step1_scores = None  # --warm_start: the checkpoint's row of every time matrix, evaluated once
     for strat in strategies:
         s0 = time.time()
         M_r, M_z, rows, samples, prev = [], [], [], 0, None
@@ -420,31 +484,34 @@ def main(argv=None):
             budget = cfg.steps * (T if strat == "oracle" else 1)
             # step 1 is the same run for every non-Oracle strategy (random init, D_1, budget C): train it once
             name = "step1" if (t == 0 and strat != "oracle") else f"{strat}_t{t + 1}"
-            model = fresh()
-            if warm:
-                load_weights(ckpt(prev), model)
+            model = init_from(prev) if warm else fresh()
             teacher = None
             if strat == "lwf" and warm:
-                teacher = fresh()
-                load_weights(ckpt(prev), teacher)
+                teacher = init_from(prev)
                 teacher.eval().requires_grad_(False)
             fractions = step_fractions(strat, t, n, buffer)
-            if name not in streams:
+            loaded = base is not None and name == "step1"  # the checkpoint is step 1: nothing to train
+            if name not in streams and not loaded:
                 if cfg.retrain and dist.is_master and os.path.exists(ckpt(name)):
                     os.remove(ckpt(name))  # train it again, once in this invocation
                 dist.barrier()
                 streams[name] = stream(one_source(train_parts, fractions, cfg.seed), name)
-            # warm starts: their own peak lr (--warm_lr; docs/tic.md says why), no warm-up (the official --warmup 0)
-            lr, warmup = (cfg.warm_lr or cfg.lr, cfg.warm_start_warmup) if warm else (cfg.lr, cfg.warmup)
-            fps[name] = {**shared, "budget": budget, "fractions": fractions, "lr": lr, "warmup": warmup,
-                         "lwf_weight": cfg.lwf_weight if teacher is not None else None,
-                         "init": fps[prev] if warm else None}
-            train_time_step(cfg, dist, model, streams[name], budget, name, lr, warmup, teacher, fps[name])
-            streams[name].close()
-            samples += budget * cfg.batch_size
+            if not loaded:
+                # warm starts: their own peak lr (--warm_lr; docs/tic.md says why), no warm-up (the official --warmup 0)
+                lr, warmup = (cfg.warm_lr or cfg.lr, cfg.warm_start_warmup) if warm or base is not None else \
+                    (cfg.lr, cfg.warmup)
+                fps[name] = {**shared, "budget": budget, "fractions": fractions, "lr": lr, "warmup": warmup,
+                             "lwf_weight": cfg.lwf_weight if teacher is not None else None,
+                             "init": fps[prev] if warm else ws_fp}
+                train_time_step(cfg, dist, model, streams[name], budget, name, lr, warmup, teacher, fps[name])
+                streams[name].close()
+                samples += budget * cfg.batch_size
             prev = name
-            if dist.is_master:
+            if dist.is_master and loaded and step1_scores is not None:
+                retr, zs = step1_scores
+            elif dist.is_master:
                 retr, zs = evaluate(unwrap(model), sets, names, tok, dist.device)
+                step1_scores = (retr, zs) if loaded else step1_scores
                 M_r.append(retr)
                 M_z.append(zs)
                 rows.append(t)
@@ -480,6 +547,12 @@ def main(argv=None):
         M = results["cumulative_all"]["matrix_retrieval"]
         # an old model on the newest data (the paper's 2020 OpenAI CLIP on 2021-22): model after step T-2 vs T
         res["old_model_gap_newest"] = M[T - 1][T - 1] - M[T - 3][T - 1]
+    if base is not None:  # which checkpoint time step 1 is, and how its inputs were made
+        res["warm_start"] = {"checkpoint": cfg.warm_start, **file_id(cfg.warm_start), "tokenizer": ws_fp["bpe"],
+                             "image_size": size, "context_length": base.config["context_length"],
+                             "preprocessing": "open_clip: train RandomResizedCrop(0.9-1), eval bicubic resize + "
+                                              "center crop, CLIP mean/std", "model": base.config,
+                             "step1": "loaded from the checkpoint, not trained (0 samples)"}
     res.update(seconds=time.time() - t0, device=dist.device, time_steps=[p[0] for p in train_parts], data=data)
     save_json(os.path.join(cfg.out, "results.json"), res)
     plot_matrices(results, "matrix_retrieval", os.path.join(cfg.out, "tic_retrieval.png"), "retrieval mean R@1")

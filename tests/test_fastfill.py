@@ -295,3 +295,125 @@ def test_config_names_and_smoke_preset():
     assert cfg.out == "runs/fastfill_smoke" and cfg.n_train == ff.SMOKE["n_train"]  # never the default run's stages
     cfg = parse_config(ff.Config, ["--smoke", "--out=x", "--n_train=7"], presets={"smoke": ff.SMOKE})
     assert cfg.out == "x" and cfg.n_train == 7 and not cfg.resume and not cfg.retrain  # explicit flags win
+
+
+# ---------------------------------------------------------------- --old_model / --new_model: loaded, not trained
+def _open_clip_name(k):
+    """This project's CLIP key -> open_clip's (text tower at the top level, transformer.resblocks, in_proj_weight)."""
+    k = k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+    k = k.replace("blocks.", "transformer.resblocks.")
+    return k[len("text."):] if k.startswith("text.") else k
+
+
+def _tiny_open_clip(path, size=24, seed=0, vocab=None):
+    """A random ViT CLIP at `size` px (patch 8, width 64 = 1 head, 1 block per tower, context 20, embed 32, the
+    world's vocabulary) saved as safetensors in open_clip's key names."""
+    from safetensors.torch import save_file
+    from common.models import CLIP, TextTransformer, VisionTransformer
+    from common.tokenizer import world_tokenizer
+    torch.manual_seed(seed)
+    m = CLIP(VisionTransformer(size, 8, 64, 1, 1, 4.0, 32),
+             TextTransformer(vocab or world_tokenizer().vocab_size, 20, 64, 1, 1, 32))
+    save_file({_open_clip_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(path))
+
+
+def _clip_reference(ck, size, names):
+    """Independently of fastfill.main: the checkpoint's L2-normalised image embeddings of the smoke gallery (the
+    world's first 96 test images, open_clip's eval preprocessing at the checkpoint's size) and its zero-shot
+    predictions over `names` with the world's templates."""
+    from common.eval import zero_shot_classifier
+    from common.models import load_clip_checkpoint
+    from common.tokenizer import world_tokenizer
+    from common.transforms import eval_transform
+    from common.world import TEMPLATES
+    clip, prep, world = load_clip_checkpoint(str(ck)), eval_transform(size), World(seed=0, split="test", size=32)
+    xs = [world[i] for i in range(96)]
+    with torch.no_grad():
+        f = clip.encode_image(torch.stack([prep(x["image"]) for x in xs]))
+        pred = (f @ zero_shot_classifier(clip, world_tokenizer(20), names, TEMPLATES).T).argmax(-1)
+    return f, torch.tensor([x["label"] for x in xs]), pred
+
+
+LOADED = [*TINY, "--h_epochs=2"]
+
+
+def test_new_model_from_open_clip_then_both_loaded(tmp_path):
+    """--new_model=CLIP: the new model is not trained, its gallery features are the checkpoint's image embeddings at
+    its own 24 px and its classifier is zero-shot; h is trained and its fingerprint names the file. Then the first
+    run's old.safetensors as --old_model: nothing but h trains, and the old features are the same as before."""
+    from common.world import class_names
+    ck, a, b = tmp_path / "clip24.safetensors", tmp_path / "a", tmp_path / "b"
+    _tiny_open_clip(ck)
+    r = ff.main([*LOADED, f"--out={a}", f"--new_model={ck}"])
+    assert (a / "old.safetensors").exists() and not (a / "new.safetensors").exists()
+    assert r["new_model"]["checkpoint"] == str(ck) and r["new_model"]["image_size"] == 24 and "old_model" not in r
+    assert r["new_model"]["kind"].startswith("open_clip") and r["new_model"]["dim"] == 32
+    f, y, pred = _clip_reference(ck, 24, class_names("shape"))
+    assert r["new_new_map"] == pytest.approx(ff.retrieval_metrics(f, f, y, y)["map"], abs=1e-6)
+    assert r["new_acc"] == pytest.approx((pred == y).float().mean().item(), abs=1e-9)
+    assert r["curve_end_equals_new_new"] is True and r["data"]["train_samples_seen"] == 4 * 64  # old stream only
+    from safetensors import safe_open
+    with safe_open(str(a / "h_fastfill.safetensors"), "pt") as fh:
+        assert str(ck.resolve()) in fh.metadata()["fingerprint"]
+    r2 = ff.main([*LOADED, f"--out={b}", f"--old_model={a / 'old.safetensors'}", f"--new_model={ck}"])
+    assert not (b / "old.safetensors").exists() and not (b / "new.safetensors").exists()
+    assert r2["old_model"]["kind"] == "fastfill encoder" and r2["old_model"]["image_size"] == 32
+    assert r2["old_old_map"] == pytest.approx(r["old_old_map"], abs=1e-9)
+    assert r2["new_new_map"] == pytest.approx(r["new_new_map"], abs=1e-9)
+    assert r2["data"]["train_samples_seen"] == 0 and (b / "h_l2.safetensors").exists()
+
+
+def test_old_model_from_open_clip_new_from_encoder_weights(tmp_path):
+    """--old_model=CLIP at 16 px (zero-shot head over the 5 old classes) with --new_model= a fastfill encoder's
+    plain weights (no fingerprint: the run's 32 px): two input sizes in one run, each model fed its own."""
+    from common.train import save_weights
+    from common.world import class_names
+    ck, enc, out = tmp_path / "clip16.safetensors", tmp_path / "enc.safetensors", tmp_path / "run"
+    _tiny_open_clip(ck, size=16, seed=3)
+    torch.manual_seed(0)
+    save_weights(enc, ff.Encoder(16, 64, 10, extra=1).eval())
+    r = ff.main([*LOADED, f"--out={out}", f"--old_model={ck}", f"--new_model={enc}", "--losses=fastfill"])
+    assert not (out / "old.safetensors").exists() and not (out / "new.safetensors").exists()
+    assert r["old_model"]["image_size"] == 16 and r["new_model"]["kind"] == "fastfill encoder"
+    f, y, pred = _clip_reference(ck, 16, class_names("shape")[:5])
+    assert r["old_old_map"] == pytest.approx(ff.retrieval_metrics(f, f, y, y)["map"], abs=1e-6)
+    seen = y < 5
+    assert r["old_acc_on_old_classes"] == pytest.approx((pred[seen] == y[seen]).float().mean().item(), abs=1e-9)
+    from common.train import load_weights
+    from common.transforms import eval_transform
+    new, prep, world = ff.Encoder(16, 64, 10, extra=1), eval_transform(32), World(seed=0, split="test", size=32)
+    load_weights(enc, new)
+    with torch.no_grad():
+        g = new.eval()(torch.stack([prep(world[i]["image"]) for i in range(96)]))[0]
+    assert r["new_new_map"] == pytest.approx(ff.retrieval_metrics(g, g, y, y)["map"], abs=1e-6)
+
+
+def test_bad_model_checkpoints_are_one_line_errors(tmp_path):
+    """Missing, truncated, foreign, wrong-class-count and wrong-vocabulary files stop before training with a message
+    that names the file."""
+    from common.convert import CheckpointError
+    from common.train import save_weights
+    good, out = tmp_path / "good.safetensors", tmp_path / "run"
+    _tiny_open_clip(good)
+    run = lambda *a: ff.main([*LOADED, f"--out={out}", *a])  # noqa: E731
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such file"):
+        run(f"--new_model={tmp_path / 'nope.safetensors'}")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: truncated"):
+        run(f"--old_model={cut}")
+    five = tmp_path / "five.safetensors"
+    save_weights(five, ff.Encoder(8, 32, 5))
+    with pytest.raises(CheckpointError, match=r"five\.safetensors: its classifier has 5 classes.*needs 10"):
+        run(f"--new_model={five}")
+    foreign = tmp_path / "foreign.safetensors"
+    save_weights(foreign, torch.nn.Linear(3, 4))
+    with pytest.raises(CheckpointError, match=r"foreign\.safetensors: not an open_clip .*--new_model takes"):
+        run(f"--new_model={foreign}")
+    vocab = tmp_path / "vocab.safetensors"
+    _tiny_open_clip(vocab, vocab=300)
+    with pytest.raises(CheckpointError, match=r"vocab\.safetensors: its token_embedding has 300 rows.*--bpe="):
+        run(f"--new_model={vocab}")
+    with pytest.raises(ValueError, match="--bpe"):
+        run("--bpe=x.txt")
+    assert not (out / "results.json").exists() and not (out / "old.safetensors").exists()

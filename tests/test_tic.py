@@ -246,3 +246,108 @@ def test_missing_year_is_a_clear_error(tmp_path):
                 tf.addfile(ti, io.BytesIO(data))
     with pytest.raises(ValueError, match="sample 'k.' has no 'year' in its .json"):
         tic.main([f"--out={tmp_path / 'run'}", f"--data={d}", "--holdout=0.3", *TINY])
+
+
+# ---------------------------------------------------------------- --warm_start: an open_clip checkpoint as step 1
+def _open_clip_name(k):
+    """This project's CLIP key -> open_clip's (text tower at the top level, transformer.resblocks, in_proj_weight)."""
+    k = k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+    k = k.replace("blocks.", "transformer.resblocks.")
+    return k[len("text."):] if k.startswith("text.") else k
+
+
+def _tiny_open_clip(path, seed=0, vocab=None, drop=()):
+    """A random 24 px ViT CLIP (patch 8, width 64 = 1 head, 1 block per tower, context 20, embed 32, the world's
+    vocabulary) saved as safetensors in open_clip's key names; returns the state dict saved."""
+    from safetensors.torch import save_file
+    from common.models import CLIP, TextTransformer, VisionTransformer
+    from common.tokenizer import world_tokenizer
+    torch.manual_seed(seed)
+    V = vocab or world_tokenizer().vocab_size
+    m = CLIP(VisionTransformer(24, 8, 64, 1, 1, 4.0, 32), TextTransformer(V, 20, 64, 1, 1, 32))
+    sd = {_open_clip_name(k): v.contiguous() for k, v in m.state_dict().items() if _open_clip_name(k) not in drop}
+    save_file(sd, str(path))
+    return sd
+
+
+WARM = [*TINY, "--steps=4", "--time_steps=2014-2017,2018-2022", "--warm_lr=1e-12", "--device=cpu"]
+
+
+def test_warm_start_checkpoint_is_step1(tmp_path):
+    """--warm_start: step 1 is the checkpoint (not trained, evaluated at its own 24 px with open_clip's normalised
+    preprocessing and context 20), every run starts from it (at warm_lr ~ 0 the trained weights stay the file's),
+    results.json and every run's fingerprint name the file, and another file at the same path retrains them."""
+    from common.data import read_samples, stack
+    from common.models import load_clip_checkpoint
+    from common.tokenizer import world_tokenizer
+    from common.train import load_weights
+    from common.transforms import eval_transform
+    ck, out = tmp_path / "clip24.safetensors", tmp_path / "run"
+    _tiny_open_clip(ck)
+    args = [f"--out={out}", *WARM, "--strategies=sequential,restart,lwf", f"--warm_start={ck}"]
+    res = tic.main(args)
+    runs = ("sequential_t2", "restart_t2", "lwf_t2")
+    assert not (out / "step1.safetensors").exists() and all((out / f"{r}.safetensors").exists() for r in runs)
+    w = res["warm_start"]
+    assert w["checkpoint"] == str(ck) and w["image_size"] == 24 and w["context_length"] == 20
+    assert w["tokenizer"] == "world" and w["model"]["vision_width"] == 64
+    for s in ("sequential", "restart", "lwf"):
+        assert res[s]["samples_seen"] == 4 * 16  # step 1 took no samples
+    # step 1's row is the checkpoint's own scores, computed here independently of main
+    model, cfg = load_clip_checkpoint(str(ck)), tic.parse_config(tic.Config, args)
+    parts, tok, prep = tic.step_sources(cfg, [[2014, 2015, 2016, 2017], list(range(2018, 2023))], "test"), \
+        world_tokenizer(20), eval_transform(24)
+    sets = []
+    for k in range(2):
+        ev = read_samples(tic.one_source(parts, {k: 1.0}), cfg.n_eval)
+        sets.append({"images": torch.stack([prep(x["image"]) for x in ev]), "tokens": tok(stack(ev, "caption"))})
+    row = tic.evaluate(model, sets, None, tok, "cpu")[0]
+    for s in ("sequential", "restart", "lwf"):
+        assert res[s]["matrix_retrieval"][0] == pytest.approx(row, abs=1e-9)
+    # runs start from the checkpoint's weights (lr 1e-12: they stay there) and their fingerprint holds its path
+    for r in runs:
+        trained = load_clip_checkpoint(str(ck))
+        load_weights(out / f"{r}.safetensors", trained)
+        ref = model.state_dict()
+        assert all(torch.allclose(v, ref[k], atol=1e-6) for k, v in trained.state_dict().items()), r
+        with safe_open(str(out / f"{r}.safetensors"), "pt") as f:
+            assert str(ck.resolve()) in f.metadata()["fingerprint"]
+    stamp = lambda: {r: os.stat(out / f"{r}.safetensors").st_mtime_ns for r in runs}  # noqa: E731
+    before = stamp()
+    tic.main(args)
+    assert stamp() == before  # same file: every run reused
+    _tiny_open_clip(ck, seed=1)  # another checkpoint of the same size at the same path: everything trains again
+    res = tic.main(args)
+    assert all(before[r] != t for r, t in stamp().items())
+    assert res["sequential"]["matrix_retrieval"][0] != pytest.approx(row, abs=1e-9)
+
+
+def test_warm_start_bad_checkpoints_are_one_line_errors(tmp_path):
+    """A missing, truncated, incomplete or foreign-vocabulary checkpoint stops before any training with a message
+    that names the file; --bpe loads CLIP's tokenizer from a merges file (here the world's own)."""
+    from common.convert import CheckpointError
+    from common.tokenizer import world_tokenizer
+    good = tmp_path / "good.safetensors"
+    _tiny_open_clip(good)
+    run = lambda ck, *a: tic.main([f"--out={tmp_path / 'run'}", *WARM, f"--warm_start={ck}", *a])  # noqa: E731
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such file"):
+        run(tmp_path / "nope.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: truncated"):
+        run(cut)
+    part = tmp_path / "part.safetensors"
+    _tiny_open_clip(part, drop=("visual.proj",))
+    with pytest.raises(CheckpointError, match=r"part\.safetensors: .*visual\.proj"):
+        run(part)
+    other = tmp_path / "vocab.safetensors"
+    _tiny_open_clip(other, vocab=300)
+    with pytest.raises(ValueError, match=r"vocab\.safetensors: its token_embedding has 300 rows .* --bpe="):
+        run(other)
+    assert not (tmp_path / "run" / "results.json").exists()
+    with pytest.raises(SystemExit, match="--warm_start"):
+        tic.main([f"--out={tmp_path / 'run'}", *WARM, "--bpe=x.txt"])
+    cfg = tic.parse_config(tic.Config, [*WARM, f"--warm_start={good}", f"--bpe={ROOT}/common/world_bpe.txt"])
+    model, tok, fp = tic.load_warm_start(cfg)
+    assert tok.context_length == 20 and fp["bpe"].endswith("world_bpe.txt")
+    assert tok("a red circle").tolist() == world_tokenizer(20)("a red circle").tolist()
