@@ -47,7 +47,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
+from common.config import parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, iter_samples, open_source, read_samples,
                          stack)
 from common.convert import CheckpointError, read_safetensors
@@ -56,7 +56,7 @@ from common.losses import fp32_logits
 from common.models import clip_from_state_dict
 from common.plot import line_plot, panel
 from common.tokenizer import Tokenizer, world_tokenizer
-from common.train import TrainConfig, all_gather_rows, all_reduce, fit, seed_all, setup_distributed
+from common.train import TrainConfig, all_gather_rows, all_reduce, fit, seed_all, start_run
 from common.transforms import eval_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -485,9 +485,8 @@ def curve_panels(alphas, curves, refs, losses, policies):
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
     t_start, cpu_start = time.time(), time.process_time()
-    dist = setup_distributed(cfg.device or None)
+    dist = start_run(cfg, ("batch_size", "h_batch"))
     seed_all(cfg.seed, dist.rank)
-    os.makedirs(cfg.out, exist_ok=True)
     losses = [s for s in cfg.losses.split(",") if s]
     policies = [s for s in cfg.policies.split(",") if s]
     for v, ok, key in [(losses, LOSSES, "losses"), (policies, POLICIES, "policies")]:
@@ -497,9 +496,6 @@ def main(argv=None):
     if cfg.task not in ("label", "label_fine") or cfg.distance not in ("l2", "cosine") or cfg.n_alpha < 2:
         raise ValueError(f"--task={cfg.task!r} (expected label | label_fine), --distance={cfg.distance!r} (expected "
                          f"l2 | cosine), --n_alpha={cfg.n_alpha} (expected >= 2): one of them is invalid")
-    if cfg.batch_size % dist.world_size or cfg.h_batch % dist.world_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} and --h_batch={cfg.h_batch} must be divisible by "
-                         f"{dist.world_size} ranks")
     for r in ("old", "new"):
         qg = getattr(cfg, f"{r}_quick_gelu")
         if qg not in ("auto", "true", "false"):
@@ -511,8 +507,6 @@ def main(argv=None):
     if cfg.data and cfg.task != "label":
         raise ValueError(f"--task={cfg.task!r} is a world label; on --data the class is the 'label' field (class "
                          "folders, .cls or json 'label' members, names in classes.txt)")
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
     dev, timing, R = torch.device(dist.device), {}, dist.world_size
 
     # 1. data: labelled images (train: fit the models and h; test: gallery = queries, leave-one-out)

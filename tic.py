@@ -65,7 +65,7 @@ from common.losses import clip_loss, distill_kl, fp32_logits
 from common.models import CLIP, TextTransformer, VisionTransformer, load_clip_checkpoint
 from common.plot import heatmaps, line_plot, panel
 from common.tokenizer import Tokenizer, world_tokenizer
-from common.train import TrainConfig, fit, load_weights, seed_all, setup_distributed, unwrap
+from common.train import TrainConfig, fit, load_weights, seed_all, start_run, unwrap
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -413,12 +413,7 @@ def main(argv=None):
         raise SystemExit(f"config error: --quick_gelu={cfg.quick_gelu!r}; expected auto, true or false")
     if (cfg.bpe or cfg.quick_gelu != "auto" or cfg.vision_heads) and not cfg.warm_start:
         raise SystemExit("config error: --bpe, --quick_gelu and --vision_heads describe a --warm_start checkpoint")
-    dist = setup_distributed(cfg.device)
-    if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"config error: batch_size={cfg.batch_size} is not divisible by {dist.world_size} ranks")
-    os.makedirs(cfg.out, exist_ok=True)
-    if dist.is_master:
-        save_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    dist = start_run(cfg)
 
     # ---- data: per time step a training source and an eval set from its held-out split; a run's training data is
     # one source over the steps it uses (step_fractions), streamed in batches that are uniform over it
