@@ -43,7 +43,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -319,10 +318,7 @@ def train_stage(model, loss_fn, stream, steps, name, fp, lr, wd, cfg, dist):
     fit(model, loss_fn, stream, TrainConfig(steps, lr=lr, weight_decay=wd, warmup=min(50, steps // 10), grad_clip=0.0,
                                             ckpt_every=cfg.ckpt_every, log_every=25, amp=cfg.amp, resume=cfg.resume),
         cfg.out, name, dist, fingerprint=fp)
-    stream.close()
-    if dist.distributed:  # BN running stats drift per rank after the last step: every rank keeps rank 0's (saved) ones
-        for buf in model.buffers():
-            tdist.broadcast(buf, 0)
+    stream.close()  # (fit leaves every rank with rank 0's BatchNorm statistics)
     return model.eval()
 
 

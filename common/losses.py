@@ -1,7 +1,7 @@
 """Contrastive losses for two-tower training: CLIP's symmetric InfoNCE (arXiv:2103.00020 §2.3, Fig. 3) and SigLIP's
 pairwise sigmoid loss (arXiv:2303.15343 §3.1-3.3), both with a differentiable all-gather *inside* the loss.
 
-Distributed semantics (open_clip's `--local-loss --gather-with-grad`, clip-family.md §3.1): each rank scores its
+Distributed semantics (open_clip's `--local-loss --gather-with-grad`): each rank scores its
 B local rows against the W*B gathered columns. The gather's backward sums the column gradients of every rank's
 loss and hands each rank the slice of its own features, so after DDP averages parameter gradients over the W ranks
 they equal the gradients of the single-process loss on the concatenated batch (tests/test_losses.py checks this on

@@ -118,7 +118,7 @@ def init_blocks(blocks, width):
 # image tower
 
 class ConvStem(nn.Module):
-    """MobileCLIP-B / CatLIP conv stem (clip-family.md §1.6): conv k4 s4 -> BN -> GELU -> conv k2 s2 -> BN -> GELU
+    """MobileCLIP-B / CatLIP conv stem (MobileCLIP, arXiv:2311.17049): conv k4 s4 -> BN -> GELU -> conv k2 s2 -> BN -> GELU
     -> conv k2 s2 (bias, no norm); hidden width max(32, width // 4). Total stride 16 = patch_size; for other patch
     sizes the first conv has stride patch_size // 4 (e.g. 1-2-2 for patch 4)."""
 

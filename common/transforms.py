@@ -7,7 +7,7 @@ Every transform works on a float tensor (3, H, W) in [0, 1] and splits randomnes
     out    = T(img, g=None)       # both at once
 
 so that a stored `params` re-applied later gives a bitwise-identical image. This is what Dataset Reinforcement
-(arXiv 2303.08983, methods.md §3.1-3.2) and MobileCLIP's DataCompDR (clip-family.md §1.9) rely on: the
+(arXiv 2303.08983) and MobileCLIP's DataCompDR (arXiv 2311.17049) rely on: the
 augmentation parameters are drawn once, the teacher scores the augmented image, the parameters are stored
 (JSON / safetensors, never pickle) and the student later replays exactly that augmentation.
 

@@ -1,7 +1,7 @@
 """The embedded synthetic world: deterministic procedural scenes for every clipbook experiment.
 
 A scene is 1-3 coloured shapes standing on a textured, sloped ground plane, rendered at any size 32..256 px.
-Each sample carries everything the papers need (see SPEC.md "common/world.py"):
+Each sample carries everything the papers need:
 
   image (H, W, 3) uint8       vectorised implicit shapes on a cached coordinate grid, painted back to front
   caption                     accurate: every visible object with size, colour, position and relations
@@ -408,7 +408,7 @@ def _make_alt_text(R, vis, q, year, texture):
 # the world
 
 class World:
-    """Deterministic random-access synthetic dataset. world[i] -> sample dict (see module docstring / SPEC.md).
+    """Deterministic random-access synthetic dataset. world[i] -> sample dict (see the module docstring).
 
     seed: world seed (int >= 0); split: "train" | "val" | "test" (disjoint index streams); size: image side 32..256;
     n: nominal length (default train 50k, val/test 5k); years: restrict samples to these years (e.g. [2018]);

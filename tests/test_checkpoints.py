@@ -1,7 +1,7 @@
 """Loading open_clip / OpenAI ViT CLIP checkpoints (common/models.py, open_clip section) and reading safetensors
 files (common/convert.read_safetensors).
 
-State dicts are built here from the documented key names and shapes (clip-family.md §3.2, OpenAI CLIP's
+State dicts are built here from the documented key names and shapes (open_clip's and OpenAI CLIP's
 `build_model`), at small sizes with random values or at real sizes on the meta device (shapes only, no memory).
 The reference forward is written from the open_clip math with PyTorch's own functional ops: F.conv2d patchify,
 class token, position embedding, ln_pre, residual blocks whose attention is F.multi_head_attention_forward (the
@@ -154,7 +154,7 @@ def test_infer_config_small_exact():
     assert infer_clip_config(meta_sd(vw=128), vision_heads=8, text_heads=4)["vision_heads"] == 8
 
 
-N_B16 = 149_620_737      # clip-family.md §5(b) 3: open_clip ViT-B-16 86,192,640 + 63,428,096 + logit_scale
+N_B16 = 149_620_737      # open_clip ViT-B-16 86,192,640 + 63,428,096 + logit_scale
 # ViT-B/32 by hand: visual conv1 768*3*32*32 = 2,359,296, class 768, pos 50*768 = 38,400, ln_pre/ln_post 2*1,536,
 # 12 blocks * 7,087,872 (ln 3,072 + in_proj 1,771,776 + out_proj 590,592 + c_fc 2,362,368 + c_proj 2,360,064),
 # proj 768*512 = 393,216 -> 87,849,216; text 63,428,096 (as B/16); + logit_scale.

@@ -36,7 +36,7 @@ def test_siglip_loss_identity_analytic():
 
 
 def test_openclip_reference_values():
-    # clip-family.md §3.1: computed with open_clip 3.3.0 ClipLoss / SigLipLoss on these seed-0 features
+    # computed with open_clip 3.3.0 ClipLoss / SigLipLoss on these seed-0 features
     torch.manual_seed(0)
     i = F.normalize(torch.randn(8, 16), dim=-1)
     t = F.normalize(torch.randn(8, 16), dim=-1)

@@ -1,4 +1,5 @@
-"""Tests for common/models.py: exact parameter counts (clip-family.md §1.6, §2.4, §3.2), open_clip key layout,
+"""Tests for common/models.py: exact parameter counts (the MobileCLIP paper's MCi/MCt sizes, open_clip ViT-B/16),
+open_clip key layout,
 loading an open_clip state dict against an independent reference forward written from the raw tensors,
 position-embedding interpolation, causal masking, EOT pooling, gradient checkpointing and the CLIP wrapper."""
 import math

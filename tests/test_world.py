@@ -291,7 +291,9 @@ def test_cli(tmp_path, repo_root):
                         "--split", "test", "--size", "32", "--shard-size", "2"], cwd=repo_root, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "sh").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "sh").iterdir()) == ["classes.txt", "shard-000000.tar",
+                                                                   "shard-000001.tar"]
+    assert (tmp_path / "sh" / "classes.txt").read_text().split("\n")[:2] == ["circle", "square"]  # label i = line i
     r = subprocess.run([sys.executable, "-m", "common.world", "grid", "--out", str(tmp_path / "g.png"), "--n", "2",
                         "--size", "64"], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
