@@ -33,7 +33,6 @@ trained again with --retrain. There is no --steps: each stage's length is its ep
 preprocessing, with a zero-shot classifier over the class names; --bpe for its tokenizer) or a fastfill encoder
 checkpoint replaces training that model; h is still trained. The gallery is then --data's test split (docs/fastfill.md).
 """
-import hashlib
 import itertools
 import json
 import os
@@ -55,7 +54,7 @@ from common.losses import fp32_logits
 from common.models import clip_from_state_dict
 from common.plot import line_plot, panel
 from common.tokenizer import Tokenizer, world_tokenizer
-from common.train import TrainConfig, all_gather_rows, all_reduce, fit, seed_all, start_run
+from common.train import TrainConfig, all_gather_rows, all_reduce, file_id, fit, seed_all, start_run
 from common.transforms import eval_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -164,17 +163,6 @@ class ClipTower(nn.Module):
     def forward(self, x):
         f = F.normalize(self.visual(x).float(), dim=-1)
         return f, fp32_logits(f, self.fc.weight, bias=self.fc.bias)
-
-
-def file_id(path, n=1 << 20):
-    """A checkpoint file's identity for fingerprints: its size and the sha1 of its first and last MiB (another file
-    saved at the same path, even of the same architecture, differs there; reading 2 MiB keeps it cheap)."""
-    size, h = os.path.getsize(path), hashlib.sha1()
-    with open(path, "rb") as f:
-        h.update(f.read(n))
-        f.seek(max(size - n, 0))
-        h.update(f.read(n))
-    return {"bytes": size, "sha1_head_tail": h.hexdigest()}
 
 
 def load_model(cfg, role, n_classes, names, templates, device="cpu"):

@@ -65,7 +65,7 @@ from common.losses import clip_loss, distill_kl, fp32_logits
 from common.models import CLIP, TextTransformer, VisionTransformer, load_clip_checkpoint
 from common.plot import heatmaps, line_plot, panel
 from common.tokenizer import Tokenizer, world_tokenizer
-from common.train import TrainConfig, fit, load_weights, seed_all, start_run, unwrap
+from common.train import TrainConfig, file_id, fit, load_weights, seed_all, start_run, unwrap
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -155,17 +155,6 @@ def load_warm_start(cfg):
           "bpe": os.path.abspath(cfg.bpe) if cfg.bpe else "world", "quick_gelu": model.config["quick_gelu"],
           "vision_heads": model.config["vision_heads"]}
     return model, tok, fp
-
-
-def file_id(path, n=1 << 20):
-    """A checkpoint file's identity for fingerprints: its size and the sha1 of its first and last MiB (another file
-    saved at the same path, even of the same architecture, differs there; reading 2 MiB keeps it cheap)."""
-    size, h = os.path.getsize(path), hashlib.sha1()
-    with open(path, "rb") as f:
-        h.update(f.read(n))
-        f.seek(max(size - n, 0))
-        h.update(f.read(n))
-    return {"bytes": size, "sha1_head_tail": h.hexdigest()}
 
 
 # -----------------------------------------------------------------------------

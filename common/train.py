@@ -15,6 +15,7 @@ randomness) are restored from the checkpoint, so a run killed after a checkpoint
 weights to an uninterrupted run on the same device and world size.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -600,6 +601,17 @@ def _header(path):
             return f.metadata() or {}
     except Exception:  # noqa: BLE001 - an unreadable file is simply not a reusable stage
         return None
+
+
+def file_id(path, n=1 << 20):
+    """A checkpoint file's identity for fingerprints: its size and the sha1 of its first and last MiB (another file
+    saved at the same path, even of the same architecture, differs there; reading 2 MiB keeps it cheap)."""
+    size, h = os.path.getsize(path), hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        f.seek(max(size - n, 0))
+        h.update(f.read(n))
+    return {"bytes": size, "sha1_head_tail": h.hexdigest()}
 
 
 def stage_current(path, fingerprint):

@@ -220,8 +220,6 @@ def test_smoke_learns(tmp_path):
     assert res["catlip_final_loss"] < res["catlip_constant_loss"] - 0.1, res
     assert res["clip_final_loss"] < res["clip_chance_loss"] - 0.02, res
     assert abs(_losses(out, "catlip")[0] - res["catlip_constant_loss"]) < 1.5    # prior init of the head bias
-    for k in ("catlip_linear_probe_acc", "clip_linear_probe_acc", "catlip_knn_acc", "clip_knn_acc"):
-        assert 0.0 <= res[k] <= 1.0
     assert res["vocab_size"] == len(json.load(open(out / "vocab.json"))["entries"]) > 10
     for f in ("config.json", "catlip.safetensors", "clip.safetensors", "bench.png", "transfer_init.png"):
         assert (out / f).is_file(), f

@@ -41,7 +41,7 @@ def test_smoke_learns(tmp_path):
     assert r["retrieval_mean_r1"] > 10 * r["retrieval_chance_r1"]
     # zero-shot shape accuracy is not asserted here: 60 steps are too few for the text tower to tie the bare class
     # prompts to shapes (below chance); the default run's number is in the README
-    assert 0.0 <= r["zeroshot_acc"] <= 1.0
+    assert r["chance"] == 0.1 and r["majority"] > 0.1  # 10 world shapes, scored on real labels
     rows = _rows(out)
     assert rows[-1]["step"] == 60 and rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((out / "config.json").read_text())["smoke"] is True
