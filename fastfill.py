@@ -53,7 +53,7 @@ from common.eval import OPENAI_IMAGENET_TEMPLATES, zero_shot_classifier
 from common.losses import fp32_logits
 from common.models import clip_from_state_dict
 from common.plot import line_plot, panel
-from common.tokenizer import Tokenizer, world_tokenizer
+from common.tokenizer import tokenizer_for
 from common.train import TrainConfig, all_gather_rows, all_reduce, file_id, fit, seed_all, start_run
 from common.transforms import eval_transform
 from common.world import TEMPLATES, World, class_names
@@ -198,12 +198,7 @@ def load_model(cfg, role, n_classes, names, templates, device="cpu"):
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e.args[0] if isinstance(e, KeyError) else e} (--{role}_model takes an "
                               "open_clip / OpenAI ViT CLIP or a fastfill encoder checkpoint)") from None
-    ctx, V = clip.text.context_length, clip.text.vocab_size
-    tok = Tokenizer.from_file(cfg.bpe, context_length=ctx) if cfg.bpe else world_tokenizer(context_length=ctx)
-    if tok.vocab_size > V or (not cfg.bpe and tok.vocab_size != V):
-        raise CheckpointError(f"{path}: its token_embedding has {V} rows but the "
-                              f"{'--bpe ' + cfg.bpe if cfg.bpe else 'world'} tokenizer has {tok.vocab_size} ids"
-                              + ("" if cfg.bpe else "; pass --bpe=bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)"))
+    tok = tokenizer_for(clip.text.vocab_size, clip.text.context_length, cfg.bpe, path)
     clip = clip.to(device)
     with torch.no_grad():  # a few classes at a time: every template of every class is one text batch
         head = torch.cat([zero_shot_classifier(clip, tok, names[i:i + 8], templates, device)

@@ -64,7 +64,7 @@ from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, 
 from common.losses import clip_loss, distill_kl, fp32_logits
 from common.models import CLIP, TextTransformer, VisionTransformer, load_clip_checkpoint
 from common.plot import heatmaps, line_plot, panel
-from common.tokenizer import Tokenizer, world_tokenizer
+from common.tokenizer import tokenizer_for, world_tokenizer
 from common.train import TrainConfig, file_id, fit, load_weights, seed_all, start_run, unwrap
 from common.transforms import eval_transform, train_transform
 from common.world import TEMPLATES, World, class_names
@@ -145,12 +145,7 @@ def load_warm_start(cfg):
     truncated or mismatched file raises common.convert.CheckpointError naming it (one line from run_cli)."""
     qg = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
     model = load_clip_checkpoint(cfg.warm_start, quick_gelu=qg, vision_heads=cfg.vision_heads or None)
-    ctx, V = model.text.context_length, model.text.vocab_size
-    tok = Tokenizer.from_file(cfg.bpe, context_length=ctx) if cfg.bpe else world_tokenizer(context_length=ctx)
-    if tok.vocab_size > V or (not cfg.bpe and tok.vocab_size != V):
-        raise ValueError(f"--warm_start {cfg.warm_start}: its token_embedding has {V} rows but the "
-                         f"{'--bpe ' + cfg.bpe if cfg.bpe else 'world'} tokenizer has {tok.vocab_size} ids"
-                         + ("" if cfg.bpe else "; pass --bpe=bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)"))
+    tok = tokenizer_for(model.text.vocab_size, model.text.context_length, cfg.bpe, f"--warm_start {cfg.warm_start}")
     fp = {"warm_start": os.path.abspath(cfg.warm_start), **file_id(cfg.warm_start),
           "bpe": os.path.abspath(cfg.bpe) if cfg.bpe else "world", "quick_gelu": model.config["quick_gelu"],
           "vision_heads": model.config["vision_heads"]}

@@ -557,3 +557,15 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def tokenizer_for(vocab_size, context_length, bpe="", name="checkpoint"):
+    """The tokenizer a loaded checkpoint's text tower needs: CLIP's BPE from the merges file `bpe`, else the world's
+    when the checkpoint's vocabulary is exactly the world's. Anything else is a one-line error naming `name`."""
+    from common.convert import CheckpointError
+    tok = Tokenizer.from_file(bpe, context_length=context_length) if bpe else world_tokenizer(context_length)
+    if tok.vocab_size > vocab_size or (not bpe and tok.vocab_size != vocab_size):
+        raise CheckpointError(f"{name}: its token_embedding has {vocab_size} rows but the "
+                              f"{'--bpe ' + bpe if bpe else 'world'} tokenizer has {tok.vocab_size} ids"
+                              + ("" if bpe else "; pass --bpe=bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)"))
+    return tok
