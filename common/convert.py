@@ -147,7 +147,7 @@ def load_pickled(path):
             g = re.search(r"GLOBAL ([\w.]+)", msg)
             what = f" (it references {g.group(1)})" if g else ""
             raise CheckpointError(f"{p}: needs code to unpickle{what}; refused, nothing from it was executed. "
-                                  "Re-save it as a dict of tensors (torch.save(model.state_dict(), ...))") from None
+                                  "Where its code is trusted, re-save its state_dict with safetensors.torch.save_file") from None
         if isinstance(e, (EOFError, RuntimeError, KeyError, ValueError, OSError)):
             raise CheckpointError(f"{p}: truncated or corrupt torch.save file ({type(e).__name__}: "
                                   f"{_first_line(e)})") from None
