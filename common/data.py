@@ -714,7 +714,7 @@ class Stream:
         self.step = 0
         self.workers = {}     # worker -> state after its last consumed batch
         self.seen = 0
-        self._keys = []       # key hashes of consumed samples (int64 arrays), merged by unique_keys()
+        self._keys = [np.zeros(0, np.int64)]  # [merged unique hashes, then one array per batch since]
         self._it = None
 
     # -- batches --
@@ -754,10 +754,9 @@ class Stream:
 
     def unique_keys(self):
         """Sorted unique key hashes this rank has trained on (int64)."""
-        if len(self._keys) > 1 or (self._keys and not getattr(self, "_merged", False)):
+        if len(self._keys) > 1:
             self._keys = [np.unique(np.concatenate(self._keys))]
-            self._merged = True
-        return self._keys[0] if self._keys else np.zeros(0, np.int64)
+        return self._keys[0]
 
     def skipped(self):
         tot = Counter()
@@ -779,8 +778,7 @@ class Stream:
                              "same number of processes and --num_workers")
         self.step, self.seen = int(m["step"]), int(m["seen"])
         self.workers = {int(w): s for w, s in m["workers"].items()}
-        self._keys = [sd["keys"].numpy().astype(np.int64)]
-        self._merged = True
+        self._keys = [np.unique(sd["keys"].numpy().astype(np.int64))]
         self._it = None
 
 
@@ -1049,7 +1047,7 @@ def bench(data, image_size=224, n=512, batch_size=32, workers=(1, 2), rss_factor
     RandomResizedCrop(image_size) + flip + normalise, n images after one warm-up batch; images/s in total and per
     worker. rss: a child process trains a linear probe on the stream until the decoded float32 pixels it has
     streamed exceed rss_factor x its own peak RSS, and reports both (memory must not grow with what is streamed)."""
-    src = ShardSource(data) if not os.path.isdir(data) or glob(os.path.join(data, "*.tar")) else FolderSource(data)
+    src = open_source(data, "train")
     out = {"data": data, "image_size": image_size, "cores": os.cpu_count()}
     raw = []
     if isinstance(src, ShardSource):
@@ -1095,7 +1093,7 @@ def bench(data, image_size=224, n=512, batch_size=32, workers=(1, 2), rss_factor
 
 def _rss_child(data, image_size, batch_size, factor):
     """Train a linear model on the stream until the pixels streamed exceed factor x this process's peak RSS."""
-    src = ShardSource(data) if not os.path.isdir(data) or glob(os.path.join(data, "*.tar")) else FolderSource(data)
+    src = open_source(data, "train")
     st = Stream(src, batch_size, _bench_transform(image_size), num_workers=2)
     model = torch.nn.Linear(3 * 16 * 16, 8)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
