@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common.mci as MCI  # noqa: E402
 import mobileclip as M  # noqa: E402
 
 COUNTS = {"mci0": (11_406_464, 11_356_992), "mci1": (21_541_120, 21_460_544), "mci2": (35_814_720, 35_702_480),
@@ -27,7 +28,7 @@ COUNTS = {"mci0": (11_406_464, 11_356_992), "mci1": (21_541_120, 21_460_544), "m
 
 
 def test_param_counts_exact():
-    t = M.param_table()
+    t = MCI.param_table()
     for k, (a, b) in COUNTS.items():
         assert (t[k]["train"], t[k]["reparam"]) == (a, b), (k, t[k])
 
@@ -36,10 +37,10 @@ def test_param_counts_exact():
 def test_reparameterization_equivalence(name):
     torch.manual_seed(0)
     if name == "mci0":
-        m, x = M.mci0(), torch.rand(2, 3, 64, 64)
+        m, x = MCI.mci0(), torch.rand(2, 3, 64, 64)
     else:
-        m, x = M.mct(), torch.randint(1, 49407, (2, 16))
-    err = M.reparam_rel_err(m, x)
+        m, x = MCI.mct(), torch.randint(1, 49407, (2, 16))
+    err = MCI.reparam_rel_err(m, x)
     assert err < 1e-5, err
     # the randomisation made the branches matter: shifting one BN's running mean moves the output a lot
     bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
@@ -48,13 +49,13 @@ def test_reparameterization_equivalence(name):
         bn.running_mean += 1.0
         assert ((m(x) - y0).norm() / y0.norm()).item() > 1e-3
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) and "skip" in n for n, mod in
-                   M.reparameterize(m).named_modules())
+                   MCI.reparameterize(m).named_modules())
 
 
 def test_tiny_reparam_and_shapes():
-    m = M.mci_tiny(128)
+    m = MCI.mci_tiny(128)
     x = torch.rand(3, 3, 32, 32)
-    assert M.reparam_rel_err(m, x) < 1e-5
+    assert MCI.reparam_rel_err(m, x) < 1e-5
     f, grid = m.patch_tokens(x)
     assert f.shape[:2] == (3, grid[0] * grid[1]) and m(x).shape == (3, 128)
 
