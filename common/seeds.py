@@ -106,11 +106,12 @@ def sweep_plot(path, rows):
     for r in rows:
         xs = list(range(len(r["seeds"])))
         m, se = r["d_mean"], (r["d_se"] if math.isfinite(r["d_se"]) else 0.0)
+        grid = list(np.linspace(-0.5, len(xs) - 0.5, 25))   # the bars drawn as dotted lines (a scatter plot)
         series = {"d per seed": (xs, r["d_values"], (31, 119, 180)),
-                  "0": ([-0.5, len(xs) - 0.5], [0.0, 0.0], (120, 120, 120)),
-                  "mean - 2 SE": ([-0.5, len(xs) - 0.5], [m - 2 * se] * 2, (214, 39, 40))}
+                  "0 (no effect)": (grid, [0.0] * len(grid), (150, 150, 150)),
+                  "mean - 2 SE": (grid, [m - 2 * se] * len(grid), (214, 39, 40))}
         panels.append(panel(f"{r['effect'][:46]}: {r['verdict']}", series, xlabel="seed index",
-                            ylabel="d", points=False, labels={"d per seed": [f"s{s}" for s in r["seeds"]]}))
+                            ylabel="d", points=True, labels={"d per seed": [f"s{s}" for s in r["seeds"]]}))
     line_plot(path, panels, size=(460, 300), cols=min(3, len(panels)))
     return path
 
@@ -163,3 +164,27 @@ def run_seeds(main, argv, cfg, effects):
     print(format_rows(rows), flush=True)
     print_table({f"wall_s.seed{s}": w for s, w in walls.items()})
     return out
+
+
+def markdown_table(paths):
+    """The README's results table from seeds.json files: one row per effect, the paper's figure, ours (a vs b as
+    means over seeds), d as mean ± 2 SE (about a 95% interval), the verdict, and the seeds behind it."""
+    import json
+    lines = ["| script | effect | paper | ours: a vs b (mean) | d ± 2 SE | verdict | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for p in paths:
+        with open(p) as f:
+            res = json.load(f)
+        name = os.path.basename(os.path.dirname(os.path.abspath(p)))
+        for r in res["effects"]:
+            ci = 2 * r["d_se"] if r["d_se"] == r["d_se"] else float("nan")
+            lines.append(f"| {name} | {r['effect']} | {r['paper'] or '-'} | {r['a_mean']:.3f} vs {r['b_mean']:.3f} | "
+                         f"{r['d_mean']:+.3f} ± {ci:.3f} | **{r['verdict']}** | {len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) < 3 or sys.argv[1] != "table":
+        raise SystemExit("usage: python -m common.seeds table runs/*/seeds.json   (a markdown table of the verdicts)")
+    print(markdown_table(sys.argv[2:]))

@@ -80,3 +80,13 @@ def test_run_seeds_runs_main_per_seed_and_writes_verdicts(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="--key=value"):
         run_seeds(main, ["--seeds", "0,1"], Cfg, [])
+
+
+def test_markdown_table_from_seeds_json(tmp_path):
+    from common.seeds import markdown_table
+    from common.config import save_json
+    rows = summarize(_runs([0.6, 0.7, 0.8], [0.5, 0.5, 0.5]), [Effect("e", "x.a", "b", paper="+10 pts")])
+    (tmp_path / "demo").mkdir()
+    save_json(tmp_path / "demo" / "seeds.json", {"seeds": [0, 1, 2], "effects": rows})
+    table = markdown_table([str(tmp_path / "demo" / "seeds.json")])
+    assert "| demo | e | +10 pts | 0.700 vs 0.500 | +0.200 ± 0.115 | **shown** | 3 |" in table
