@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common.transforms import CLIP_MEAN, CLIP_STD
 from kernels.attention import attention
 
 
@@ -503,7 +504,14 @@ def clip_from_state_dict(sd, quick_gelu=None, vision_heads=None, text_heads=None
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     model.load_state_dict(out, strict=True, assign=True)
     model.config = cfg
+    model.preprocess = vit_preprocess(cfg["image_size"])
     return model.eval()
+
+
+def vit_preprocess(image_size):
+    """open_clip's eval preprocessing of a ViT CLIP (pretrained.py `_pcfg`: OpenAI mean/std, bicubic, shortest-side
+    resize): `common.transforms.eval_transform(**model.preprocess)` is that transform."""
+    return dict(size=int(image_size), mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD), interpolation="bicubic")
 
 
 def _reason(e):

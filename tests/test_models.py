@@ -294,3 +294,37 @@ def test_clip_wrapper_scale_and_siglip():
     sg = clip_tiny(60, siglip=True)
     assert abs(sg.logit_scale.item() - math.log(10)) < 1e-6 and sg.logit_bias.item() == -10.0
     assert len(sg(x, tok)) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocess contract: eval_transform(**model.preprocess) is the model's open_clip eval transform
+
+def pil_reference(img, size, mean, std, resample):
+    """open_clip's eval transform written with PIL + numpy only: shorter side -> size (PIL filter), center crop
+    (top = round((H - size) / 2)), / 255, (x - mean) / std."""
+    from PIL import Image
+    import numpy as np
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = (size, round(h * s)) if w <= h else (round(w * s), size)
+    r = np.asarray(img.resize((nw, nh), resample), dtype=np.float32) / 255.0
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    r = r[top:top + size, left:left + size]
+    r = (r - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1)))
+
+
+def test_vit_preprocess_contract():
+    from PIL import Image
+    import numpy as np
+    from common.models import clip_from_state_dict
+    from common.transforms import eval_transform
+    m = clip_from_state_dict(random_openclip_sd(1))
+    assert m.preprocess == dict(size=32, mean=(0.48145466, 0.4578275, 0.40821073),
+                                std=(0.26862954, 0.26130258, 0.27577711), interpolation="bicubic")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    out = eval_transform(**m.preprocess)(img)
+    ref = pil_reference(img, 32, m.preprocess["mean"], m.preprocess["std"], Image.Resampling.BICUBIC)
+    assert out.shape == (3, 32, 32) and torch.allclose(out, ref, atol=1e-6)
+    assert not torch.allclose(out, pil_reference(img, 32, m.preprocess["mean"], m.preprocess["std"],
+                                                 Image.Resampling.BILINEAR), atol=1e-3)
