@@ -137,13 +137,94 @@ def test_count_synsets_and_caption_field():
         catlip.Prepare(8, "caption", classes=2)({**src.samples[0], "label": 5})
 
 
-def test_verdict_na_without_transfer_classes(capsys):
-    r = {"catlip_linear_probe_acc": 0.3, "clip_linear_probe_acc": 0.2, "catlip_step_ms": 1.0, "clip_step_ms": 2.0,
-         "transfer_init_acc": {"1": 0.1}, "random_init_acc": {"1": 0.1}, "transfer_classes_in_vocab": 0,
-         "n_classes": 10}
-    catlip.report(r)
+def _fake_results(**kw):
+    r = {"catlip_linear_probe_acc": 0.5, "clip_linear_probe_acc": 0.48, "catlip_knn_acc": 0.4, "clip_knn_acc": 0.45,
+         "catlip_step_ms": 1.0, "clip_step_ms": 2.0, "transfer_init_acc": {k: 0.2 for k in "1 2 5 10".split()},
+         "random_init_acc": {k: 0.1 for k in "1 2 5 10".split()}, "transfer_classes_in_vocab": 0, "n_classes": 10,
+         "chance": 0.1, "majority": 0.3, "bench_ratio_max_batch": float("nan"),
+         "untrained_linear_probe_acc": 0.46}
+    return {**r, **kw}
+
+
+def test_report_verdicts(capsys):
+    catlip.report(_fake_results())
     out = capsys.readouterr().out
-    assert "[n/a] Transfer Init" in out and "[yes] CatLIP linear probe" in out
+    # no class in the vocabulary: both heads start from the same random rows, nothing is compared
+    assert out.count("[n/a] Transfer Init") == 4 and "[n/a] contrastive/BCE" in out   # no bench: n/a
+    assert "[yes] CatLIP linear probe within 3 pts of CLIP: 0.5 vs 0.48 (d +0.0500)" in out
+    assert "[NO ] CatLIP k-NN > CLIP" in out and "[NO ] CatLIP k-NN within 3 pts" in out   # -0.05 + 0.03 < 0
+    # representation bar: max(2 * 0.1, 0.3 + 0.15) = 0.45 -> CatLIP 0.5 passes, CLIP 0.48 passes
+    assert "[yes] CatLIP probe >= max(2 chance, majority + .15): 0.5 vs 0.45" in out
+    catlip.report(_fake_results(transfer_classes_in_vocab=10, clip_linear_probe_acc=0.44, bench_ratio_max_batch=0.5))
+    out = capsys.readouterr().out
+    assert out.count("[yes] Transfer Init") == 4 and "[NO ] CLIP probe >=" in out and "[NO ] contrastive/BCE" in out
+
+
+def test_effects_keys_exist_in_results_layout():
+    from common.seeds import summarize
+    per = {0: _fake_results(bench_ratio_max_batch=2.0), 1: _fake_results(catlip_linear_probe_acc=0.52,
+                                                                          bench_ratio_max_batch=3.0)}
+    rows = {r["effect"]: r for r in summarize(per, catlip.EFFECTS)}
+    assert len(rows) == len(catlip.EFFECTS) == 14
+    r = rows["CatLIP linear probe within 3 pts of CLIP"]
+    assert r["d_values"] == pytest.approx([0.05, 0.07]) and r["verdict"] == "shown"
+    assert rows["CatLIP k-NN > CLIP"]["verdict"] == "not shown"
+    assert rows["CatLIP fwd+bwd step cheaper than CLIP (same batch)"]["d_values"] == [1.0, 1.0]
+
+
+def test_probe_tasks_and_colour_label():
+    img = np.zeros((4, 4, 3), np.uint8)
+    with_fine = SampleSource([{"__key__": "k0", "image": img, "caption": "a", "label": 2, "label_fine": 23}])
+    plain = SampleSource([{"__key__": "k0", "image": img, "caption": "a", "label": 2}])
+    cfg = catlip.Config()
+    assert catlip.probe_tasks(cfg, with_fine) == ["shape", "color"]
+    assert catlip.probe_tasks(cfg, plain) == ["shape"]               # no label_fine: the colour is dropped
+    for bad in ("shape,size", "", "shape,shape"):
+        with pytest.raises(ValueError, match="--probe_tasks"):
+            catlip.probe_tasks(catlip.Config(probe_tasks=bad), with_fine)
+    out = catlip.Prepare(8, "caption", classes=10, color=True)(with_fine.samples[0])
+    assert out["label"] == 2 and out["color"] == 23 % len(catlip.COLORS) == 5   # label_fine = shape * 9 + colour
+    with pytest.raises(ValueError, match="label_fine"):
+        catlip.Prepare(8, "caption", classes=10, color=True)(plain.samples[0])
+
+
+def test_probe_all_means_chance_and_majority():
+    g = torch.Generator().manual_seed(0)
+    y = {"shape": torch.tensor([0, 0, 0, 1] * 25), "color": torch.tensor([0, 1, 2, 2] * 25)}
+    f = torch.randn(100, 6, generator=g)
+    f[:, 0] += 10 * y["shape"]           # the shape is linearly decodable with a wide margin
+    feats = {"m": (f, f, f)}
+    p = catlip.probe_all(catlip.Config(knn_k=3), feats, y, y, y, {"shape": 2, "color": 3})
+    assert p["probe_tasks"] == ["shape", "color"]
+    assert p["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert p["majority"] == pytest.approx((0.75 + 0.5) / 2)        # most frequent test label per task
+    assert p["m_linear_probe_acc"] == pytest.approx(np.mean([p["probe"][t]["m_linear_probe_acc"] for t in y]))
+    assert p["probe"]["shape"]["m_linear_probe_acc"] == 1.0
+
+
+def test_few_shot_lr_chosen_on_val_never_test():
+    """Features where the CatLIP rows already classify perfectly: Transfer Init must beat the random head at 1
+    shot, and shuffling the TEST labels must not change the lr either init picks (the val split chooses)."""
+    g = torch.Generator().manual_seed(0)
+    C, D, n = 4, 8, 400
+    centers = 0.8 * torch.randn(C, D, generator=g)   # overlapping classes: one shot is not enough from scratch
+    def data(m):
+        y = torch.arange(m) % C
+        return centers[y] + torch.randn(m, D, generator=g), y
+    fp, yp = data(n)
+    ft, yt = data(200)
+    head = torch.nn.Linear(D, C)
+    with torch.no_grad():
+        head.weight.copy_(centers)
+        head.bias.copy_(-0.5 * (centers ** 2).sum(1))
+    cfg = catlip.Config(shots="1,2", fewshot_draws=2, fewshot_steps=20, fewshot_lrs="1e-4,1e-2,1e-1")
+    out = catlip.few_shot(cfg, fp, yp, ft, yt, head, list(range(C)))
+    shuffled = catlip.few_shot(cfg, fp, yp, ft, yt[torch.randperm(200, generator=g)], head, list(range(C)))
+    assert out["lr"] == shuffled["lr"] and out["val"] == shuffled["val"]
+    assert out["transfer_zero_shot"] > 0.7 and out["transfer"]["1"] > out["random"]["1"] + 0.1
+    assert set(out["val"]["random"]["1"]) and len(out["val"]["random"]["1"]) == 3     # one val acc per lr
+    with pytest.raises(ValueError, match="--fewshot_lrs"):
+        catlip.few_shot(catlip.Config(fewshot_lrs="0.1,-1"), fp, yp, ft, yt, head, list(range(C)))
 
 
 def test_transfer_rows_and_init(mini_wordnet):
@@ -199,7 +280,8 @@ def test_ema_follows_its_checkpoint_on_resume_and_reuse(tmp_path):
 
 
 KEYS = {"catlip_linear_probe_acc", "clip_linear_probe_acc", "catlip_knn_acc", "clip_knn_acc", "catlip_step_ms",
-        "clip_step_ms", "transfer_init_acc", "random_init_acc", "vocab_size", "seconds", "device"}
+        "clip_step_ms", "transfer_init_acc", "random_init_acc", "vocab_size", "seconds", "device", "chance",
+        "majority", "untrained_linear_probe_acc", "probe", "fewshot_lr", "bench_ratio_max_batch"}
 
 
 def _losses(out, run):
@@ -215,6 +297,13 @@ def test_smoke_learns(tmp_path):
     res = json.load(open(out / "results.json"))
     assert KEYS <= set(res), KEYS - set(res)
     assert set(res["transfer_init_acc"]) == set(res["random_init_acc"]) == {"1", "2", "5", "10"}
+    assert res["probe_tasks"] == ["shape", "color"] and res["chance"] == pytest.approx((1 / 10 + 1 / 9) / 2)
+    grid = [float(x) for x in catlip.Config.fewshot_lrs.split(",")]
+    assert all(res["fewshot_lr"][a][k] in grid for a in ("random", "transfer") for k in res["transfer_init_acc"])
+    # each init's reported lr is the best of its val accuracies (the val split chooses, per init and shot count)
+    for a in ("random", "transfer"):
+        for k, v in res["fewshot_val_acc"][a].items():
+            assert grid[int(np.argmax(v))] == res["fewshot_lr"][a][k]
     # learned from the images: both training losses end below their chance level (CatLIP: the best image-blind
     # predictor of the synset frequencies, which is also its first loss; CLIP: uniform over the batch, ln B)
     assert res["catlip_final_loss"] < res["catlip_constant_loss"] - 0.1, res
