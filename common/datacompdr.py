@@ -46,7 +46,7 @@ import warnings
 import numpy as np
 import torch
 
-from common.data import ShardSource, _mix, _read_shard, expand_urls, split_name
+from common.data import ShardSource, _mix, _read_shard, expand_urls, key_split, split_name
 from common.transforms import (RandAugment, RandomResizedCrop, _dequant, _quant, _size2, apply_op, as_generator,
                                to_tensor)
 
@@ -373,11 +373,13 @@ def _merge(key, img, dr, strict, where, report):
     return out
 
 
-def join_shard(image_url, dr_url, by="key", strict=False, report=None):
+def join_shard(image_url, dr_url, by="key", strict=False, report=None, keep=None):
     """Yield (key, members) of one shard pair: the image shard's samples, in its order, each with the members of
     its reinforcement sample (key = the image sample's key). Counts unmatched samples in `report` (a Counter:
     join_no_image, join_no_reinforcement, join_uid_mismatch, join_no_uid); strict=True raises on them instead.
-    Raises ValueError when the pair has samples on both sides but no match."""
+    Raises ValueError when the pair has samples on both sides but no match. keep(key) -> bool: image samples it
+    rejects (a held-out split) are passed over without a look-up or a count, and so are, by key, their
+    reinforcement samples."""
     if by not in ("key", "uid"):
         raise ValueError(f"join: by must be 'key' or 'uid', got {by!r}")
     from collections import Counter
@@ -387,6 +389,8 @@ def join_shard(image_url, dr_url, by="key", strict=False, report=None):
     used, unmatched = set(), []
     with open(dr_url, "rb") as f:
         for key, members in _read_shard(image_url, report):
+            if keep is not None and not keep(key):
+                continue
             if by == "uid":
                 try:
                     jid = str(json.loads(members["json"])["uid"])
@@ -409,7 +413,7 @@ def join_shard(image_url, dr_url, by="key", strict=False, report=None):
             m = _merge(key, members, dr, strict, where, report)
             if m is not None:
                 yield key, m
-    missing = [jid for jid in index if jid not in used]
+    missing = [jid for jid in index if jid not in used and (keep is None or by == "uid" or keep(jid))]
     if missing and strict:
         raise ValueError(f"{where}: {len(missing)} reinforcement samples have no image, e.g. {missing[:3]}")
     if missing:
@@ -447,7 +451,8 @@ class DRShards(ShardSource):
     def _groups(self, j):
         if self.pairs is None:
             return _read_shard(self.urls[j], self.report)
-        return join_shard(*self.pairs[j], self.by, self.strict, self.report)
+        keep = (lambda k: key_split(k, self.holdout) == self.split) if self.holdout else None
+        return join_shard(*self.pairs[j], self.by, self.strict, self.report, keep)
 
     def raw(self, epoch, c, T, seed, shuffle):
         """ShardSource.raw's dealing (whole shards to consumers, the S % T left over split by sample), over pairs."""

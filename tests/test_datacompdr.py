@@ -216,6 +216,9 @@ def test_join_counts_and_raises_on_one_sided_keys(tmp_path, shards):
     with pytest.raises(ValueError, match="no sample matched"):  # shards that do not correspond
         dr.write_shard(p("other.tar"), [("a", img[0][1]), ("b", img[1][1])])
         list(dr.join_shard(p("other.tar"), p("dr.tar")))
+    rep = Counter()  # a held-out split is passed over: neither joined nor counted
+    got = list(dr.join_shard(p("img2.tar"), p("dr.tar"), report=rep, keep=lambda k: k != "000000"))
+    assert [k for k, _ in got] == ["000001", "000002", "000003"] and rep == Counter({"join_no_image": 1})
     # by uid: different keys on the two sides (img2dataset numbering), same uids; "999999" holds uid0's members
     rekeyed = [(f"s{k}", im) for k, im in img]
     dr.write_shard(p("img3.tar"), rekeyed)
@@ -257,3 +260,14 @@ def test_stream_trains_from_joined_shards(shards):
         for key, a, x in zip(b["__key__"], b["a"].tolist(), b["image"]):
             assert torch.equal(x, views[key][a])
     assert st.skipped() == {}
+
+
+def test_held_out_keys_are_neither_joined_nor_counted(shards):
+    from common.data import key_split
+    d, rows = shards
+    keys = [k for k, *_ in rows]
+    for split in ("train", "test"):
+        src = dr.DRShards(str(d / "images-{00000..00001}.tar"), reinforced=str(d / "dr"), split=split, holdout=0.3)
+        src.report = Counter()
+        got = [s["__key__"] for s in iter_samples(src)]
+        assert got == [k for k in keys if key_split(k, 0.3) == split] and +src.report == Counter()
