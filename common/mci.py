@@ -237,7 +237,8 @@ class MCi(nn.Module):
     x (B, 3, H, W) in [0, 1] (MobileCLIP uses no mean/std normalisation) -> (B, embed_dim)."""
 
     def __init__(self, layers=(2, 6, 10, 2), dims=(64, 128, 256, 512), mlp_ratio=3.0, embed_dim=512,
-                 mixers=("rep", "rep", "rep", "attn"), se_down=(False, False, True, True), stem_stride=4):
+                 mixers=("rep", "rep", "rep", "attn"), se_down=(False, False, True, True), stem_stride=4,
+                 proj_bias=False):
         super().__init__()
         d0 = dims[0]
         self.stem = nn.Sequential(MobileOne(3, d0, 3, 2), MobileOne(d0, d0, 3, 2 if stem_stride == 4 else 1, d0),
@@ -251,6 +252,9 @@ class MCi(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.conv_exp = MobileOne(dims[-1], 2 * dims[-1], 3, 1, dims[-1], se=True)
         self.proj = nn.Parameter((2 * dims[-1]) ** -0.5 * torch.randn(2 * dims[-1], embed_dim))
+        # ml-mobileclip's GlobalPool2D projection has no bias; timm / open_clip use the classifier head.fc (a Linear
+        # with bias) as the projection, so a loaded open_clip checkpoint needs it to reproduce timm's output.
+        self.proj_bias = nn.Parameter(torch.zeros(embed_dim)) if proj_bias else None
 
     def forward_maps(self, x):
         """-> list of stage outputs (B, C_i, H_i, W_i) and the conv_exp map (B, 2C, h, w)."""
@@ -269,7 +273,8 @@ class MCi(nn.Module):
         return torch.cat([maps[0]] + up, 1).flatten(2).transpose(1, 2), (h, w)
 
     def forward(self, x):
-        return self.forward_maps(x)[1].mean((2, 3)) @ self.proj
+        y = self.forward_maps(x)[1].mean((2, 3)) @ self.proj
+        return y + self.proj_bias if self.proj_bias is not None else y
 
 
 class MCt(nn.Module):
@@ -350,3 +355,142 @@ def param_table():
     with torch.device("meta"):
         ms = {"mci0": mci0(), "mci1": mci1(), "mci2": mci2(), "mct": mct(), "base_text": base_text()}
         return {k: {"train": n_params(m), "reparam": n_params(reparameterize(m))} for k, m in ms.items()}
+
+
+# 2. Released checkpoints. open_clip builds MobileCLIP(2)-S0/S1/S2 image towers with timm's `fastvit_mci0/1/2`
+#    (open_clip model_configs/MobileCLIP-S2.json: timm_pool "avg", timm_proj null, so timm's classifier head.fc, a
+#    Linear with bias, is the 512-d projection) and stores them under `visual.trunk.`. The names below are timm's
+#    (timm/models/fastvit.py: MobileOneBlock, ReparamLargeKernelConv, RepMixer, ConvMlp, RepConditionalPosEnc,
+#    FastVitStage, FastVit); the released weights are train-time (multi-branch) ones, and a checkpoint saved after
+#    timm's reparameterize() has `reparam_conv` in place of the branches: both load (fold_like).
+
+# our attribute -> timm's, per module type (unlisted names are the same: conv, bn, fc1, fc2, qkv, proj, norm, mixer)
+_TIMM_NAMES = {
+    MCi: {"conv_exp": "final_conv", "proj": "head.fc.weight", "proj_bias": "head.fc.bias"},
+    MobileOne: {"skip": "identity", "convs": "conv_kxk", "scale": "conv_scale", "rep": "reparam_conv"},
+    SE: {"reduce": "fc1", "expand": "fc2"},
+    RepLK: {"lk": "large_conv", "sk": "small_conv", "rep": "reparam_conv"},
+    RepMixer: {"ls": "layer_scale.gamma", "rep": "reparam_conv"},
+    RepMixerBlock: {"mixer": "token_mixer", "ffn": "mlp", "ls": "layer_scale.gamma"},
+    AttentionBlock: {"attn": "token_mixer", "ffn": "mlp", "ls1": "layer_scale_1.gamma", "ls2": "layer_scale_2.gamma"},
+    RepCPE: {"pe": "pos_enc", "rep": "reparam_conv"},
+}
+TIMM_TRANSPOSED = ("head.fc.weight",)   # timm's Linear weight (E, C) is our proj (C, E) transposed
+
+
+def _stage_names(stage):
+    """Our stage [downsample, RepCPE, blocks...] -> timm FastVitStage's `downsample.proj`, `pos_emb`, `blocks.j`."""
+    names, j = [], 0
+    for c in stage:
+        if isinstance(c, nn.Sequential):
+            names.append("downsample.proj")
+        elif isinstance(c, RepCPE):
+            names.append("pos_emb")
+        else:
+            names.append(f"blocks.{j}")
+            j += 1
+    return names
+
+
+def timm_modules(model):
+    """(module, our name prefix, timm name prefix) for every module of an MCi, parents before children."""
+    out = []
+
+    def walk(m, ours, theirs):
+        out.append((m, ours, theirs))
+        table = _TIMM_NAMES.get(type(m), {})
+        for name, c in m.named_children():
+            if isinstance(m, MCi) and name == "stages":
+                for i, st in enumerate(c):
+                    for (n2, c2), t2 in zip(st.named_children(), _stage_names(st)):
+                        walk(c2, f"{ours}stages.{i}.{n2}.", f"{theirs}stages.{i}.{t2}.")
+            else:
+                walk(c, f"{ours}{name}.", f"{theirs}{table.get(name, name)}.")
+
+    walk(model, "", "")
+    return out
+
+
+def timm_key_map(model):
+    """Our MCi state-dict key -> timm fastvit_mci* key (e.g. `stages.1.0.0.lk.conv.weight` ->
+    `stages.1.downsample.proj.0.large_conv.conv.weight`; `proj` -> `head.fc.weight`, stored transposed)."""
+    km = {}
+    for m, ours, theirs in timm_modules(model):
+        table = _TIMM_NAMES.get(type(m), {})
+        for n, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            km[ours + n] = theirs + table.get(n, n)
+    return km
+
+
+@torch.no_grad()
+def fold_like(model, keys):
+    """Reparameterize, in place, each module of an MCi whose timm name has `reparam_conv.weight` in `keys` (a
+    checkpoint saved after timm's reparameterize), so that the model's keys are the checkpoint's. Works on meta."""
+    keys = set(keys)
+    for m, _, theirs in timm_modules(model):
+        if m is not model and hasattr(m, "reparameterize") and theirs + "reparam_conv.weight" in keys and m.rep is None:
+            m.reparameterize()
+    return model
+
+
+def _n_idx(keys, prefix):
+    idx = {int(k[len(prefix):].split(".")[0]) for k in keys
+           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    if idx != set(range(len(idx))):
+        raise ValueError(f"{prefix}* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
+    return len(idx)
+
+
+def infer_mci_config(sd, prefix=""):
+    """MCi(**cfg) for a timm fastvit_mci* state dict (keys `prefix + stem.0...`), from the shapes only: stages and
+    blocks per stage (counted), widths and mlp ratio (blocks.0.mlp.fc1: (hidden, C, 1, 1)), attention stages
+    (token_mixer.qkv present), SE in the downsampling (downsample.proj.0.se present), embed_dim and bias (head.fc).
+    Raises KeyError / ValueError naming the key for a trunk MCi cannot represent."""
+    t = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    keys = set(t)
+    shape = lambda k: tuple(t[k].shape)  # noqa: E731
+    stem = next((k for k in ("stem.0.conv_kxk.0.conv.weight", "stem.0.reparam_conv.weight") if k in keys), None)
+    if stem is None:
+        raise KeyError(f"not a timm fastvit_mci trunk: no {prefix}stem.0.conv_kxk.0.conv.weight "
+                       f"(or {prefix}stem.0.reparam_conv.weight)")
+    n = _n_idx(keys, "stages.")
+    layers, dims, ratios, mixers, se_down = [], [], [], [], []
+    for i in range(n):
+        p = f"stages.{i}."
+        layers.append(_n_idx(keys, p + "blocks."))
+        fc1 = p + "blocks.0.mlp.fc1.weight"
+        if layers[-1] == 0 or fc1 not in keys:
+            raise KeyError(f"{prefix}{fc1} missing: stage {i} has no blocks")
+        hidden, C = shape(fc1)[:2]
+        dims.append(C), ratios.append(hidden / C)
+        attn = p + "blocks.0.token_mixer.qkv.weight" in keys
+        mixers.append("attn" if attn else "rep")
+        has_pe = any(k.startswith(p + "pos_emb.") for k in keys)
+        if has_pe != attn:
+            raise ValueError(f"{prefix}{p}pos_emb is {'present' if has_pe else 'absent'} in a "
+                             f"{'attention' if attn else 'RepMixer'} stage; MCi has RepCPE exactly before attention")
+        has_down = any(k.startswith(p + "downsample.") for k in keys)
+        if has_down != (i > 0):
+            raise ValueError(f"{prefix}{p}downsample is {'present' if has_down else 'absent'}; MCi downsamples "
+                             "before every stage but the first")
+        se_down.append(p + "downsample.proj.0.se.fc1.weight" in keys)
+    if len(set(ratios)) != 1:
+        raise ValueError(f"{prefix}stages.*.blocks.0.mlp.fc1: mlp ratios differ per stage {ratios}")
+    if "head.fc.weight" not in keys:
+        raise KeyError(f"{prefix}head.fc.weight missing (open_clip's timm_proj null head: the 512-d projection)")
+    E, C2 = shape("head.fc.weight")
+    if C2 != 2 * dims[-1]:
+        raise ValueError(f"{prefix}head.fc.weight has shape {(E, C2)}, expected (embed_dim, {2 * dims[-1]}) = "
+                         f"final_conv's 2 x {dims[-1]} channels")
+    if shape(stem)[0] != dims[0]:
+        raise ValueError(f"{prefix}{stem} has {shape(stem)[0]} output channels, stage 0 has {dims[0]}")
+    return dict(layers=tuple(layers), dims=tuple(dims), mlp_ratio=ratios[0], embed_dim=E, mixers=tuple(mixers),
+                se_down=tuple(se_down), proj_bias="head.fc.bias" in keys)
+
+
+def mci_variant(cfg):
+    """'mci0' / 'mci1' / 'mci2' when the inferred layers and widths are one of the released ones, else None."""
+    for name, f in (("mci0", mci0), ("mci1", mci1), ("mci2", mci2)):
+        if (tuple(cfg["layers"]), tuple(cfg["dims"])) == f.args:
+            return name
+    return None

@@ -371,10 +371,16 @@ def _listing(keys, n=12):
 def convert_openclip_state_dict(model, sd):
     """Rename an open_clip / OpenAI state dict to this model's keys; raise a KeyError listing missing and
     unexpected keys and a ValueError listing shape mismatches (checkpoint key, checkpoint shape, model shape)."""
+    return _convert(model, sd, openclip_key, _openclip_name)
+
+
+def _convert(model, sd, rename, name_of, transposed=()):
+    """sd (checkpoint names) -> {model key: tensor}. rename: checkpoint key -> model key (None: no weight);
+    name_of: model key -> checkpoint name (for the error messages); transposed: model keys stored transposed."""
     own = model.state_dict()
     out, src, unexpected = {}, {}, []
     for k, v in sd.items():
-        k2 = openclip_key(k)
+        k2 = rename(k)
         if k2 is None:
             continue
         if k2 not in own:
@@ -382,13 +388,16 @@ def convert_openclip_state_dict(model, sd):
             continue
         if k2 in ("logit_scale", "logit_bias"):
             v = v.reshape(())                       # open_clip may store shape [1]
+        if k2 in transposed and v.ndim == 2:
+            v = v.t().contiguous()
         out[k2], src[k2] = v, k
-    missing = [_openclip_name(k) for k in own if k not in out and not k.endswith("num_batches_tracked")]
+    missing = [name_of(k) for k in own if k not in out and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise KeyError(f"open_clip state dict does not match the model: missing (keys the model needs) "
                        f"{_listing(missing)}; unexpected (checkpoint keys the model does not have) "
                        f"{_listing(unexpected)}")
-    bad = [f"{src[k]}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
+    fmt = lambda k, t: tuple(t.shape[::-1]) if k in transposed else tuple(t.shape)  # noqa: E731 (checkpoint layout)
+    bad = [f"{src[k]}: checkpoint {fmt(k, v)} vs model {fmt(k, own[k])}" for k, v in out.items()
            if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise ValueError("open_clip state dict shape mismatch: " + "; ".join(bad[:12])
@@ -434,11 +443,11 @@ def infer_clip_config(sd, vision_heads=None, text_heads=None):
             keys[k2] = v
     if "visual.conv1.weight" not in keys:
         vis = sorted({".".join(k.split(".")[:2]) for k in keys if k.startswith("visual.")})[:6]
-        hint = ("a timm image tower (visual.trunk.*)" if any(k.startswith("visual.trunk.") for k in keys) else
+        hint = ("a timm image tower (visual.trunk.*) other than MobileCLIP's fastvit_mci (visual.trunk.stem.*)" if any(k.startswith("visual.trunk.") for k in keys) else
                 "a ModifiedResNet image tower (RN50-style)" if "visual.layer1" in vis else
                 f"image-tower keys {vis}" if vis else f"keys like {sorted(keys)[:4]}")
         raise ValueError(f"not an open_clip / OpenAI ViT CLIP state dict: no visual.conv1.weight ({hint}; only "
-                         "ViT towers with a linear patch embedding load here)")
+                         "ViT towers with a linear patch embedding and MobileCLIP(2)-S0/S1/S2 load here)")
     need = ["visual.class_embedding", "visual.positional_embedding", "visual.proj", "text.token_embedding.weight",
             "text.positional_embedding", "text.text_projection", "visual.blocks.0.mlp.c_fc.weight",
             "text.blocks.0.mlp.c_fc.weight"]
@@ -478,7 +487,8 @@ def _mlp_ratio(hidden, width):
     return (hidden + 0.5) / width
 
 
-def clip_from_state_dict(sd, quick_gelu=None, vision_heads=None, text_heads=None, dtype=torch.float32):
+def clip_from_state_dict(sd, quick_gelu=None, vision_heads=None, text_heads=None, dtype=torch.float32,
+                         image_size=None):
     """Build the CLIP that an open_clip / OpenAI ViT state dict describes (infer_clip_config) and load it.
 
     quick_gelu: None -> True when OpenAI's bookkeeping keys (input_resolution / context_length / vocab_size) are in
@@ -486,8 +496,21 @@ def clip_from_state_dict(sd, quick_gelu=None, vision_heads=None, text_heads=None
     open_clip re-saved carry no such marker (open_clip's `-quickgelu` model names say it instead): pass True.
     dtype: floating tensors are cast to it (OpenAI's weights are fp16); None keeps the checkpoint's dtypes.
     The parameters are sd's tensors themselves (after the cast), not copies. Returns the model in eval mode, with
-    `model.config` = the inferred hyper-parameters plus the quick_gelu used."""
+    `model.config` = the inferred hyper-parameters plus the quick_gelu used, and `model.preprocess` = the keyword
+    arguments of common.transforms.eval_transform that give its open_clip eval preprocessing.
+
+    MobileCLIP / MobileCLIP2 S0/S1/S2 open_clip checkpoints (image tower = timm fastvit_mci* under `visual.trunk.`)
+    are recognised by their keys (visual.trunk.stem.*) and built by mobileclip_from_state_dict (image_size: default 256; for a ViT it must
+    equal the size its position embedding encodes)."""
+    if any(_strip_wrappers(k).startswith("visual.trunk.stem.") for k in sd):   # timm FastVit's stem: MCi
+        if quick_gelu:
+            raise ValueError("quick_gelu=True: MobileCLIP's towers use GELU")
+        return mobileclip_from_state_dict(sd, text_heads=text_heads, dtype=dtype, image_size=image_size)
     cfg = infer_clip_config(sd, vision_heads, text_heads)
+    if image_size is not None and int(image_size) != cfg["image_size"]:
+        raise ValueError(f"image_size={image_size}, but the checkpoint's position embedding is for "
+                         f"{cfg['image_size']} px")
+    cfg["family"] = "vit"
     cfg["quick_gelu"] = cfg["openai"] if quick_gelu is None else bool(quick_gelu)
     act = "quick_gelu" if cfg["quick_gelu"] else "gelu"
     ls = 1e-5 if cfg["layer_scale"] else None               # the value is overwritten by the checkpoint's gamma
@@ -514,19 +537,109 @@ def vit_preprocess(image_size):
     return dict(size=int(image_size), mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD), interpolation="bicubic")
 
 
+# MobileCLIP / MobileCLIP2 S0/S1/S2 in open_clip's layout: `visual.trunk.*` = timm fastvit_mci0/1/2 (common.mci maps
+# the names), `text.*` = open_clip's TextTransformer (CustomTextCLIP), non-causal (model_configs/MobileCLIP-S2.json,
+# MobileCLIP2-S0.json: "no_causal_mask": true), `logit_scale`.
+MOBILECLIP_IMAGE_SIZE = 256     # open_clip MobileCLIP(2)-S0/S1/S2 configs: vision_cfg.image_size (not in the weights)
+
+
+def mobileclip_preprocess(image_size=MOBILECLIP_IMAGE_SIZE):
+    """open_clip's eval preprocessing of MobileCLIP (pretrained.py `_mccfg`): no normalisation (mean 0, std 1),
+    bilinear shortest-side resize, center crop. ml-mobileclip's own transform is the same (Resize bilinear,
+    CenterCrop, ToTensor)."""
+    return dict(size=int(image_size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+
+
+def _strip_wrappers(k):
+    while k.startswith(("module.", "_orig_mod.")):
+        k = k.split(".", 1)[1]
+    return k
+
+
+def _text_config(keys, text_heads=None):
+    """open_clip text tower hyper-parameters from `text.*` shapes (keys already renamed by openclip_key)."""
+    need = ["text.token_embedding.weight", "text.positional_embedding", "text.text_projection",
+            "text.blocks.0.mlp.c_fc.weight"]
+    missing = [_openclip_name(k) for k in need if k not in keys]
+    if missing:
+        raise KeyError(f"open_clip text tower lacks {missing}")
+    V, W = keys["text.token_embedding.weight"].shape
+    Wp, E = keys["text.text_projection"].shape
+    if Wp != W:
+        raise ValueError(f"text_projection has shape {(Wp, E)}, expected (text width {W}, embed dim)")
+    heads = text_heads or max(W // 64, 1)
+    if W % heads:
+        raise ValueError(f"text width {W} is not divisible by {heads} heads")
+    return dict(vocab_size=V, context_length=keys["text.positional_embedding"].shape[0], text_width=W,
+                text_layers=_n_blocks(keys, "text.blocks."), text_heads=heads,
+                text_mlp=keys["text.blocks.0.mlp.c_fc.weight"].shape[0], embed_dim=E,
+                text_layer_scale="text.blocks.0.ls_1.gamma" in keys)
+
+
+def mobileclip_from_state_dict(sd, text_heads=None, dtype=torch.float32, image_size=None):
+    """Build and load a MobileCLIP / MobileCLIP2 S0/S1/S2 open_clip state dict: MCi (common.mci, variant and any
+    size read off the shapes by infer_mci_config, timm's head bias included, train-time or folded modules as the
+    checkpoint has them) + the non-causal TextTransformer. Every checkpoint key must be consumed and every model key
+    present (KeyError naming them), shapes must agree (ValueError naming the key). Eval mode; `model.config`,
+    `model.preprocess` (mobileclip_preprocess) as clip_from_state_dict."""
+    from common import mci as MCI
+    keys = {}
+    for k, v in sd.items():
+        k = _strip_wrappers(k)
+        k2 = k if k.startswith("visual.") else openclip_key(k)
+        if k2 is not None:
+            keys[k2] = v
+    vcfg = MCI.infer_mci_config(keys, prefix="visual.trunk.")
+    if any(k.startswith("text_encoder.") for k in keys):
+        raise KeyError("text_encoder.* keys: ml-mobileclip's own layout (MobileCLIP-S0's MCt text tower), not "
+                       "open_clip's; open_clip has no MobileCLIP-S0 (MCt) model, so only the open_clip layout "
+                       "(text.* TextTransformer) loads here")
+    tcfg = _text_config(keys, text_heads)
+    if tcfg["embed_dim"] != vcfg["embed_dim"]:
+        raise ValueError(f"text_projection embeds to {tcfg['embed_dim']}, visual.trunk.head.fc.weight to "
+                         f"{vcfg['embed_dim']}")
+    trunk_keys = [k[len("visual.trunk."):] for k in keys if k.startswith("visual.trunk.")]
+    ls = 1e-5 if tcfg["text_layer_scale"] else None
+    with torch.device("meta"):
+        visual = MCI.fold_like(MCI.MCi(**vcfg), trunk_keys)
+        text = TextTransformer(tcfg["vocab_size"], tcfg["context_length"], tcfg["text_width"], tcfg["text_layers"],
+                               tcfg["text_heads"], tcfg["embed_dim"], causal=False, ls_init=ls,
+                               mlp_ratio=_mlp_ratio(tcfg["text_mlp"], tcfg["text_width"]))
+        model = CLIP(visual, text, init_logit_bias=0.0 if "logit_bias" in keys else None)
+    km = MCI.timm_key_map(visual)
+    inv = {"visual.trunk." + t: "visual." + o for o, t in km.items()}
+    rename = lambda k: inv.get(k, k) if k.startswith("visual.") else k  # noqa: E731 (text already renamed)
+    name_of = lambda k: "visual.trunk." + km[k[7:]] if k.startswith("visual.") else _openclip_name(k)  # noqa: E731
+    out = _convert(model, keys, rename, name_of, transposed=("visual.proj",))
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    model.load_state_dict(out, strict=False, assign=True)   # strictness checked by _convert, minus BN counters
+    for name, b in list(model.named_buffers()):              # BN counters a checkpoint may omit: zeros, not meta
+        if b.is_meta:
+            mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            mod._buffers[attr] = torch.zeros(b.shape, dtype=b.dtype)
+    folded = any(k.endswith("reparam_conv.weight") for k in trunk_keys)
+    image_size = int(image_size or MOBILECLIP_IMAGE_SIZE)
+    model.config = dict(family="mobileclip", variant=MCI.mci_variant(vcfg), image_size=image_size, folded=folded,
+                        quick_gelu=False, causal=False, **vcfg, **{k: v for k, v in tcfg.items() if k != "embed_dim"})
+    model.preprocess = mobileclip_preprocess(image_size)
+    return model.eval()
+
+
 def _reason(e):
     return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 def load_clip_checkpoint(path, quick_gelu=None, vision_heads=None, text_heads=None, dtype=torch.float32,
-                         device="cpu"):
-    """safetensors file of an open_clip / OpenAI ViT CLIP -> the model built by clip_from_state_dict, on `device`.
+                         device="cpu", image_size=None):
+    """safetensors file of an open_clip / OpenAI ViT CLIP or an open_clip MobileCLIP / MobileCLIP2 S0/S1/S2 -> the
+    model built by clip_from_state_dict (with `model.config` and `model.preprocess`), on `device`.
     Any problem (missing, truncated or non-safetensors file, missing keys, wrong shapes) raises
     common.convert.CheckpointError whose message starts with the path."""
     from common.convert import CheckpointError, read_safetensors
     sd, _ = read_safetensors(path)
     try:
-        model = clip_from_state_dict(sd, quick_gelu, vision_heads, text_heads, dtype)
+        model = clip_from_state_dict(sd, quick_gelu, vision_heads, text_heads, dtype, image_size)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {_reason(e)}") from None
     return model.to(device)
