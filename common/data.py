@@ -403,11 +403,15 @@ class ShardSource:
         order = list(range(n))
         if shuffle:  # the same shard order on every consumer
             order = [int(j) for j in np.random.default_rng(_mix(seed, epoch, 2)).permutation(n)]
-        urls = [self.urls[j] for j in order]
         k = (n // T) * T
-        for u in urls[c:k:T]:
-            yield from self._keep(_read_shard(u, self.report), 1, 0)
-        yield from self._keep((g for u in urls[k:] for g in _read_shard(u, self.report)), T, c)
+        for j in order[c:k:T]:
+            yield from self._keep(self.groups(j), 1, 0)
+        yield from self._keep((g for j in order[k:] for g in self.groups(j)), T, c)
+
+    def groups(self, j):
+        """(key, {ext: bytes}) groups of shard j in file order; the one place a subclass changes what a shard
+        holds (common.datacompdr.DRShards joins an image shard with its reinforcement shard here)."""
+        return _read_shard(self.urls[j], self.report)
 
     def _keep(self, groups, T, c):
         for j, (key, members) in enumerate(groups):
@@ -915,7 +919,7 @@ def for_each_shard(source, out_dir, fn, dist=None, shard_size=1000, prefix="part
                      mininterval=1.0, leave=False):
         if isinstance(source, ShardSource):
             source.report = skipped
-            raw = source._keep(_read_shard(u, skipped), 1, 0)
+            raw = source._keep(source.groups(j), 1, 0)
         else:
             raw = iter(u)
 

@@ -33,9 +33,8 @@ Sources (stored public copies, checked for this module):
   solarize inverts values >= threshold (8-bit scale, as the PIL images of the generation were).
 
 Replay runs on common.transforms' float ops (no torchvision): crop + resize there, the 14 ops through its
-apply_op, except three that this module pins to the released semantics: TranslateX/Y truncate to whole pixels,
-Posterize takes int bits, Solarize compares the 8-bit value with the (possibly fractional) threshold
-(common.transforms rounds 178.5 to 178, which would invert value 178 too).
+apply_op, except two that this module pins to the released semantics: TranslateX/Y truncate to whole pixels and
+Posterize takes int bits (Solarize compares with the fractional threshold in common.transforms itself).
 """
 import io
 import json
@@ -46,8 +45,8 @@ import warnings
 import numpy as np
 import torch
 
-from common.data import ShardSource, _mix, _read_shard, expand_urls, key_split, split_name
-from common.transforms import (RandAugment, RandomResizedCrop, _dequant, _quant, _size2, apply_op, as_generator,
+from common.data import ShardSource, _read_shard, expand_urls, key_split, split_name
+from common.transforms import (RandAugment, RandomResizedCrop, _size2, apply_op, as_generator,
                                to_tensor)
 
 OPS = RandAugment.OPS  # == ml-mobileclip RandAugment.op_names (same 14 names, same order)
@@ -227,15 +226,12 @@ def _table(op, H, W, bins=31):
 
 def apply_dr_op(img, op_idx, magnitude, interpolation="nearest", fill=0.0):
     """One stored RandAugment op [op_idx, signed magnitude] on float (3, H, W) in [0, 1], with torchvision's
-    _apply_op semantics (module docstring); everything but the three pinned ops is common.transforms.apply_op."""
+    _apply_op semantics (module docstring); everything but the pinned ops is common.transforms.apply_op."""
     name = OPS[int(op_idx)]
     if name in ("TranslateX", "TranslateY"):
         magnitude = float(int(magnitude))  # torchvision: translate=[int(magnitude), 0], truncation toward zero
     elif name == "Posterize":
         magnitude = int(magnitude)
-    elif name == "Solarize":  # invert 8-bit values >= threshold; a fractional threshold is not rounded
-        u = _quant(img)
-        return _dequant(torch.where(u.float() >= float(magnitude), 255 - u, u))
     return apply_op(img, name, float(magnitude), interpolation, fill)
 
 
@@ -448,22 +444,13 @@ class DRShards(ShardSource):
         if reinforced:
             self.name = f"dr({data} + {reinforced}{', ' + split if split and holdout else ''})"
 
-    def _groups(self, j):
+    def groups(self, j):
+        """Shard j (ShardSource deals, shuffles and resumes by shard index): its groups, joined with the paired
+        reinforcement shard when there is one."""
         if self.pairs is None:
-            return _read_shard(self.urls[j], self.report)
+            return super().groups(j)
         keep = (lambda k: key_split(k, self.holdout) == self.split) if self.holdout else None
         return join_shard(*self.pairs[j], self.by, self.strict, self.report, keep)
-
-    def raw(self, epoch, c, T, seed, shuffle):
-        """ShardSource.raw's dealing (whole shards to consumers, the S % T left over split by sample), over pairs."""
-        n = len(self.urls)
-        order = list(range(n))
-        if shuffle:
-            order = [int(j) for j in np.random.default_rng(_mix(seed, epoch, 2)).permutation(n)]
-        k = (n // T) * T
-        for j in order[c:k:T]:
-            yield from self._keep(self._groups(j), 1, 0)
-        yield from self._keep((g for j in order[k:] for g in self._groups(j)), T, c)
 
     def decode(self, item, images=True):
         s = super().decode(item, images)

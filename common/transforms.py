@@ -492,9 +492,9 @@ def apply_op(img, op, mag, interpolation="nearest", fill=0.0):
         bits = int(mag)
         mask = (0xFF << (8 - bits)) & 0xFF
         return _dequant(_quant(img) & mask)
-    if op == "Solarize":  # invert 8-bit values >= threshold
+    if op == "Solarize":  # invert 8-bit values >= threshold (a float threshold, as torchvision compares it)
         u = _quant(img)
-        return _dequant(torch.where(u >= int(round(mag)), 255 - u, u))
+        return _dequant(torch.where(u >= mag, 255 - u, u))
     if op == "AutoContrast":
         return _autocontrast(img)
     if op == "Equalize":

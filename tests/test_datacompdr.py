@@ -129,7 +129,7 @@ def test_op_indices_map_to_common_transforms():
     x = T.to_tensor(np.random.default_rng(1).integers(0, 256, (20, 22, 3), dtype=np.uint8))
     ra = T.RandAugment(1, 9)
     for idx, name in enumerate(dr.OPS):
-        if name in ("TranslateX", "TranslateY", "Posterize", "Solarize"):
+        if name in ("TranslateX", "TranslateY", "Posterize"):
             continue
         mag = -0.2 if name in ra.SIGNED and name != "Rotate" else 12.0
         got = dr.replay(x, [[0, 0, 20, 22], [[idx, mag]]], (20, 22))
@@ -144,6 +144,7 @@ def test_pinned_op_semantics_by_hand():
     x = u.float() / 255
     sol = dr.replay(x, [[0, 0, 1, 4], [[11, 178.5]]], (1, 4))
     assert (sol * 255).round().to(torch.uint8)[0, 0].tolist() == [177, 178, 76, 55]  # >= 178.5 inverted
+    assert torch.equal(T.RandAugment(1, 9).apply(x, {"ops": [["Solarize", 178.5, 1]]}), sol)  # not rounded to 178
     ramp = T.to_tensor(np.tile(np.arange(10, dtype=np.uint8)[None, :, None] * 20, (4, 1, 3)))
     t = dr.replay(ramp, [[0, 0, 4, 10], [[3, 2.9]]], (4, 10))  # int(2.9) = 2 px to the right
     assert torch.equal(t[:, :, 2:], ramp[:, :, :-2]) and t[:, :, :2].abs().sum() == 0
