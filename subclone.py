@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from common.config import parse_config, print_table, run_cli, save_json
+from common.seeds import Effect, run_seeds
 from common.data import Stream, class_names_of, data_report, iter_samples, open_source, read_samples, stack
 from common.losses import fp32_logits
 from common.models import TextTransformer, VisionTransformer
@@ -69,6 +70,8 @@ VARIANTS = ["subclone", "random", "random_indices", "no_scaling"]
 @dataclass
 class Config:
     out: str = "runs/subclone"  # output folder (created if missing)
+    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per
+    #                  expected effect (common/seeds.py)
     seed: int = 0  # world, init, data order, random-index ablation all follow from it
     device: str = ""  # cpu | cuda (default: cuda if available)
     data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/val/test)
@@ -99,7 +102,9 @@ class Config:
     parent_steps: int = 400  # parent training steps
     parent_lr: float = 2e-3  # parent peak learning rate
     steps: int = 250  # child training steps (every run)
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # child learning-rate sweep (subclone and random init each)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # child learning-rate sweep (subclone and random init each)
+    lr_extend: int = 2  # while an arm's best val lr is at an edge of its grid, add the next x3 lr there (at most
+    #                     this many per side; the same rule for every arm, so equal tuning effort)
     lr: float = 0.0  # > 0: every child run at this one learning rate instead of the --lrs sweep
     batch_size: int = 64  # global batch (images, or captions packed into windows), split over torchrun ranks
     warmup: int = 20  # linear warm-up steps (parent and children)
@@ -115,7 +120,7 @@ class Config:
 
 # --smoke: tiny sizes (fields given on the command line win)
 SMOKE = dict(n_train=600, n_test=200, n_eval=128, n_calib=64, width=32, layers=3, heads=2, ffn=128, child_width=16,
-             child_layers=2, child_heads=1, child_ffn=64, parent_steps=150, parent_lr=3e-3, steps=40, lrs=(1e-3, 3e-3),
+             child_layers=2, child_heads=1, child_ffn=64, parent_steps=150, parent_lr=3e-3, steps=40, lrs=(1e-3, 3e-3), lr_extend=1,
              eval_every=10, warmup=5, batch_size=32, context_length=16, log_every=20, ckpt_every=40)
 
 
@@ -551,6 +556,19 @@ def steps_to(curve, target):
     return None
 
 
+def extend_grid(grid, best, extended, max_extend):
+    """The next lr to try when the best val lr `best` sits at an edge of the sorted `grid` (x3 past it), counting the
+    extensions per side in `extended` ({"low": n, "high": n}, updated); None when best is interior, the grid has one
+    point (--lr), or that side already has max_extend extensions."""
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    side = "high" if best == grid[-1] else "low"
+    if extended[side] >= max_extend:
+        return None
+    extended[side] += 1
+    return float(f"{(grid[-1] * 3 if side == 'high' else grid[0] / 3):.3g}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the experiment for one model
 
@@ -595,19 +613,29 @@ def run_model(cfg, kind, data, dist):
 
     # ---- child runs: lr sweep for subclone and random init (best lr: the lowest final val loss), ablations at the
     #      subclone's best lr
-    lrs = (cfg.lr,) if cfg.lr > 0 else tuple(cfg.lrs)
+    lrs = (cfg.lr,) if cfg.lr > 0 else tuple(sorted(cfg.lrs))
     base = {k: getattr(cfg, k) for k in ("steps", "batch_size", "warmup", "weight_decay", "eval_every", "n_eval",
                                          "drop", "scale", "n_calib")}
     base.update(parent=pfp, child=carch)
-    runs, sweep = {}, {}
+    runs, sweep, best, grids = {}, {}, {}, {}
     for v in ("subclone", "random"):
-        for lr in lrs:
-            runs[v, lr] = train_child(cfg, kind, f"{kind}_{v}_lr{lr:g}", carch, inits[v], lr, data, dist,
-                                      {**base, "variant": v, "lr": lr})
-        sweep[v] = {f"{lr:g}": runs[v, lr]["curve"][-1][1] for lr in lrs}
-    # rank 0's choice on every rank (the ablations' lr must not diverge across ranks)
-    best = broadcast_json({v: min(lrs, key=lambda lr: runs[v, lr]["curve"][-1][1]) for v in ("subclone", "random")},
-                          dist)
+        grid = list(lrs)
+        run = lambda lr: train_child(cfg, kind, f"{kind}_{v}_lr{lr:g}", carch, inits[v], lr, data, dist,  # noqa: E731
+                                     {**base, "variant": v, "lr": lr})
+        for lr in grid:
+            runs[v, lr] = run(lr)
+        # the best val lr must be interior: extend the grid by x3 past an edge best (the same rule for both arms);
+        # rank 0's choice on every rank (the grid and the ablations' lr must not diverge across ranks)
+        ext = {"low": 0, "high": 0}
+        while True:
+            b = broadcast_json(min(grid, key=lambda lr: runs[v, lr]["curve"][-1][1]), dist)
+            lr = extend_grid(grid, b, ext, cfg.lr_extend)
+            if lr is None:
+                break
+            runs[v, lr] = run(lr)
+            grid = sorted(grid + [lr])
+        best[v], grids[v] = b, grid
+        sweep[v] = {f"{lr:g}": runs[v, lr]["curve"][-1][1] for lr in grid}
     runs = {v: runs[v, best[v]] for v in ("subclone", "random")}
     for v in ("random_indices", "no_scaling"):
         runs[v] = train_child(cfg, kind, f"{kind}_{v}_lr{best['subclone']:g}", carch, inits[v], best["subclone"],
@@ -624,8 +652,19 @@ def run_model(cfg, kind, data, dist):
                          "subclone never reaches the target" if stt["subclone"] is None else ""),
         "final_loss": {v: runs[v]["final_loss"] for v in VARIANTS},
         "final_acc": {v: runs[v]["final_acc"] for v in VARIANTS},
-        "best_lr": best, "lr_sweep_val_loss": sweep,
+        # steps to target with "never reached" censored at the run's length (an upper bound's lower end), so every
+        # seed has a number for the importance-vs-random-indices effect
+        "steps_to_target_censored": {v: float(cfg.steps) if t is None else t for v, t in stt.items()},
+        # speed-up with a 1-step floor (a subclone already below the target counts as reaching it at step 1) and
+        # "never reached" censored at --steps: a number for every seed
+        "speedup_censored": stt["random"] / max(1.0, float(cfg.steps) if stt["subclone"] is None else stt["subclone"]),
+        "best_lr": best, "lr_sweep_val_loss": sweep, "lr_grid": grids,
+        "lr_best_interior": {v: len(grids[v]) > 2 and grids[v][0] < best[v] < grids[v][-1] for v in grids},
+        "log10_best_lr": {v: math.log10(best[v]) for v in best},
     })
+    if kind == "vit":  # the probed task's bars for the parent's representation check (majority from test labels)
+        y = data["test"]["y"].long().flatten()
+        res.update(chance=1.0 / data["out"], majority=float(torch.bincount(y).max()) / len(y))
     ci = res["child_init_loss"]
     res["checks"] = {
         "init_far_below_random": ci["subclone"] < p_val + 0.5 * (ci["random"] - p_val),
@@ -653,6 +692,31 @@ def curve_panel(kind, r, curves, steps):
                  "val loss")
 
 
+# the paper's expected effects (common/seeds.py): per seed, d = sign * (a - b); shown when mean d > 2 SE
+EFFECTS = [
+    Effect("ViT: subclone step-0 val loss below random init", "vit.child_init_loss.subclone",
+           "vit.child_init_loss.random", sign=-1, paper="step-0 loss of the subclone far below random init"),
+    Effect("GPT: subclone step-0 val loss below random init", "gpt.child_init_loss.subclone",
+           "gpt.child_init_loss.random", sign=-1, paper="step-0 loss of the subclone far below random init"),
+    Effect("ViT: importance < random indices, steps to target", "vit.steps_to_target_censored.subclone",
+           "vit.steps_to_target_censored.random_indices", sign=-1,
+           paper="neuron importance ranking (vs random neuron indices)", note="never reached = --steps"),
+    Effect("GPT: importance < random indices, steps to target", "gpt.steps_to_target_censored.subclone",
+           "gpt.steps_to_target_censored.random_indices", sign=-1,
+           paper="neuron importance ranking (vs random neuron indices)", note="never reached = --steps"),
+    Effect("ViT: speed-up to random init's final val loss > 1", "vit.speedup_censored", 1.0,
+           paper="about 4x faster training (ViT, image classification)"),
+    Effect("GPT: speed-up to random init's final val loss > 1", "gpt.speedup_censored", 1.0,
+           paper="about 4x faster training (next-token prediction)"),
+    Effect("ViT: subclone's best val lr below random init's (log10)", "vit.log10_best_lr.random",
+           "vit.log10_best_lr.subclone", paper="subclones want a lower lr than random init [PAPER?, unverified]"),
+    Effect("GPT: subclone's best val lr below random init's (log10)", "gpt.log10_best_lr.random",
+           "gpt.log10_best_lr.subclone", paper="subclones want a lower lr than random init [PAPER?, unverified]"),
+    Effect("ViT parent test acc >= max(2 chance, majority + .15)", "vit.parent_acc",
+           lambda r: max(2 * r["vit"]["chance"], r["vit"]["majority"] + 0.15), paper="(representation check)"),
+]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # main: `run` (the experiment) and `clone` (subclone one parent checkpoint)
 
@@ -677,6 +741,10 @@ def clone_cmd(cfg, dist):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=COMMANDS, presets={"smoke": SMOKE})
+    if cfg.seeds:
+        if cfg._command != "run" or cfg.models != "vit,gpt":
+            raise ValueError("--seeds runs the default experiment: the run command with --models=vit,gpt")
+        return run_seeds(main, argv, cfg, EFFECTS)
     kinds = [k.strip() for k in cfg.models.split(",") if k.strip()]
     if not kinds or any(k not in ("vit", "gpt") for k in kinds):
         raise ValueError(f"--models={cfg.models!r}; expected vit, gpt or vit,gpt")

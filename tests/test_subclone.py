@@ -188,6 +188,30 @@ def check_results(res, kinds):
         assert r["target_loss"] == sweep[f"{r['best_lr']['random']:g}"]  # the random-init run's final val loss
 
 
+def test_extend_grid():
+    ext = {"low": 0, "high": 0}
+    assert S.extend_grid([1e-3, 3e-3, 1e-2], 3e-3, ext, 2) is None and ext == {"low": 0, "high": 0}  # interior
+    assert S.extend_grid([1e-3, 3e-3, 1e-2], 1e-2, ext, 2) == 0.03 and ext["high"] == 1
+    assert S.extend_grid([1e-3, 3e-3, 1e-2, 3e-2], 3e-2, ext, 2) == 0.09 and ext["high"] == 2
+    assert S.extend_grid([1e-3, 3e-3, 1e-2, 3e-2, 9e-2], 9e-2, ext, 2) is None  # the cap per side
+    assert S.extend_grid([1e-3, 3e-3], 1e-3, ext, 2) == 0.000333 and ext["low"] == 1
+    assert S.extend_grid([3e-3], 3e-3, {"low": 0, "high": 0}, 2) is None  # --lr: one point, nothing to extend
+
+
+def test_effects_read_the_results():
+    """Every EFFECTS key exists in a results dict shaped like run_model's, and the verdict follows the sign."""
+    from common.seeds import summarize
+    def res(sub, rnd, ri):
+        r = {"child_init_loss": {"subclone": sub, "random": rnd}, "steps_to_target_censored":
+             {"subclone": 10.0, "random_indices": ri}, "speedup_censored": 250 / 10.0, "log10_best_lr":
+             {"subclone": -3.0, "random": -2.5}, "parent_acc": 0.6, "chance": 0.1, "majority": 0.2}
+        return {"vit": r, "gpt": r}
+    rows = summarize({0: res(2.0, 2.5, 30.0), 1: res(2.1, 2.4, 35.0), 2: res(2.0, 2.45, 40.0)}, S.EFFECTS)
+    assert [r["verdict"] for r in rows] == ["shown"] * len(S.EFFECTS)
+    rows = summarize({0: res(2.6, 2.5, 5.0), 1: res(2.5, 2.4, 6.0), 2: res(2.5, 2.45, 7.0)}, S.EFFECTS)
+    assert [r["verdict"] for r in rows][:4] == ["not shown"] * 4  # subclone worse than random: not shown
+
+
 def test_smoke_learns(tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "subclone.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
@@ -203,6 +227,13 @@ def test_smoke_learns(tmp_path):
         assert r["final_loss"]["subclone"] < chance_loss and r["final_acc"]["subclone"] > chance_acc, k
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert any(r.get("run") == "gpt_parent" for r in rows)
+    for k in ("vit", "gpt"):  # the lr grid: the smoke grid (1e-3, 3e-3) plus at most one x3 step per side
+        for v, grid in res[k]["lr_grid"].items():
+            assert set(grid) >= {1e-3, 3e-3} and len(grid) <= 4 and sorted(grid) == grid, (k, v, grid)
+            assert set(res[k]["lr_sweep_val_loss"][v]) == {f"{lr:g}" for lr in grid}
+    for e in S.EFFECTS:  # every effect key resolves in a real results.json
+        from common.seeds import lookup
+        lookup(res, e.a)
 
 
 def test_torchrun_two_processes(tmp_path):
