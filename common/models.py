@@ -615,7 +615,7 @@ def mobileclip_from_state_dict(sd, text_heads=None, dtype=torch.float32, image_s
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     model.load_state_dict(out, strict=False, assign=True)   # strictness checked by _convert, minus BN counters
     for name, b in list(model.named_buffers()):              # BN counters a checkpoint may omit: zeros, not meta
-        if b.is_meta:
+        if name not in out and b.is_meta:
             mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             mod._buffers[attr] = torch.zeros(b.shape, dtype=b.dtype)
     folded = any(k.endswith("reparam_conv.weight") for k in trunk_keys)
