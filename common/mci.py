@@ -3,7 +3,8 @@ released models' exact parameter counts, the 32-px `mci_tiny` / `mct_tiny` of th
 which folds every train-time branch (MobileOne, RepLK, RepMixer, RepCPE) into one conv.
 
 Reference: ml-mobileclip mobileclip/models/mci.py, modules/common/mobileone.py, modules/image/replknet.py,
-modules/text/repmixer.py. Used by mobileclip.py, and by common.models to load released MobileCLIP checkpoints.
+modules/text/repmixer.py. Used by mobileclip.py, and by common.models to load released MobileCLIP checkpoints
+(section 2: timm `fastvit_mci*` names as open_clip stores them, variant inference, folded checkpoints).
 """
 import copy
 from collections import OrderedDict

@@ -1,6 +1,8 @@
 """CLIP towers as plain nn.Modules: a ViT image encoder, a causal text transformer, the two-tower CLIP wrapper,
 presets (ViT-B/16 in open_clip's layout and tiny models for the synthetic world) and open_clip / OpenAI
-state-dict loading.
+state-dict loading: ViT CLIPs of any size, and MobileCLIP / MobileCLIP2 S0/S1/S2 (common.mci towers). Every loaded
+model carries `model.config` (inferred hyper-parameters) and `model.preprocess`, the keyword arguments for which
+`common.transforms.eval_transform(**model.preprocess)` is its open_clip eval transform.
 
 References: CLIP (Radford et al. 2021, arXiv:2103.00020) for the towers, EOT pooling and the learnable
 temperature; ViT (Dosovitskiy et al. 2020, arXiv:2010.11929); the 4-2-2 conv stem of MobileCLIP-B / CatLIP
@@ -443,7 +445,10 @@ def infer_clip_config(sd, vision_heads=None, text_heads=None):
             keys[k2] = v
     if "visual.conv1.weight" not in keys:
         vis = sorted({".".join(k.split(".")[:2]) for k in keys if k.startswith("visual.")})[:6]
-        hint = ("a timm image tower (visual.trunk.*) other than MobileCLIP's fastvit_mci (visual.trunk.stem.*)" if any(k.startswith("visual.trunk.") for k in keys) else
+        hint = ("ml-mobileclip's own layout (image_encoder.* / text_encoder.*, its mobileclip_s*.pt): not loadable; "
+                "open_clip releases MobileCLIP-S1/S2 and MobileCLIP2-S0/S2 in the layout that loads here"
+                if any(k.startswith(("image_encoder.", "text_encoder.")) for k in keys) else
+                "a timm image tower (visual.trunk.*) other than MobileCLIP's fastvit_mci (visual.trunk.stem.*)" if any(k.startswith("visual.trunk.") for k in keys) else
                 "a ModifiedResNet image tower (RN50-style)" if "visual.layer1" in vis else
                 f"image-tower keys {vis}" if vis else f"keys like {sorted(keys)[:4]}")
         raise ValueError(f"not an open_clip / OpenAI ViT CLIP state dict: no visual.conv1.weight ({hint}; only "
@@ -620,8 +625,9 @@ def mobileclip_from_state_dict(sd, text_heads=None, dtype=torch.float32, image_s
             mod._buffers[attr] = torch.zeros(b.shape, dtype=b.dtype)
     folded = any(k.endswith("reparam_conv.weight") for k in trunk_keys)
     image_size = int(image_size or MOBILECLIP_IMAGE_SIZE)
+    visual.image_size = image_size                          # what callers of a ViT read (common.eval, teachers)
     model.config = dict(family="mobileclip", variant=MCI.mci_variant(vcfg), image_size=image_size, folded=folded,
-                        quick_gelu=False, causal=False, **vcfg, **{k: v for k, v in tcfg.items() if k != "embed_dim"})
+                        quick_gelu=False, causal=False, vision_heads=None, openai=False, **vcfg, **{k: v for k, v in tcfg.items() if k != "embed_dim"})
     model.preprocess = mobileclip_preprocess(image_size)
     return model.eval()
 

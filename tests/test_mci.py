@@ -416,3 +416,15 @@ def test_bad_files_name_file_and_key(tmp_path):
     save_file(nostem, str(tmp_path / "nostem.safetensors"))
     with pytest.raises(CheckpointError, match=r"nostem\.safetensors: .*visual\.trunk\.stem\.0\.conv_kxk\.0\.conv\.weight"):
         load_clip_checkpoint(tmp_path / "nostem.safetensors")
+
+
+def test_loaded_model_answers_what_callers_read():
+    """Scripts that take a checkpoint read visual.image_size, text.vocab_size / context_length and these config keys."""
+    m = clip_from_state_dict(random_sd(TINY))
+    assert m.visual.image_size == 256 and (m.text.vocab_size, m.text.context_length) == (50, 12)
+    assert {k: m.config[k] for k in ("image_size", "context_length", "quick_gelu", "vision_heads")} == dict(
+        image_size=256, context_length=12, quick_gelu=False, vision_heads=None)
+    native = {"image_encoder.model.patch_embed.0.rbr_conv.0.conv.weight": torch.zeros(8, 3, 3, 3),
+              "text_encoder.embedding_layer.weight": torch.zeros(10, 8)}
+    with pytest.raises(ValueError, match="ml-mobileclip's own layout"):
+        clip_from_state_dict(native)
