@@ -69,7 +69,7 @@ class Config:
     threads: int = 1  # torch intra-op threads per process (0 = torch default); why 1: docs/samclip.md
     log_every: int = 25  # log.jsonl row every N steps
     clip_steps: int = 300  # steps of the CLIP teacher (= zoo mode's plain CLIP) and of the zoo CLIP
-    clip_batch: int = 128  # global contrastive batch
+    clip_batch: int = 64  # global contrastive batch (128: 2x the CPU; docs "What was tried")
     clip_lr: float = 2e-3  # peak lr (AdamW, cosine)
     sam_steps: int = 250  # SAM teacher steps
     sam_batch: int = 32  # (image, prompt) pairs a step

@@ -263,6 +263,123 @@ def test_value_readout_is_attention_without_mixing():
     assert not torch.allclose(head(other)[1][:, 0], plain[:, 0], atol=1e-3)
 
 
+def test_all_background_cannot_pass_the_seg_bars():
+    # 0 = background on 80% of the pixels: predicting all background has a high mIoU (its background IoU is 0.8),
+    # far above random labels; the zero-shot seg bar (best trivial map) and the dense representation bar both
+    # reject it, while a map that also gets the objects right passes
+    rng = np.random.default_rng(0)
+    seg = np.where(rng.random((20, 16, 16)) < 0.8, 0, rng.integers(1, 11, (20, 16, 16)))
+    allbg = seg_miou(np.zeros_like(seg), seg, 11)
+    r = {"chance_seg_miou": seg_miou(rng.integers(0, 11, seg.shape), seg, 11), "allbg_seg_miou": allbg}
+    assert allbg == pytest.approx(0.8 / 11, abs=0.01) and allbg > r["chance_seg_miou"]
+    assert S.TRIVIAL(r) == allbg and S.DENSE_REPR(r) == pytest.approx(allbg + 0.15)
+    good = seg.copy()
+    good[rng.random(seg.shape) < 0.1] = 0
+    for pred, passes in ((np.zeros_like(seg), False), (good, True)):
+        res = dict(r, zeroshot_seg_miou_coarse=seg_miou(pred, seg, 11))
+        e = next(e for e in S.EFFECTS if e.a == "zeroshot_seg_miou_coarse")
+        assert (S.summarize({0: res}, [e])[0]["d_mean"] > 0) == passes
+
+
+def test_zero_shot_seg_background_threshold_and_attributes():
+    # tau = 0 is the argmax of the per-patch scores; tau above every probability makes every pixel background
+    torch.manual_seed(0)
+    cfg = S.Config(**TINY, clip_width=16)
+    st = S.SAMCLIP(cfg, 16).eval()
+    te = S.arrays(read_samples(_world_src(6), 6))
+    clf = torch.nn.functional.normalize(torch.randn(11, 16), dim=-1)
+    coarse = S.zero_shot_seg(st, clf, te, False, 0, "cpu", tau=0.0)[0]
+    assert coarse.shape == (6, 32, 32) and len(np.unique(coarse)) > 1
+    assert (S.zero_shot_seg(st, clf, te, False, 0, "cpu", tau=1.01)[0] == 0).all()
+    mid = S.zero_shot_seg(st, clf, te, False, 0, "cpu", tau=0.5)[0]
+    assert ((mid == coarse) | (mid == 0)).all()  # a threshold only turns pixels into background
+    # zero-shot / probe tasks: shape = the label, colour = label_fine % 9 (label_fine = shape * 9 + colour)
+    samples = read_samples(_world_src(30), 30)
+    t = S.attributes(samples, ["a"] * 10, True)
+    assert list(t) == ["shape", "colour"] and list(S.attributes(samples, ["a"] * 10, False)) == ["shape"]
+    assert (t["shape"][0] * 9 + t["colour"][0] == np.array([s["label_fine"] for s in samples])).all()
+
+
+def _tiny_open_clip(path, seed=0, vocab=None, drop=()):
+    """A random 24 px ViT CLIP (patch 8, width 64, 1 block per tower, context 20, embed 32, the world's vocabulary)
+    saved in open_clip's key names (text tower at the top level, transformer.resblocks, in_proj_weight)."""
+    from safetensors.torch import save_file
+    from common.models import CLIP, TextTransformer, VisionTransformer
+    from common.tokenizer import world_tokenizer
+
+    def name(k):
+        k = k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+        k = k.replace("blocks.", "transformer.resblocks.")
+        return k[len("text."):] if k.startswith("text.") else k
+    torch.manual_seed(seed)
+    m = CLIP(VisionTransformer(24, 8, 64, 1, 1, 4.0, 32),
+             TextTransformer(vocab or world_tokenizer().vocab_size, 20, 64, 1, 1, 32))
+    save_file({name(k): v.contiguous() for k, v in m.state_dict().items() if name(k) not in drop}, str(path))
+
+
+CK_RUN = ["--smoke", "--mode=merge", "--n_train=64", "--n_distill=64", "--n_test=24", "--n_probe=24", "--steps=2",
+          "--clip_batch=16", "--sam_batch=8", "--batch_size=8", "--replay_batch=4", "--replay_frac=0.5",
+          "--log_every=0", "--bg_thresholds=0,0.5"]
+
+
+def test_clip_teacher_checkpoint_replaces_the_miniature_teacher(tmp_path):
+    """--clip_teacher: no miniature CLIP is trained; D_CLIP holds the checkpoint's embeddings of each image at its own
+    24 px open_clip preprocessing; the CLIP head has its embed dim (32); the stages' fingerprints name the file."""
+    from common.models import load_clip_checkpoint
+    from common.transforms import eval_transform
+    from safetensors import safe_open
+    ck, out = tmp_path / "clip24.safetensors", tmp_path / "run"
+    _tiny_open_clip(ck)
+    res = S.main(CK_RUN + [f"--out={out}", f"--clip_teacher={ck}"])
+    assert not (out / "clip_teacher.safetensors").exists() and (out / "stage2.safetensors").exists()
+    teacher = load_clip_checkpoint(str(ck))
+    assert teacher.preprocess["size"] == 24 and teacher.preprocess["interpolation"] == "bicubic"
+    prep = eval_transform(**teacher.preprocess)
+    s = read_samples(_shards(str(out / "dclip"), ("image", "emb.npy")), 3)
+    with torch.no_grad():
+        want = teacher.encode_image(torch.stack([prep(x["image"]) for x in s])).numpy()
+    assert np.allclose(np.stack([S.decode_npy(x["emb.npy"]) for x in s]), want, atol=1e-5)
+    sd = safe_open(str(out / "stage2.safetensors"), "pt")
+    assert sd.get_tensor(next(k for k in sd.keys() if k.endswith("clip.proj"))).shape[1] == 32
+    assert str(ck.resolve()) in sd.metadata()["fingerprint"]
+    assert isinstance(res["clip_teacher_zeroshot_acc"], float) and "merged_sam_miou" in res
+    # another checkpoint at the same path: the stages built on it are built again
+    before = os.stat(out / "stage1.safetensors").st_mtime_ns
+    _tiny_open_clip(ck, seed=1)
+    S.main(CK_RUN + [f"--out={out}", f"--clip_teacher={ck}"])
+    assert os.stat(out / "stage1.safetensors").st_mtime_ns != before
+
+
+def test_clip_teacher_bad_files_and_flags(tmp_path):
+    from common.convert import CheckpointError
+    run = lambda *a: S.main(CK_RUN + [f"--out={tmp_path / 'run'}", *a])  # noqa: E731
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such file"):
+        run(f"--clip_teacher={tmp_path / 'nope.safetensors'}")
+    part = tmp_path / "part.safetensors"
+    _tiny_open_clip(part, drop=("visual.proj",))
+    with pytest.raises(CheckpointError, match=r"part\.safetensors: .*visual\.proj"):
+        run(f"--clip_teacher={part}")
+    other = tmp_path / "vocab.safetensors"
+    _tiny_open_clip(other, vocab=300)
+    with pytest.raises(ValueError, match=r"vocab\.safetensors: its token_embedding has 300 rows .* --bpe="):
+        run(f"--clip_teacher={other}")
+    with pytest.raises(ValueError, match="--bpe and --quick_gelu describe a --clip_teacher"):
+        run("--bpe=x.txt")
+
+
+def test_seeds_runs_every_seed_and_writes_verdicts(tmp_path):
+    res = S.main(["--smoke", "--seeds=0,1", f"--out={tmp_path}", "--n_train=64", "--n_distill=64", "--n_test=24",
+                  "--n_probe=24", "--steps=2", "--clip_batch=16", "--sam_batch=8", "--batch_size=8",
+                  "--replay_batch=4", "--replay_frac=0.5", "--log_every=0", "--probe_steps=2"])
+    saved = json.load(open(tmp_path / "seeds.json"))
+    assert saved["seeds"] == [0, 1] and [r["effect"] for r in saved["effects"]] == [e.name for e in S.EFFECTS]
+    assert res["effects"][0]["verdict"] in ("shown", "not shown")
+    for s in (0, 1):  # each seed's own world: the per-seed numbers are that seed's results.json
+        r = json.load(open(tmp_path / f"seed{s}" / "results.json"))
+        assert saved["effects"][0]["a_values"][s] == r["merged_sam_miou"]
+    assert (tmp_path / "sweep.png").exists()
+
+
 def _log(path):
     return [json.loads(line) for line in open(os.path.join(path, "log.jsonl"))]
 
@@ -283,9 +400,28 @@ def test_smoke_learns(tmp_path):
     for run in {r["run"] for r in rows}:  # every stage's loss falls
         ls = [r["loss"] for r in rows if r["run"] == run]
         assert ls[-1] < ls[0], (run, ls)
-    # --smoke is too short for zero-shot accuracy to leave chance; the default run measures that. Here: the dense
-    # probe on the zoo model's features beats random labels, and the promptable masks are not empty.
-    assert res["zoo_dense_miou"] > res["chance_seg_miou"]
+    # the zero-shot task is the largest object's shape and colour: chance is the mean of 1/10 and 1/9, and every
+    # expected effect of EFFECTS was evaluated on this run (a bool, none n/a)
+    assert res["chance"] == pytest.approx((1 / 10 + 1 / 9) / 2) and res["zeroshot_attributes"] == ["shape", "colour"]
+    assert list(res["expected_effects"]) == [e.name for e in S.EFFECTS]
+    assert all(isinstance(v, bool) for v in res["expected_effects"].values())
+    # the zoo model is scored in its OWN embedding space: recomputed here from zoo.safetensors with its own text tower
+    from common.eval import zero_shot_accuracy, zero_shot_classifier
+    from common.tokenizer import world_tokenizer
+    from common.train import load_weights
+    from common.world import TEMPLATES, class_names
+    cfg = S.parse_config(S.Config, ["--smoke"], presets={"smoke": S.SMOKE})
+    tok = world_tokenizer(context_length=32)
+    zoo = S.ZooCLIP(cfg, tok.vocab_size, True, 11)
+    load_weights(str(out / "zoo.safetensors"), zoo)
+    te = S.arrays(read_samples(_world_src(cfg.n_test, "test"), cfg.n_test))
+    with torch.no_grad():
+        f = zoo.eval().clip.encode_image(S.inputs(torch.from_numpy(te["images"])))
+        clf = zero_shot_classifier(zoo.clip, tok, class_names("shape"), TEMPLATES, "cpu")
+    assert res["zoo_zeroshot_acc_shape"] == pytest.approx(zero_shot_accuracy(f, clf, te["labels"]), abs=1e-6)
+    # the background threshold is the val-best of the grid; the promptable masks are not empty
+    val = res["bg_threshold_val_miou"]
+    assert res["bg_threshold"] == max(map(float, val), key=lambda t: val[str(t)])
     assert res["sam_teacher_miou"] > 0.02 and res["merged_sam_miou"] > 0.02
     for f in ("config.json", "zeroshot_seg.png"):
         assert (out / f).exists()
@@ -378,8 +514,8 @@ def test_image_text_data_zoo_from_experts_merge_na(world_shards, tmp_path):
                                         "depth": f"--depth_expert={ex['depth_expert']}"}
     assert isinstance(res["zoo_dense_miou"], float) and res["data"]["eval_keys_in_train"] == 0
     eff = res["expected_effects"]
-    assert all(v == "n/a" for k, v in eff.items() if "zoo" not in k)
-    assert isinstance(eff["zoo improves depth probe"], bool)
+    assert all(v == "n/a" for k, v in eff.items() if any(w in k for w in ("merged", "SAM", "zero-shot seg")))
+    assert isinstance(eff["zoo: depth probe RMSE down"], bool) and isinstance(eff["zoo: dense seg probe mIoU up"], bool)
     with pytest.raises(FileNotFoundError, match="--seg_expert='nope.safetensors' does not exist"):
         S.main(run + [f"--out={tmp_path / 'x'}", "--seg_expert=nope.safetensors",
                       f"--depth_expert={ex['depth_expert']}"])
