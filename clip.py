@@ -29,10 +29,11 @@ from common.data import Stream, class_names_of, data_report, open_source, read_s
 from common.eval import extract_features, linear_probe, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss
 from common.models import clip_tiny
+from common.seeds import Effect, run_seeds
 from common.tokenizer import world_tokenizer
 from common.train import TrainConfig, fit, seed_all, start_run
 from common.transforms import eval_transform, train_transform
-from common.world import TEMPLATES, World, class_names
+from common.world import TEMPLATES, TEXTURES, World, class_names
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Config:
     """Tiny CLIP baseline on the synthetic world."""
     out: str = "runs/clip"  # output folder (created if missing)
     seed: int = 0  # world, init, data order and augmentation all follow from it
+    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per
+    # expected effect (common/seeds.py)
     data: str = ""  # tar shards / folder instead of the world ("{split}" is replaced by train/test)
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
@@ -68,8 +71,32 @@ class Config:
 SMOKE = dict(steps=60, batch_size=64, n_train=1500, n_test=300, warmup=10, log_every=10)
 
 
+def attribute_labels(samples):
+    """{attribute: labels} for the attribute probe: the world's main (first) object's shape, colour and size and the
+    background texture, the attributes its captions name (the same attributes as tic.py's probe); None elsewhere."""
+    if not samples or not all(s.get("objects") and "texture" in s for s in samples):
+        return None
+    first = [s["objects"][0] for s in samples]
+    return {"shape": [o["shape_id"] for o in first], "color": [o["color_id"] for o in first],
+            "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(s["texture"]) for s in samples]}
+
+
+# the baseline claims no effect of its own: its checks say whether its representation is worth comparing (#18 item 2)
+EFFECTS = [
+    Effect("zero-shot shape >= max(2 chance, majority + .15)", "zeroshot_acc",
+           lambda r: max(2 * r["chance"], r["majority"] + 0.15), paper="(representation check)"),
+    Effect("shape probe >= max(2 chance, majority + .15)", "linear_probe_acc",
+           lambda r: max(2 * r["chance"], r["majority"] + 0.15), paper="(representation check)"),
+    Effect("attribute probe >= max(2 chance, majority + .15)", "attribute_probe.acc",
+           lambda r: max(2 * r["attribute_probe"]["chance"], r["attribute_probe"]["majority"] + 0.15),
+           paper="(representation check)", note="mean over shape, colour, size, texture of the main object"),
+]
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
+    if cfg.seeds:
+        return run_seeds(main, argv, cfg, EFFECTS)
     if cfg.caption not in ("caption", "alt_text"):
         raise SystemExit(f"config error: --caption={cfg.caption!r}; expected caption or alt_text")
     if cfg.stem not in ("conv", "patch"):
@@ -87,7 +114,7 @@ def main(argv=None):
     def source(split, n):
         return open_source(cfg.data, split, world=lambda s: World(seed=cfg.seed, split=s, size=cfg.image_size), n=n,
                            val_data=cfg.val_data, holdout=cfg.holdout, require=("image", cfg.caption),
-                           keep=("image", cfg.caption, "label"))
+                           keep=("image", cfg.caption, "label") + (() if cfg.data else ("objects", "texture")))
 
     def pair(s, g):  # runs in the DataLoader workers
         return {"image": aug(s["image"], g), "text": tok(s[cfg.caption])[0]}
@@ -143,6 +170,17 @@ def main(argv=None):
             tr_f = extract_features(model.encode_image, torch.stack([prep(s["image"]) for s in probe]),
                                     device=dist.device)
             res["linear_probe_acc"] = linear_probe(tr_f, stack(probe, "label"), img_f, labels)
+            ytr, yte = attribute_labels(probe), attribute_labels(test)
+            if ytr is not None and yte is not None:  # the world: every attribute its captions name
+                per, chance, major = {}, [], []
+                for k in ytr:
+                    a, b = torch.tensor(ytr[k]), torch.tensor(yte[k])
+                    K = int(max(a.max(), b.max())) + 1
+                    per[k] = linear_probe(tr_f, a, img_f, b, num_classes=K)
+                    chance.append(1.0 / K)
+                    major.append(float(np.bincount(b.numpy(), minlength=K).max() / len(b)))
+                res["attribute_probe"] = {"acc": float(np.mean(list(per.values()))), "per_attribute": per,
+                                          "chance": float(np.mean(chance)), "majority": float(np.mean(major))}
     r = retrieval_recall(img_f, txt_f)
     res.update(retrieval_mean_r1=r["mean_r1"], retrieval_i2t_r1=r["i2t_r1"], retrieval_t2i_r1=r["t2i_r1"],
                retrieval_mean_r5=r["mean_r5"], retrieval_chance_r1=1.0 / len(test),

@@ -60,14 +60,15 @@ import torch
 
 from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import ShardSource, Stream, class_names_of, data_report, key_hash, open_source, read_samples, stack
-from common.eval import extract_features, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+from common.eval import extract_features, linear_probe, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from common.losses import clip_loss, distill_kl, fp32_logits
 from common.models import CLIP, TextTransformer, VisionTransformer, load_clip_checkpoint
 from common.plot import heatmaps, line_plot, panel
 from common.tokenizer import tokenizer_for, world_tokenizer
 from common.train import TrainConfig, file_id, fit, load_weights, seed_all, start_run, unwrap
 from common.transforms import eval_transform, train_transform
-from common.world import TEMPLATES, World, class_names
+from common.seeds import Effect, run_seeds
+from common.world import TEMPLATES, TEXTURES, World, class_names
 
 STRATEGIES = ["restart", "sequential", "cumulative_all", "cumulative_exp", "cumulative_equal", "oracle", "lwf"]
 
@@ -77,6 +78,8 @@ class Config:
     """TiC-CLIP in miniature: time-continual CLIP training strategies under a fixed per-step budget."""
     out: str = "runs/tic"  # output folder (created if missing)
     seed: int = 0  # world, init, data order and augmentation all follow from it
+    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per
+    # expected effect (common/seeds.py)
     data: str = ""  # real data: a folder with one sub-folder of shards per time step, or shards with a json "year"
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
@@ -84,25 +87,27 @@ class Config:
     device: str = ""  # cpu | cuda (default: cuda if available)
     time_steps: str = "2014-2016,2017-2018,2019-2020,2021-2022"  # year groups, one per time step
     strategies: str = "restart,sequential,cumulative_all,cumulative_exp,cumulative_equal,oracle"  # also: lwf
-    steps: int = 120  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
+    restart_rows: str = "last"  # last: Restart trains only at the final step (what its effect reads) | all: every step
+    steps: int = 100  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
     batch_size: int = 64  # global batch (split over torchrun ranks)
     lr: float = 2e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
+    strategy_lr: str = ""  # per-strategy peak lr overrides "name=lr,..." (else lr / warm_lr; a val sweep, docs/tic.md)
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
     warm_start_warmup: int = 0  # warm-up steps after a warm start (the official scripts pass --warmup 0)
     n_train: int = 2000  # training pairs per time step (|D_t|); --data trains on all, n_train sizes the buffers
-    n_eval: int = 300  # held-out pairs per time step
+    n_eval: int = 300  # held-out pairs per time step (test; and as many val pairs for lr selection and the probe)
     buffer: int = 0  # old-data buffer size for cumulative_exp/equal (0 -> n_train, i.e. |D|)
     lwf_weight: float = 1.0  # weight of the distillation term of the lwf strategy
     image_size: int = 32  # the world renders at this size
     patch_size: int = 8  # 32/8 -> 4x4 patch tokens: a cheap image tower
-    width: int = 128  # ViT width
+    width: int = 96  # ViT width
     layers: int = 3  # ViT depth
-    text_width: int = 128  # text transformer width
+    text_width: int = 64  # text transformer width
     text_layers: int = 2  # text transformer depth
     context_length: int = 32  # text context length
-    embed_dim: int = 128  # joint embedding size
+    embed_dim: int = 64  # joint embedding size
     caption: str = "caption"  # caption | alt_text
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     retrain: bool = False  # train every run again (else a finished checkpoint with the same fingerprint is reused)
@@ -179,7 +184,8 @@ def step_sources(cfg, groups, split):
     def opened(data, val_data="", years=None):
         return open_source(data, split, world=lambda sp: World(cfg.seed, sp, cfg.image_size, years=years),
                            n=cfg.n_train if split == "train" else cfg.n_eval, val_data=val_data, holdout=cfg.holdout,
-                           require=("image", cfg.caption), keep=("image", cfg.caption, "label"))
+                           require=("image", cfg.caption),
+                           keep=("image", cfg.caption, "label") + (() if cfg.data else ("objects", "texture")))
     if not cfg.data:
         return [(f"{ys[0]}-{ys[-1]}", opened("", years=ys), None) for ys in groups]
     root = cfg.data.replace("{split}", "train")
@@ -357,6 +363,64 @@ def summarize(M, rows=None):
     return {"id": mean(diag), "backward": mean(back), "forward": mean(fwd), "final_avg": mean(M[-1])}
 
 
+def probe_labels(samples):
+    """{attribute: labels} the linear probe reads. The world: the main (first) object's shape, colour and size and
+    the background texture, the attributes its captions name; other data: its class label; None without labels."""
+    if samples and all(x.get("objects") and "texture" in x for x in samples):
+        first = [x["objects"][0] for x in samples]
+        return {"shape": [o["shape_id"] for o in first], "color": [o["color_id"] for o in first],
+                "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(x["texture"]) for x in samples]}
+    if samples and all("label" in x for x in samples):
+        return {"label": [int(x["label"]) for x in samples]}
+    return None
+
+
+def probe_sets(vals, evals, prep):
+    """Probe data: trained on every time step's val pairs, scored on every step's test pairs (no test label ever
+    fits the probe). None when the samples carry no labels."""
+    tr, te = [x for ev in vals for x in ev], [x for ev in evals for x in ev]
+    ytr, yte = probe_labels(tr), probe_labels(te)
+    if ytr is None or yte is None:
+        return None
+    return {"train": torch.stack([prep(x["image"]) for x in tr]), "test": torch.stack([prep(x["image"]) for x in te]),
+            "ytr": {k: torch.tensor(v) for k, v in ytr.items()}, "yte": {k: torch.tensor(v) for k, v in yte.items()}}
+
+
+@torch.no_grad()
+def probe(model, data, device):
+    """Linear probe of the image embedding, per attribute, and the bars of the representation check (#18 item 2):
+    acc = mean over attributes; chance = mean of 1 / classes; majority = mean of the test split's most frequent
+    class share (a bar, not tuning)."""
+    model.eval()
+    tr = extract_features(model.encode_image, data["train"], device=device)
+    te = extract_features(model.encode_image, data["test"], device=device)
+    model.train()
+    per, chance, major = {}, [], []
+    for k, ytr in data["ytr"].items():
+        yte = data["yte"][k]
+        K = int(max(ytr.max(), yte.max())) + 1
+        per[k] = linear_probe(tr, ytr, te, yte, num_classes=K)
+        chance.append(1.0 / K)
+        major.append(float(np.bincount(yte.numpy(), minlength=K).max() / len(yte)))
+    return {"acc": float(np.mean(list(per.values()))), "per_attribute": per, "chance": float(np.mean(chance)),
+            "majority": float(np.mean(major))}
+
+
+def parse_strategy_lr(spec):
+    """'sequential=1e-3,oracle=4e-3' -> {strategy: lr}; a SystemExit naming the flag otherwise."""
+    out = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise SystemExit(f"config error: --strategy_lr={spec!r}: {part!r} is not name=lr") from None
+        if k.strip() not in STRATEGIES or out[k.strip()] <= 0:
+            raise SystemExit(f"config error: --strategy_lr={spec!r}: expected name=lr with a name of {STRATEGIES} "
+                             "and lr > 0")
+    return out
+
+
 # -----------------------------------------------------------------------------
 # plots
 
@@ -381,16 +445,48 @@ def plot_compute(results, path):
 
 
 # -----------------------------------------------------------------------------
+# expected effects (python tic.py --seeds=0,1,2 judges each over seeds; common/seeds.py). All read the final-step
+# average retrieval R@1 or backward transfer of results.json; the paper's figures are in docs/tic.md.
+
+def _bar(strategy):  # representation check: probe >= max(2 x chance, majority + 0.15) (#18 item 2)
+    return lambda r: max(2 * r[strategy]["probe"]["chance"], r[strategy]["probe"]["majority"] + 0.15)
+
+
+EFFECTS = [
+    Effect("Cumulative-All within 3 pts of Oracle (final-step avg R@1)", "cumulative_all.final_avg", "oracle.final_avg",
+           margin=0.03, paper="Cumulative-All 'competitive' with Oracle at 2.5x less compute (abstract, sec. 1); "
+                              "'a few points' taken as 3 pts"),
+    Effect("Sequential forgets most: backward transfer < Cumulative-All", "sequential.backward",
+           "cumulative_all.backward", sign=-1, paper="Sequential: worst backward transfer of the warm starts (Tab. 2)"),
+    Effect("Sequential backward transfer < Cumulative-Exp", "sequential.backward", "cumulative_exp.backward", sign=-1,
+           paper="replay buffers (Exp/Equal) between Sequential and All (Tab. 2)"),
+    Effect("Sequential backward transfer < Cumulative-Equal", "sequential.backward", "cumulative_equal.backward",
+           sign=-1, paper="replay buffers (Exp/Equal) between Sequential and All (Tab. 2)"),
+    Effect("warm start beats Restart at budget C: Cumulative-All > Restart", "cumulative_all.final_avg",
+           "restart.final_avg", paper="Restart worst at equal per-step compute (Tab. 2)"),
+    Effect("warm start beats Restart at budget C: Sequential > Restart", "sequential.final_avg", "restart.final_avg",
+           paper="Restart worst at equal per-step compute (Tab. 2)"),
+] + [Effect(f"{s} probe >= max(2 chance, majority + .15)", f"{s}.probe.acc", _bar(s), paper="(representation check)",
+            note="mean over shape, colour, size, texture of the main object") for s in
+     ("cumulative_all", "oracle", "sequential", "restart")]
+
+
+# -----------------------------------------------------------------------------
 # main
 
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
+    if cfg.seeds:
+        return run_seeds(main, argv, cfg, EFFECTS)
     t0 = time.time()
     groups = parse_time_steps(cfg.time_steps)
     strategies = [s.strip() for s in cfg.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise SystemExit(f"config error: --strategies has {bad}; expected a comma list of {STRATEGIES}")
+    if cfg.restart_rows not in ("last", "all"):
+        raise SystemExit(f"config error: --restart_rows={cfg.restart_rows!r}; expected last or all")
+    strategy_lr = parse_strategy_lr(cfg.strategy_lr)
     if cfg.caption not in ("caption", "alt_text"):
         raise SystemExit(f"config error: --caption={cfg.caption!r}; expected caption or alt_text")
     if cfg.quick_gelu not in ("auto", "true", "false"):
@@ -416,6 +512,17 @@ def main(argv=None):
     prep = eval_transform(size, **norm)
     sets = [{"images": torch.stack([prep(x["image"]) for x in ev]), "tokens": tok(stack(ev, cfg.caption)),
              "labels": stack(ev, "label") if names else None} for ev in evals]
+    # val split per time step (world: its own index stream; --data: {split}=val, --val_data or the key-hash holdout)
+    vals = []
+    if dist.is_master:
+        try:
+            val_parts = step_sources(cfg, groups, "val")
+            vals = [read_samples(one_source(val_parts, {k: 1.0}), cfg.n_eval) for k in range(T)]
+        except (FileNotFoundError, ValueError) as err:
+            dist.print(f"tic: no val split ({err}); lr selection and the probe are skipped")
+    val_sets = [{"images": torch.stack([prep(x["image"]) for x in ev]), "tokens": tok(stack(ev, cfg.caption))}
+                for ev in vals]
+    probe_data = probe_sets(vals, evals, prep) if vals else None
     aug = train_transform(size, kind="clip", **norm)
     workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
 
@@ -457,7 +564,10 @@ def main(argv=None):
     for strat in strategies:
         s0 = time.time()
         M_r, M_z, rows, samples, prev = [], [], [], 0, None
-        steps_here = range(T) if strat != "oracle" else [T - 1]
+        # Oracle trains once at the final step; Restart too by default (its effect reads the final row only: every
+        # Restart step is an independent run from scratch, so its earlier rows cost compute and change nothing there)
+        once = strat == "oracle" or (strat == "restart" and cfg.restart_rows == "last")
+        steps_here = [T - 1] if once else range(T)
         for t in steps_here:
             warm = strat not in ("restart", "oracle") and t > 0
             budget = cfg.steps * (T if strat == "oracle" else 1)
@@ -479,6 +589,8 @@ def main(argv=None):
                 # warm starts: their own peak lr (--warm_lr; docs/tic.md says why), no warm-up (the official --warmup 0)
                 lr, warmup = (cfg.warm_lr or cfg.lr, cfg.warm_start_warmup) if warm or base is not None else \
                     (cfg.lr, cfg.warmup)
+                if name != "step1" and strat in strategy_lr:  # this strategy's own lr from the val sweep (docs)
+                    lr = strategy_lr[strat]
                 fps[name] = {**shared, "budget": budget, "fractions": fractions, "lr": lr, "warmup": warmup,
                              "lwf_weight": cfg.lwf_weight if teacher is not None else None,
                              "init": fps[prev] if warm else ws_fp}
@@ -486,18 +598,27 @@ def main(argv=None):
                 streams[name].close()
                 samples += budget * cfg.batch_size
             prev = name
-            if dist.is_master and loaded and step1_scores is not None:
-                retr, zs = step1_scores
-            elif dist.is_master:
-                retr, zs = evaluate(unwrap(model), sets, names, tok, dist.device)
-                step1_scores = (retr, zs) if loaded else step1_scores
+            if dist.is_master:
+                if loaded and step1_scores is not None:  # the checkpoint's row, evaluated once
+                    retr, zs = step1_scores
+                else:
+                    retr, zs = evaluate(unwrap(model), sets, names, tok, dist.device)
+                    step1_scores = (retr, zs) if loaded else step1_scores
                 M_r.append(retr)
                 M_z.append(zs)
                 rows.append(t)
             dist.barrier()
         if dist.is_master:
             r = results[strat] = {"matrix_retrieval": M_r, "rows": rows, "retrieval": summarize(M_r, rows),
-                                  "zeroshot": zs_na, "samples_seen": samples, "seconds": time.time() - s0}
+                                  "zeroshot": zs_na, "samples_seen": samples}
+            # the final model on the val split (what learning rates are chosen on; never the test split) and the
+            # linear probe of its image features (the representation check)
+            if val_sets:
+                v = evaluate(unwrap(model), val_sets, None, tok, dist.device)[0]
+                r["val"] = {"retrieval": v, "final_avg": float(np.mean(v))}
+            if probe_data is not None:
+                r["probe"] = probe(unwrap(model), probe_data, dist.device)
+            r["seconds"] = time.time() - s0
             if names:
                 r.update(matrix_zeroshot=M_z, zeroshot=summarize(M_z, rows))
             r.update(id=r["retrieval"]["id"], backward=r["retrieval"]["backward"], forward=r["retrieval"]["forward"],
@@ -539,7 +660,9 @@ def main(argv=None):
         plot_matrices(results, "matrix_zeroshot", os.path.join(cfg.out, "tic_zeroshot.png"), "zero-shot accuracy")
     plot_compute(results, os.path.join(cfg.out, "tic_compute.png"))
     table = {s: {"id": r["id"], "backward": r["backward"], "forward": r["forward"], "final_avg": r["final_avg"],
-                 "zs_final_avg": r["zeroshot"]["final_avg"] if names else "n/a", "samples": r["samples_seen"],
+                 "zs_final_avg": r["zeroshot"]["final_avg"] if names else "n/a",
+                 "val_final_avg": r["val"]["final_avg"] if "val" in r else "n/a",
+                 "probe": r["probe"]["acc"] if "probe" in r else "n/a", "samples": r["samples_seen"],
                  "seconds": round(r["seconds"], 1)} for s, r in results.items()}
     print_table(table, title="TiC-CLIP: retrieval mean R@1 time-matrix summaries (zs = zero-shot accuracy)")
     print_table({k: v for k, v in res.items() if k not in results}, title="compute and drift")

@@ -270,7 +270,8 @@ def _tiny_open_clip(path, seed=0, vocab=None, drop=()):
     return sd
 
 
-WARM = [*TINY, "--steps=4", "--time_steps=2014-2017,2018-2022", "--warm_lr=1e-12", "--device=cpu"]
+WARM = [*TINY, "--steps=4", "--time_steps=2014-2017,2018-2022", "--warm_lr=1e-12", "--device=cpu",
+        "--restart_rows=all"]
 
 
 def test_warm_start_checkpoint_is_step1(tmp_path):
@@ -351,3 +352,58 @@ def test_warm_start_bad_checkpoints_are_one_line_errors(tmp_path):
     model, tok, fp = tic.load_warm_start(cfg)
     assert tok.context_length == 20 and fp["bpe"].endswith("world_bpe.txt")
     assert tok("a red circle").tolist() == world_tokenizer(20)("a red circle").tolist()
+
+
+def test_restart_rows_strategy_lr_val_and_probe(tmp_path):
+    """Restart trains only at the final step by default (one row, C samples) and at every step with
+    --restart_rows=all; --strategy_lr gives one strategy its own peak lr (its first logged lr, no warm-up); every
+    strategy reports its final model's val retrieval and a probe whose bars follow from the world's attributes."""
+    out = tmp_path / "run"
+    args = [f"--out={out}", *TINY, "--steps=4", "--strategies=restart,sequential", "--log_every=1",
+            "--time_steps=2014-2016,2017-2019,2020-2022"]
+    res = tic.main(args + ["--strategy_lr=sequential=3e-4,restart=7e-4"])
+    assert res["restart"]["rows"] == [2] and res["restart"]["samples_seen"] == 4 * 16
+    assert not (out / "restart_t2.safetensors").exists() and (out / "restart_t3.safetensors").exists()
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    first = {r["run"]: r["lr"] for r in reversed(log) if "run" in r and r.get("step") == 1}
+    assert first["sequential_t2"] == pytest.approx(3e-4) and first["sequential_t3"] == pytest.approx(3e-4)
+    assert first["step1"] < tic.Config.lr  # step 1 is shared: the from-scratch lr, warming up
+    assert first["restart_t3"] < 7e-4  # a from-scratch run at its own lr still warms up
+    for s in ("restart", "sequential"):
+        v = res[s]["val"]
+        assert len(v["retrieval"]) == 3 and v["final_avg"] == pytest.approx(sum(v["retrieval"]) / 3)
+        p = res[s]["probe"]
+        assert set(p["per_attribute"]) == {"shape", "color", "size", "texture"}
+        assert p["chance"] == pytest.approx((1 / 10 + 1 / 9 + 1 / 3 + 1 / 5) / 4)
+        assert p["acc"] == pytest.approx(sum(p["per_attribute"].values()) / 4)
+        assert p["majority"] > p["chance"] - 1e-9
+    res = tic.main(args + ["--restart_rows=all", "--strategy_lr=sequential=3e-4,restart=7e-4"])
+    assert res["restart"]["rows"] == [0, 1, 2] and res["restart"]["samples_seen"] == 3 * 4 * 16  # its step 1 is the shared run
+    with pytest.raises(SystemExit, match="--strategy_lr"):
+        tic.main(args + ["--strategy_lr=sequentail=1e-3"])
+    with pytest.raises(SystemExit, match="--restart_rows"):
+        tic.main(args + ["--restart_rows=some"])
+
+
+def test_probe_labels_are_the_captions_attributes():
+    samples = [World(0, "test", 32, years=[2020])[i] for i in range(5)]
+    y = tic.probe_labels(samples)
+    for k, x in enumerate(samples):
+        o = x["objects"][0]
+        assert f"{o['color']} {o['shape']}" in x["caption"]
+        assert (y["shape"][k], y["color"][k], y["size"][k]) == (o["shape_id"], o["color_id"], o["size_id"])
+        assert x["texture"] == ["plain", "striped", "checkered", "dotted", "wavy"][y["texture"][k]]
+    assert tic.probe_labels([{"label": 3}]) == {"label": [3]} and tic.probe_labels([{"image": 0}]) is None
+
+
+def test_seeds_write_a_verdict_per_effect(tmp_path):
+    """--seeds runs the default once per seed and judges every effect of EFFECTS (keys exist in results.json)."""
+    out = tmp_path / "seeds"
+    res = tic.main([f"--out={out}", *TINY, "--steps=3", "--seeds=0,1", "--time_steps=2014-2016,2017-2019,2020-2022"])
+    rows = json.loads((out / "seeds.json").read_text())["effects"]
+    assert [r["effect"] for r in rows] == [e.name for e in tic.EFFECTS] and res["seeds"] == [0, 1]
+    assert all(r["verdict"] in ("shown", "not shown") and len(r["d_values"]) == 2 for r in rows)
+    r0 = json.loads((out / "seed0" / "results.json").read_text())
+    first = rows[0]  # Cumulative-All within 3 pts of Oracle: d = a - b + 0.03 from seed 0's own results
+    assert first["d_values"][0] == pytest.approx(r0["cumulative_all"]["final_avg"] - r0["oracle"]["final_avg"] + 0.03)
+    assert (out / "sweep.png").exists() and (out / "seed1" / "results.json").exists()
