@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import reinforce as rf
 from common.config import parse_config
 from common.data import SampleSource, Stream, iter_samples
+from common.seeds import summarize
 from common.train import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,12 @@ def load(d):
 def teachers(C=10):
     torch.manual_seed(0)
     return rf.Ensemble([8, 6], C).eval()
+
+
+def _world_labels(n, split="test"):
+    from common.world import World
+    w = World(seed=0, split=split, size=32)
+    return [int(w[i]["label"]) for i in range(n)]
 
 
 def gen(seed):
@@ -271,6 +278,111 @@ def test_bad_input_is_one_clear_error(tmp_path):
         rf.main([f"--out={tmp_path}", "--smoke", "--mode=transfer", "--task_classes=3,12", "--n_test=20"])
 
 
+def test_transfer_sets_without_labels_ignore_the_labels():
+    """retrieved and generic are chosen from features (and a seeded draw) alone: other pool labels leave them as they
+    are; the oracles are exactly the first task / non-task images."""
+    torch.manual_seed(0)
+    cfg = replace(tiny_cfg("unused"), n_transfer=5, seed=3)
+    q, pool = torch.randn(4, 8), torch.randn(40, 8)
+    inside = torch.arange(40) % 3 == 0
+    a, b = rf.transfer_sets(q, pool, inside, cfg), rf.transfer_sets(q, pool, ~inside, cfg)
+    for k in ("retrieved", "generic"):
+        assert torch.equal(a[k], b[k])
+    assert torch.equal(a["retrieved"], rf.retrieve(q, pool, 5)) and len(set(a["generic"].tolist())) == 5
+    assert a["in_domain_oracle"].tolist() == [0, 3, 6, 9, 12] and a["generic_oracle"].tolist() == [1, 2, 4, 5, 7]
+    assert torch.equal(b["in_domain_oracle"], a["generic_oracle"])
+
+
+def test_majority_and_val_set_after_the_pool(tmp_path):
+    assert rf.majority(torch.tensor([0, 2, 2, 1, 2]), 3) == pytest.approx(0.6)
+    cfg = tiny_cfg(tmp_path)
+    val = rf.eval_set(cfg, "val", 5, rf.SHAPES, skip=7)
+    full = rf.eval_set(cfg, "val", 12, rf.SHAPES)
+    assert [s["__key__"] for s in val["samples"]] == [s["__key__"] for s in full["samples"]][7:]
+    assert torch.equal(val["x"], full["x"][7:])
+
+
+# ---------------------------------------------------------------- real checkpoints: --teacher, --vfm
+def _open_clip_name(k):
+    """This project's CLIP key -> open_clip's (text tower at the top level, transformer.resblocks, in_proj_weight)."""
+    k = k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+    k = k.replace("blocks.", "transformer.resblocks.")
+    return k[len("text."):] if k.startswith("text.") else k
+
+
+def _tiny_open_clip(path, seed=0, image_size=24):
+    """A random ViT CLIP (patch 8, width 64, 1 block per tower, context 20, embed 32, the world's vocabulary) saved
+    as safetensors in open_clip's key names."""
+    from safetensors.torch import save_file
+    from common.models import CLIP, TextTransformer, VisionTransformer
+    from common.tokenizer import world_tokenizer
+    torch.manual_seed(seed)
+    m = CLIP(VisionTransformer(image_size, 8, 64, 1, 1, 4.0, 32), TextTransformer(world_tokenizer().vocab_size, 20, 64,
+                                                                                  1, 1, 32))
+    save_file({_open_clip_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+def test_zero_shot_teacher_by_hand(tmp_path):
+    """A --teacher member's logits = logit_scale * cos(its image embedding at its own preprocessing (bicubic to its
+    24 px, CLIP mean/std), the mean of the 80 templates' text embeddings of each class name)."""
+    from common.eval import OPENAI_IMAGENET_TEMPLATES
+    from common.models import load_clip_checkpoint
+    from common.tokenizer import world_tokenizer
+    from common.transforms import eval_transform
+    ck = _tiny_open_clip(tmp_path / "a.safetensors")
+    cfg = tiny_cfg(tmp_path, teacher=f"{ck},{_tiny_open_clip(tmp_path / 'b.safetensors', seed=1, image_size=16)}")
+    names = ["square", "circle", "triangle"]
+    ens, fp = rf.clip_teachers(cfg, names)
+    assert len(ens.members) == 2 and len(fp["teacher"]) == 2 and fp["teacher"][0]["bytes"] > 0
+    model, tok = load_clip_checkpoint(ck).eval(), world_tokenizer(20)
+    x = torch.rand(3, 3, 32, 32, generator=gen(0))
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([eval_transform(24)(xi) for xi in x])), dim=-1)
+        txt = torch.stack([F.normalize(F.normalize(model.encode_text(tok([t.format(c) for t in
+                                                                           OPENAI_IMAGENET_TEMPLATES])), dim=-1)
+                                       .mean(0), dim=0) for c in names])
+        ref = model.logit_scale.exp() * img @ txt.T
+        assert torch.allclose(ens.members[0](x), ref, atol=1e-5)
+        p = ens.probs(x)
+        assert torch.allclose(p, (ref.softmax(-1) + ens.members[1](x).softmax(-1)) / 2, atol=1e-6)
+    # the VFM: the image tower's (unnormalised) embedding at its own preprocessing
+    vfm, _ = rf.train_vfm(None, names, replace(cfg, vfm=str(ck)), Dist(), {})
+    with torch.no_grad():
+        assert torch.allclose(vfm.features(x), model.encode_image(torch.stack([eval_transform(24)(xi) for xi in x]),
+                                                                  normalize=False), atol=1e-5)
+
+
+def test_real_teachers_and_vfm_replace_their_training(tmp_path):
+    """--teacher=a,b and --vfm=c end to end: no teacher or VFM fit, the store's targets come from the CLIPs; a bad
+    file is one error naming the flag."""
+    a, b = _tiny_open_clip(tmp_path / "a.safetensors"), _tiny_open_clip(tmp_path / "b.safetensors", seed=1)
+    out = tmp_path / "run"
+    args = [f"--out={out}", "--smoke", "--n_train=40", "--n_test=40", "--n_val=20", "--n_pool=100", "--n_transfer=20",
+            "--epochs=1", "--kd_epochs=1", "--ft_steps=1", "--n_labels=2", "--batch_size=20", "--shard_size=20",
+            f"--teacher={a},{b}", f"--vfm={a}", "--device=cpu"]
+    res = rf.main(args)
+    assert not os.path.exists(out / "teachers.safetensors") and not os.path.exists(out / "vfm.safetensors")
+    assert "teachers" not in res["data"]["stages"] and "vfm" not in res["data"]["stages"]
+    assert len(res["data"]["stages"]) == 15 and {"teacher_acc", "vfm_adapted_acc", "dr_acc"} <= set(res)
+    # the stored top-k are the zero-shot ensemble's probabilities of the view replayed from the store alone
+    man, ss = load(out / "reinforced")
+    ens, _ = rf.clip_teachers(parse_config(rf.Config, [f"--teacher={a},{b}"]), rf.SHAPES)
+    u = rf.unpack(ss[0])
+    x = rf.replay_aug(rf.heavy_pipeline(parse_config(rf.Config, args)), u["image"], u["partners"], u["aug"][0])
+    v, ix = rf.sparsify(ens.probs(x[None]), man["topk"])
+    assert torch.equal(ix[0], u["ix"][0]) and torch.allclose(v[0].float(), u["v"][0].float(), atol=1e-3)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    from common.convert import CheckpointError
+    with pytest.raises(CheckpointError, match="--teacher"):
+        rf.main([*args[:-3], f"--teacher={a},{bad}", "--out=" + str(tmp_path / "r2")])
+    with pytest.raises(CheckpointError, match="--vfm"):
+        rf.main([*args[:-3], f"--vfm={bad}", "--mode=transfer", "--out=" + str(tmp_path / "r3")])
+    with pytest.raises(ValueError, match="--bpe"):
+        rf.main([f"--out={tmp_path / 'r4'}", "--bpe=x.txt"])
+
+
 # ---------------------------------------------------------------- end to end
 def _losses(out):
     runs = {}
@@ -286,13 +398,23 @@ def test_smoke_learns_and_writes_results(tmp_path):
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(out / "results.json"))
-    for k in ("erm_acc", "kd_acc", "dr_acc", "erm_epoch_s", "kd_epoch_s", "dr_epoch_s", "dr_epoch_cpu_s",
+    for k in ("erm_acc", "erm_ra_acc", "kd_acc", "dr_acc", "chance", "majority", "task_majority", "erm_epoch_s",
+              "kd_epoch_s", "dr_epoch_s", "dr_epoch_cpu_s",
               "storage_bytes_per_image", "ns", "topk", "scratch_acc", "agnostic_kd_acc", "task_kd_acc", "seconds",
               "device", "data"):
         assert k in res, k
-    assert set(res["task_kd_acc"]) == {"in_domain", "retrieved", "generic"}
+    assert set(res["task_kd_acc"]) == {"in_domain_oracle", "retrieved", "generic", "generic_oracle"}
+    assert set(res["val_acc"]) == {"erm", "erm_ra", "kd", "dr", "tokt_ft_in_domain_oracle", "tokt_ft_retrieved",
+                                   "tokt_ft_generic", "tokt_ft_generic_oracle", "tokt_ft_agnostic", "tokt_scratch"}
+    # the oracle sets read the pool's labels (all / no task images); the label-free ones cannot be pure
+    frac = res["transfer_set_task_fraction"]
+    assert frac["in_domain_oracle"] == 1.0 and frac["generic_oracle"] == 0.0 and 0 < frac["generic"] < 1
+    # every effect and check of EFFECTS reads keys this run wrote (so --seeds can judge them)
+    rows = summarize({0: res, 1: res}, rf.EFFECTS)
+    assert len(rows) == len(rf.EFFECTS) and all(np.isfinite(r["d_mean"]) for r in rows)
+    assert res["majority"] == pytest.approx(max(np.bincount(_world_labels(300))) / 300)
     runs = _losses(out)
-    for name in ("teachers", "student_erm", "student_dr", "vfm", "tokt_kd_in_domain"):
+    for name in ("teachers", "student_erm", "student_erm_ra", "student_dr", "vfm", "tokt_kd_in_domain_oracle"):
         assert runs[name][-1] < runs[name][0], (name, runs[name])
     # above chance (1/10 shapes, 1/5 task classes) by a margin: the smoke is too short for the paper's effects
     assert res["teacher_acc"] > 0.1 + 0.05 and res["vfm_adapted_acc"] > res["task_chance"] + 0.05
@@ -303,12 +425,12 @@ def test_smoke_learns_and_writes_results(tmp_path):
     assert d["stages"]["student_dr"]["train_unique_keys"] == 200  # the store holds the n_train training images
     assert os.path.exists(out / "reinforced" / "manifest.json") and os.path.exists(out / "reinforce_samples.png")
     assert "reinforce.py results" in p.stdout
-    # the same command again: every stage (14 fits, the store) is reused as it is, with the same results (the
+    # the same command again: every stage (17 fits, the store) is reused as it is, with the same results (the
     # students' epoch times too: kept with their fingerprints)
     p = subprocess.run([sys.executable, "reinforce.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count(": reusing ") == 14 and "training this stage again" not in p.stdout
+    assert p.stdout.count(": reusing ") == 17 and "training this stage again" not in p.stdout
     again = json.load(open(out / "results.json"))
     assert {k: v for k, v in again.items() if k not in ("seconds", "reinforce_s")} == \
         {k: v for k, v in res.items() if k not in ("seconds", "reinforce_s")}
@@ -324,16 +446,16 @@ def _free_port():
 def shards(tmp_path_factory):
     from common.world import World, export_shards
     d = tmp_path_factory.mktemp("shards")
-    for split, n in (("train", 200), ("test", 60), ("val", 150)):
+    for split, n in (("train", 200), ("test", 60), ("val", 200)):
         export_shards(World(seed=0, split=split, size=32, n=n), str(d / split), n, shard_size=50)
     return d
 
 
 # tiny and within one epoch of every source (200 train samples, 4 shards), except the fine-tunes on the 10 labels
-SHARD_ARGS = ["--smoke", "--n_train=100", "--n_teacher=100", "--n_vfm=100", "--n_test=60", "--n_pool=150",
+SHARD_ARGS = ["--smoke", "--n_train=100", "--n_teacher=100", "--n_vfm=100", "--n_test=60", "--n_pool=150", "--n_val=50",
               "--n_transfer=40", "--batch_size=20", "--epochs=1", "--teacher_epochs=1", "--vfm_epochs=1",
               "--kd_epochs=1", "--ft_steps=1", "--n_labels=2"]
-SEEN = {"teachers": 100, "student_erm": 100, "student_kd": 100, "student_dr": 100, "vfm": 100, "tokt_scratch": 30}
+SEEN = {"teachers": 100, "student_erm": 100, "student_erm_ra": 100, "student_kd": 100, "student_dr": 100, "vfm": 100, "tokt_scratch": 30}
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -351,7 +473,7 @@ def test_shards_keys_disjoint_and_counted(shards, tmp_path, procs):
     res = json.load(open(out / "results.json"))
     d = res["data"]
     assert res["world_size"] == procs and d["eval_samples"] == 60 and "shards(" in d["source"]
-    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and len(d["stages"]) == 14
+    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and len(d["stages"]) == 17
     for name, st in d["stages"].items():
         seen = SEEN.get(name, 40 if name.startswith("tokt_kd") else 10)  # distillation: 2 steps; fine-tune: 1
         assert st["train_samples_seen"] == seen and st["eval_keys_in_train"] == 0 and st["skipped_corrupt"] == 0
