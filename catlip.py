@@ -28,6 +28,7 @@ What this file reproduces, in miniature on the synthetic world's noisy alt-texts
 Run:
   python catlip.py                          # default run (writes runs/catlip: results.json, *.png, *.safetensors)
   python catlip.py --smoke                  # tiny end-to-end run (< 60 s); explicit flags win over its sizes
+  python catlip.py --seeds=0,1,2            # the default run per seed: seeds.json, sweep.png, a verdict per effect
   python catlip.py --steps=2000 --lr=1e-3   # both pretrainings; --resume continues killed ones, --retrain redoes all
   python catlip.py --wordnet=.cache/ref/wordnet-3.0   # mine real WordNet synsets instead of the world lexicon
   python catlip.py vocab                    # only build vocab.json;  python catlip.py bench   # only the scaling bench
@@ -78,7 +79,7 @@ class Config:
     val_data: str = ""  # eval data (else {split} in --data, or --holdout)
     holdout: float = 0.05  # single --data stream: fraction held out by key hash for test (and again for val)
     smoke: bool = False  # tiny sizes (SMOKE), end to end in < 60 s; flags given explicitly win
-    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per expected effect (common/seeds.py)
+    seeds: str = ""  # e.g. 0,1,2: the default run per seed -> seeds.json, sweep.png, verdicts (common/seeds.py)
     retrain: bool = False  # train every stage again (vocab, tokenizer, CatLIP, CLIP) even if --out has it finished
     resume: bool = False  # continue unfinished stages in --out (same config) from their last checkpoint
     wordnet: str = ""  # WordNet 3.x dict dir (index.noun, data.noun, noun.exc); empty = the world's noun lexicon
@@ -100,7 +101,7 @@ class Config:
     context_length: int = 32  # CLIP text tokens
     steps: int = 300  # optimizer steps of each pretraining (same samples for CatLIP and CLIP)
     batch_size: int = 128  # global batch (split across ranks)
-    lr: float = 2e-3  # AdamW peak lr (both methods; CatLIP B/16 uses 1e-3 at 200k steps)
+    lr: float = 1e-3  # AdamW peak lr, both methods (each had its best val probe at 1e-3 of {1e-3, 2e-3}: docs)
     weight_decay: float = 0.2  # AdamW weight decay (CatLIP configs: 0.2)
     warmup: int = 30  # linear warm-up steps
     ema: float = 0.0  # EMA momentum (CatLIP: 5e-4 over 200k steps); 0 = off
@@ -109,12 +110,12 @@ class Config:
     log_every: int = 5  # log every N steps
     num_workers: int = -1  # DataLoader workers per rank (-1: 0 for the world, 4 for files)
     probe_n: int = 2560  # training images (first of the pretraining set) for linear probe / k-NN
-    probe_tasks: str = "shape,color"  # attributes of the main object probed (mean over them): shape (the class label) | color (needs label_fine)
+    probe_tasks: str = "shape,color"  # main-object attributes probed (mean): shape (class label), color (label_fine)
     knn_k: int = 10  # neighbours for k-NN
     shots: str = "1,2,5,10"  # labelled images per class for Transfer Init
     fewshot_draws: int = 5  # random few-shot draws averaged per shot count
     fewshot_steps: int = 100  # full-batch AdamW steps on the downstream head (both inits)
-    fewshot_lrs: str = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"  # lr grid of the downstream head; each init gets its best on the few-shot val split
+    fewshot_lrs: str = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"  # head lr grid; each init keeps its best on few-shot val
     step_repeats: int = 3  # timed forward+backward repeats per method (median)
     bench: bool = True  # run the loss-cost scaling bench at the end of the default run
     bench_batches: str = "256,512,1024,2048,4096"  # global batches for the bench
@@ -895,10 +896,9 @@ def main(argv=None):
         xtr, xte, xpool = stack(probe, "image"), stack(test, "image"), stack(pool, "image")
         feats = {m: (features(v, xtr, dev), features(v, xte, dev), features(v, xpool, dev))
                  for m, v in (("catlip", vis_cat), ("clip", clip.visual), ("untrained", vis0))}
-        ytr, yte, ypool = (stack(x, "label") for x in (probe, test, pool))
-        probes = probe_all(cfg, feats, {t: stack(probe, TASK_FIELD[t]) for t in tasks},
-                           {t: stack(test, TASK_FIELD[t]) for t in tasks}, {t: stack(pool, TASK_FIELD[t]) for t in tasks},
-                           {t: len(names) if t == "shape" else TASKS[t] for t in tasks})
+        yte, ypool = stack(test, "label"), stack(pool, "label")
+        ys = [{t: stack(x, TASK_FIELD[t]) for t in tasks} for x in (probe, test, pool)]
+        probes = probe_all(cfg, feats, *ys, {t: len(names) if t == "shape" else TASKS[t] for t in tasks})
         fc_te = feats["catlip"][1]
         C = len(names)
 
