@@ -37,16 +37,17 @@ from PIL import Image
 from common.config import config_to_dict, parse_config, print_table, run_cli, save_json
 from common.data import (SampleSource, Stream, class_names_of, data_report, for_each_shard, key_hash, open_source,
                          read_samples, stack)
+from common.datacompdr import DRShards, draw, dr_members, replay
 from common.eval import (dense_probe, extract_features, linear_probe, retrieval_recall, zero_shot_accuracy,
                          zero_shot_classifier)
 from common.losses import clip_loss, fp32_logits, gather_features
 from common.mci import mci0, mci_tiny, mct, mct_tiny, param_table, reparam_rel_err
-from common.models import CLIP, Block, VisionTransformer, text_tiny
-from common.plot import line_plot, panel
-from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, fit, mark_stage, seed_all, stage_current, start_run, unwrap
-from common.transforms import CenterCrop, Compose, RandAugment, RandomResizedCrop, Resize, ToTensor, to_uint8
-from common.world import TEMPLATES, World, class_names
+from common.models import CLIP, Block, VisionTransformer, load_clip_checkpoint, text_tiny, vit_preprocess
+from common.seeds import Effect, run_seeds
+from common.tokenizer import Tokenizer, tokenizer_for, world_tokenizer
+from common.train import TrainConfig, file_id, fit, seed_all, start_run, unwrap
+from common.transforms import CenterCrop, Compose, RandomResizedCrop, Resize, ToTensor, eval_transform, to_uint8
+from common.world import COLORS, TEMPLATES, World, class_names
 
 
 @dataclass
@@ -64,36 +65,41 @@ class Config:
     image_size: int = 32  # model input side; the world renders at this size
     context_length: int = 32  # tokens per caption (tokenizer, text towers, captioner)
     embed_dim: int = 128  # joint embedding width of the student and of every teacher (KD compares them per teacher)
-    n_train: int = 2500  # world training pairs (all reinforced); --data: the whole train split
+    n_train: int = 2000  # world training pairs (all reinforced); --data: the whole train split
     n_cap: int = 1500  # world val pairs (accurate captions) the captioner is trained on; --data: the val split
     n_test: int = 500  # test pairs (at most) for zero-shot, retrieval and the dense probes
+    eval_split: str = "test"  # test | val: evaluate on n_test pairs of the val split (the learning-rate sweeps)
     batch_size: int = 64  # global batch of the students and the captioner (split over torchrun ranks)
-    steps: int = 170  # optimizer steps of each student run (baseline, reinforced, quality)
-    lr: float = 2e-3  # peak learning rate of the students (AdamW, cosine)
+    steps: int = 110  # optimizer steps of each student run (baseline, reinforced, quality)
+    lr: float = 2e-3  # peak learning rate of the baseline (AdamW, cosine); chosen on val (docs/mobileclip.md)
+    reinforced_lr: float = 2e-3  # peak learning rate of the reinforced student; chosen on val the same way
+    quality_lr: float = 2e-3  # peak learning rate of the quality-captions student; chosen on val the same way
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
-    warmup: int = 20  # linear warm-up steps
-    teacher_steps: int = 110  # steps of each teacher CLIP (accurate captions)
-    teacher_batch: int = 128  # global batch of the teachers (more negatives: they must learn shapes fast)
+    warmup: int = 15  # linear warm-up steps
+    reinforced: str = ""  # DataCompDR-layout shards (dr-{0000..0127}.tar) joined by key with --data's image shards
+    teacher: str = ""  # a.safetensors,b.safetensors: open_clip / OpenAI ViT CLIPs as the teachers (not trained)
+    bpe: str = ""  # --teacher: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for their tokenizer (else world's)
+    teacher_steps: int = 70  # steps of each teacher CLIP (accurate captions)
+    teacher_batch: int = 96  # global batch of the teachers
     teacher_lr: float = 2e-3  # peak learning rate of the teachers
-    teacher_label_weight: float = 1.0  # weight of the teachers' image-label term (UniCL-style; NAME_TEMPLATES)
-    teacher_widths: str = "160,144"  # ViT/text width of each teacher (>= 2 teachers, all larger than the student)
-    cap_steps: int = 200  # steps of the captioner (lr 2e-3, weight decay 0.05, 20 warm-up steps)
+    teacher_widths: str = "144,136"  # ViT/text width of each teacher (>= 2 teachers, all larger than the student)
+    cap_steps: int = 150  # steps of the captioner (lr 2e-3, weight decay 0.05, 20 warm-up steps)
     k_aug: int = 3  # stored augmentations per image (paper: 30 for DataCompDR-12M, 10 for -1B)
     n_syn: int = 2  # synthetic captions per image (paper: 5)
     top_k: int = 3  # top-k sampling of the captioner for all but the first (greedy) synthetic caption
     rrc_scale: float = 0.8  # RandomResizedCrop min area of the stored augmentations (32 px: smaller crops lose shape)
     lam: float = 0.75  # weight of the KD loss: L = (1 - lam) CLIP + lam KD (paper: 0.75 for B, 1.0 for S*)
     teacher_scale: float = 100.0  # teacher logit scale in the KD softmax (paper: 100)
-    dense_steps: int = 200  # steps of the dense linear probes
-    eval_every: int = 25  # zero-shot eval every N steps of the baseline/reinforced runs (sample-efficiency curves)
+    dense_steps: int = 300  # steps of the dense linear probes
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     log_every: int = 25  # log.jsonl row + printed line every N steps
     ckpt_every: int = 0  # checkpoint every N steps of a stage, so that --resume can continue it (0: at its end only)
-    smoke: bool = False  # tiny run (< 60 s) for tests; the fields in SMOKE not given on the command line
+    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per expected effect (common/seeds.py)
+    smoke: bool = False  # tiny run (< 45 s) for tests; the fields in SMOKE not given on the command line
 
 
 SMOKE = dict(n_train=256, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=20, k_aug=2,
-             dense_steps=40, eval_every=10, warmup=5, log_every=10, teacher_widths="160,160", teacher_batch=32)
+             dense_steps=40, warmup=5, log_every=10, teacher_widths="144,136", teacher_batch=32)
 
 
 # 1. Encoders: MCi / MCt and reparameterization live in common/mci.py (also used to load released checkpoints)
@@ -102,12 +108,6 @@ SMOKE = dict(n_train=256, n_cap=128, n_test=128, batch_size=32, steps=20, teache
 
 def student(vocab_size, cfg):  # the tiny MobileCLIP
     return CLIP(mci_tiny(cfg.embed_dim), mct_tiny(vocab_size, cfg.context_length, cfg.embed_dim))
-
-
-# Class-name texts of the teachers' image-label term: on the world's captions alone a small teacher learns colour,
-# position and background but hardly shape, so the teachers also see the shape label, as UniCL (arXiv:2204.03610)
-# trains on image-text + image-label data. Disjoint from the evaluation TEMPLATES; the students never see them.
-NAME_TEMPLATES = ["{}", "the {}", "one {} shape", "{} icon", "there is a {}", "clip art {}"]
 
 
 def teacher(vocab_size, cfg, width):
@@ -177,18 +177,26 @@ def generate(cap, mem, tok, top_k=0, gen=None):
 
 # 3. Data: every stage trains from a common.data.Stream; its transforms bring any input size to image_size
 
-KEEP = ("image", "caption", "alt_text", "label", "seg", "depth")  # the world fields the stages read (and cache)
+KEEP = ("image", "caption", "alt_text", "label", "label_fine", "seg", "depth")  # the world fields the stages read
+
+
+def label_tasks(cfg, names):
+    """The zero-shot / linear-probe tasks {name: (class names, sample -> label)}. The world: the largest object's
+    shape and its colour, both named in every accurate caption (issue #18 item 2: the mean accuracy over attributes
+    the captions carry; at 32 px and this budget a CLIP learns colour long before shape, docs/mobileclip.md).
+    --data: its labels with the names of classes.txt. None: no labels (zero-shot and probes n/a)."""
+    if names is None:
+        return None
+    if cfg.data:
+        return {"label": (names, lambda s: int(s["label"]))}
+    return {"shape": (names, lambda s: int(s["label"])),
+            "color": (list(COLORS), lambda s: int(s["label_fine"]) % len(COLORS))}
 
 
 def base_aug(S):
     """Standard CLIP augmentation of the baseline (open_clip: RRC scale (0.9, 1), no flip); MobileCLIP: no mean/std.
-    Also the teachers' light crop: at 32 px a stronger crop cuts the shape out, and the teachers must know shapes."""
+    Also the teachers' light crop: at 32 px a stronger crop cuts the shape out."""
     return Compose([ToTensor(), RandomResizedCrop(S, scale=(0.9, 1.0))])
-
-
-def dr_aug(cfg):
-    """Stored augmentation of the reinforced dataset (DataCompDR: RandomResizedCrop + RandAugment(2 ops), no flip)."""
-    return Compose([ToTensor(), RandomResizedCrop(cfg.image_size, scale=(cfg.rrc_scale, 1.0)), RandAugment(2, 9)])
 
 
 def eval_view(S):
@@ -197,83 +205,98 @@ def eval_view(S):
 
 
 def clip_tf(aug, tok, field):
-    """Stream transform of a contrastive stage: augmented image, tokens of sample[field], label (-1: none)."""
-    return lambda s, g: {"image": aug(s["image"], g), "text": tok([s[field]])[0], "label": int(s.get("label", -1))}
+    """Stream transform of a contrastive stage: augmented image, tokens of sample[field]."""
+    return lambda s, g: {"image": aug(s["image"], g), "text": tok([s[field]])[0]}
 
 
-def eval_set(src, n, S):
-    """One pass of up to n samples -> dict(rows (for data_report), images uint8 (n, S, S, 3), accurate, labels | None,
-    seg | None, depth | None); seg and depth follow the image's resize and crop (nearest)."""
+def eval_set(src, n, S, tasks=None, skip=0):
+    """One pass of up to n samples (after the first `skip`) -> dict(rows (for data_report), images uint8 (n, S, S, 3), accurate, labels
+    {task: (n,) int} | None, seg | None, depth | None); seg and depth follow the image's resize and crop (nearest)."""
     view, dview = eval_view(S), Compose([Resize(S, "nearest"), CenterCrop(S)])
     rows = read_samples(src, n, lambda s: {
         "__key__": s["__key__"], "image": to_uint8(view(s["image"])), "accurate": s["caption"],
-        **({"label": int(s["label"])} if "label" in s else {}),
+        **({f"label/{t}": fn(s) for t, (_, fn) in tasks.items()} if tasks else {}),
         **{k: dview(torch.from_numpy(np.asarray(s[k], np.float32))[None])[0] for k in ("seg", "depth") if k in s}})
+    del rows[:skip]
     col = lambda k: stack(rows, k).numpy() if all(k in r for r in rows) else None  # noqa: E731
-    return {"rows": rows, "images": col("image"), "accurate": stack(rows, "accurate"), "labels": col("label"),
-            "seg": col("seg"), "depth": col("depth")}
+    return {"rows": rows, "images": col("image"), "accurate": stack(rows, "accurate"),
+            "labels": {t: col(f"label/{t}") for t in tasks} if tasks else None, "seg": col("seg"), "depth": col("depth")}
 
 
 # 4. Reinforced dataset (DataCompDR layout, sec. 3.1), built by streaming the training source shard by shard
 
-def dr_members(image, gt, paug, syn, image_emb, text_emb):
-    """One reinforced sample: paug.json {"param_aug": k param lists}, syn.json {"syn_text": [...]}, npz {image_emb
-    (k, D), text_emb (1 + n_syn, D)} fp16, as DataCompDR; plus the image (png) and its ground-truth caption (txt),
-    which DataCompDR leaves in the image shards (it ships url.txt), so that training reads one stream."""
-    png, z = io.BytesIO(), io.BytesIO()
-    Image.fromarray(image).save(png, format="PNG", compress_level=1)
-    np.savez(z, image_emb=np.asarray(image_emb, np.float16), text_emb=np.asarray(text_emb, np.float16))
-    return {"png": png.getvalue(), "txt": gt.encode(), "paug.json": json.dumps({"param_aug": paug}).encode(),
-            "syn.json": json.dumps({"syn_text": syn}).encode(), "npz": z.getvalue()}
+def dr_sample(key, image, gt, paug, syn, image_emb, text_emb):
+    """One reinforced sample in DataCompDR's released layout (common.datacompdr: paug.json {"param_aug": JSON string
+    of k entries [[i, j, h, w], [[op_idx, magnitude], ...]]}, syn.json {"syn_text": [...]}, npz {image_emb (k, D),
+    text_emb (1 + n_syn, D)} float32, json {"uid"}), plus the image (png, lossless, at its own size: the boxes are in
+    its pixels) and its ground-truth caption (txt), which DataCompDR keeps in the separate image shards; with them a
+    shard set trains on its own, and without them it joins with image shards by key (--reinforced)."""
+    png = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(png, format="PNG", compress_level=1)
+    return {**dr_members(key, paug, syn, image_emb, text_emb), "png": png.getvalue(), "txt": gt.encode()}
 
 
 def dr_tf(cfg, tok, quality=False):
-    """Stream transform of the reinforced shards: one random stored augmentation replayed pixel-exactly, the ground
-    truth and one random synthetic caption, each with its teacher embeddings. quality=True: the quality-captions
-    CLIP's sample instead (the baseline's augmentation, one random synthetic caption, no embeddings)."""
-    aug, base = dr_aug(cfg), base_aug(cfg.image_size)
+    """Stream transform of reinforced samples (DRShards): one random stored augmentation replayed pixel-exactly at
+    the student's size (datacompdr.replay; the released training also swaps in its own size and interpolation), the
+    ground truth and one random synthetic caption, each with its teacher embeddings. quality=True: the
+    quality-captions CLIP's sample instead (the baseline's augmentation, one random synthetic caption)."""
+    base = base_aug(cfg.image_size)
 
     def tf(s, g):
-        syn = json.loads(s["syn.json"])["syn_text"]
+        syn = s["syn_text"]
         c = int(torch.randint(len(syn), (1,), generator=g))
         if quality:
             return {"image": base(s["image"], g), "text": tok([syn[c]])[0]}
-        paug, z = json.loads(s["paug.json"])["param_aug"], np.load(io.BytesIO(s["npz"]), allow_pickle=False)
-        a = int(torch.randint(len(paug), (1,), generator=g))
-        return {"image": aug.apply(s["image"], paug[a]), "gt": tok([s["caption"]])[0], "syn": tok([syn[c]])[0],
-                "t_img": z["image_emb"][a].astype(np.float32), "t_gt": z["text_emb"][0].astype(np.float32),
-                "t_syn": z["text_emb"][1 + c].astype(np.float32)}
+        a = int(torch.randint(len(s["param_aug"]), (1,), generator=g))
+        return {"image": replay(s["image"], s["param_aug"][a], cfg.image_size), "gt": tok([s["caption"]])[0],
+                "syn": tok([syn[c]])[0], "t_img": np.asarray(s["image_emb"][a], np.float32),
+                "t_gt": np.asarray(s["text_emb"][0], np.float32),
+                "t_syn": np.asarray(s["text_emb"][s["n_gt"] + c], np.float32)}
     return tf
 
 
+def image_tokens(model, x, prep=None):
+    """The image tokens a captioner attends to: a ViT's tokens after ln_post, an MCi's last feature map (B, M, C).
+    prep: float images in [0, 1] -> the model's own input (a --teacher checkpoint)."""
+    x = prep(x) if prep is not None else x
+    v = model.visual
+    return v.forward_tokens(x) if hasattr(v, "forward_tokens") else v.patch_tokens(x)[0]
+
+
 @torch.no_grad()
-def reinforce(cfg, dist, tok, src, gt, teachers, cap, rdir, fp, chunk=250):
+def reinforce(cfg, dist, tok, src, gt, teachers, cap, rdir, fp, t_toks, t_preps, chunk=250):
     """The reinforced shards in rdir: common.data.for_each_shard deals the input units (a tar shard, or 500 world
     samples) to the ranks; each becomes one output shard of dr_members, in chunks of `chunk` samples: synthetic
     captions (first greedy, the others top-k sampled, as DataCompDR's CoCa), k stored augmentations with the teachers'
-    image embeddings, the teachers' text embeddings of [ground truth] + synthetic captions. A killed build resumes
-    at its first missing shard; shards of another fingerprint fp are removed first."""
-    t0, dev, view, aug = time.time(), dist.device, eval_view(cfg.image_size), dr_aug(cfg)
+    image embeddings, the teachers' text embeddings of [ground truth] + synthetic captions. Each teacher embeds the
+    very view the student replays, through its own preprocessing (t_preps; None: the miniature teachers' input) and
+    its own tokenizer (t_toks); its embeddings are L2-normalised, then concatenated (DataCompDR's 2 x 768). A killed
+    build resumes at its first missing shard; shards of another fingerprint fp are removed first."""
+    t0, dev, view = time.time(), dist.device, eval_view(cfg.image_size)
     for m in (*teachers, cap):
         m.eval()
+    pre = lambda k, x: t_preps[k](x) if t_preps[k] is not None else x  # noqa: E731
 
     def build(samples):
         it = iter(samples)
         while rows := list(itertools.islice(it, chunk)):
             keys = [s["__key__"] for s in rows]
-            mem = teachers[0].visual.forward_tokens(torch.stack([view(s["image"]) for s in rows]).to(dev))
+            mem = image_tokens(teachers[0], torch.stack([view(s["image"]) for s in rows]).to(dev), t_preps[0])
             g = torch.Generator().manual_seed(key_hash(f"{cfg.seed}/syn/{keys[0]}"))
             syn = [list(c) for c in zip(*[generate(cap, mem, tok, cfg.top_k if j else 0, g) for j in range(cfg.n_syn)])]
-            views = [aug.sample_apply(s["image"], torch.Generator().manual_seed(key_hash(f"{cfg.seed}/aug/{k}/{a}")))
-                     for k, s in zip(keys, rows) for a in range(cfg.k_aug)]
+            views = [draw(s["image"], torch.Generator().manual_seed(key_hash(f"{cfg.seed}/aug/{k}/{a}")),
+                          cfg.image_size, scale=(cfg.rrc_scale, 1.0)) for k, s in zip(keys, rows) for a in range(cfg.k_aug)]
             X = torch.stack([x for x, _ in views]).to(dev)
-            img_emb = torch.cat([t.encode_image(X) for t in teachers], -1).view(len(rows), cfg.k_aug, -1).float()
-            T = tok([t for s, sy in zip(rows, syn) for t in [s[gt], *sy]]).to(dev)
-            txt_emb = torch.cat([t.encode_text(T) for t in teachers], -1).view(len(rows), 1 + cfg.n_syn, -1).float()
+            img_emb = torch.cat([F.normalize(t.encode_image(pre(k, X)).float(), dim=-1) for k, t in
+                                 enumerate(teachers)], -1).view(len(rows), cfg.k_aug, -1)
+            texts = [t for s, sy in zip(rows, syn) for t in [s[gt], *sy]]
+            txt_emb = torch.cat([F.normalize(t.encode_text(tt(texts).to(dev)).float(), dim=-1) for t, tt in
+                                 zip(teachers, t_toks)], -1).view(len(rows), 1 + cfg.n_syn, -1)
             for j, s in enumerate(rows):
                 paug = [p for _, p in views[j * cfg.k_aug:(j + 1) * cfg.k_aug]]
-                yield keys[j], dr_members(s["image"], s[gt], paug, syn[j], img_emb[j].cpu().numpy(),
-                                          txt_emb[j].cpu().numpy())
+                yield keys[j], dr_sample(keys[j], s["image"], s[gt], paug, syn[j], img_emb[j].cpu().numpy(),
+                                         txt_emb[j].cpu().numpy())
 
     paths = for_each_shard(src, rdir, build, dist, shard_size=500, prefix="shard", fingerprint=fp)
     dist.print(f"reinforce: {src.name} x {cfg.k_aug} augs x {len(teachers)} teachers -> {len(paths)} shards in {rdir} "
@@ -301,23 +324,13 @@ def kd_loss(img_f, txt_f, scale, t_img, t_txt, t_scale, dims):
         return 0.5 * (i2t + t2i)
 
 
-def clip_objective(names=None, label_weight=0.0):
-    """CLIP loss on {"image", "text", "label"} batches. The teachers (names: (C, T, L) tokens of every NAME_TEMPLATES
-    text per class) add label_weight * CE(s * img_f @ name_f^T, label), name_f = the text tower's embedding of one
-    random template per class: UniCL's image-label term."""
+def clip_objective():
+    """CLIP loss on {"image", "text"} batches (baseline, quality student, teachers). The teachers have no label term:
+    a shape-label channel only they had would reach the reinforced student through KD and not the baseline (#18)."""
 
     def loss_fn(m, b):
-        x, txt = b["image"], b["text"]
-        if names is None:
-            img_f, txt_f, s = m(x, txt)
-            return clip_loss(img_f, txt_f, s), {"scale": s.item()}
-        # the C class texts ride along in the same text batch, so DDP sees one forward
-        nt = names[torch.arange(len(names)), torch.randint(names.shape[1], (len(names),))]
-        img_f, txt_f, s = m(x, torch.cat([txt, nt.to(txt.device)]))
-        lc = clip_loss(img_f, txt_f[:len(x)], s)
-        with torch.autocast(x.device.type, enabled=False):
-            ll = F.cross_entropy(fp32_logits(img_f, txt_f[len(x):], s), b["label"])
-        return lc + label_weight * ll, {"scale": s.item(), "clip": lc.item(), "label": ll.item()}
+        img_f, txt_f, s = m(b["image"], b["text"])
+        return clip_loss(img_f, txt_f, s), {"scale": s.item()}
     return loss_fn
 
 
@@ -339,7 +352,7 @@ def dr_objective(lam, teacher_scale, dims):
 
 def caption_objective(memory, eot):
     """Next-token cross-entropy of the captioner (padding after EOT ignored); memory(images) = the frozen image
-    encoder's tokens the decoder attends to."""
+    encoder's tokens the decoder attends to (image_tokens of teacher 0)."""
 
     def loss_fn(m, b):
         t = b["text"]
@@ -353,52 +366,98 @@ def caption_objective(memory, eot):
 # 6. Evaluation: zero-shot, retrieval, dense probes (frozen backbone + linear heads), sample efficiency
 
 @torch.no_grad()
-def evaluate(model, tok, test, dev, names=None, n=None, probe=None):
-    """Zero-shot accuracy over the class names (prompt ensemble; needs labels and names), mean R@1 image<->accurate
-    caption; with probe (a train subset) also a linear probe of the label on the frozen image embedding."""
+def evaluate(model, tok, test, dev, tasks=None, probe=None, prep=None):
+    """Per task of label_tasks: zero-shot accuracy over its class names (prompt ensemble) and, with probe (a train
+    subset), a linear probe of the label on the frozen image embedding; "zeroshot_acc" / "probe_acc" are their means
+    over the tasks. Also mean R@1 image <-> accurate caption. prep: float images in [0, 1] -> the model's input (a
+    --teacher checkpoint's own size and normalisation)."""
     m = unwrap(model)
-    was, n, res = m.training, n or len(test["images"]), {}
-    img_f = extract_features(m.eval().encode_image, test["images"][:n], device=dev)
-    if names is not None:
-        clf = zero_shot_classifier(m, tok, names, TEMPLATES, dev)
-        res["zeroshot_acc"] = zero_shot_accuracy(img_f, clf, test["labels"][:n])
-        if probe is not None and probe["labels"] is not None:
-            res["shape_probe_acc"] = linear_probe(extract_features(m.encode_image, probe["images"], device=dev),
-                                                  probe["labels"], img_f, test["labels"][:n])
-    txt_f = extract_features(m.encode_text, tok(test["accurate"][:n]), device=dev)
+    was, res = m.training, {}
+    m.eval()
+    enc = (lambda x: m.encode_image(prep(x))) if prep is not None else m.encode_image  # noqa: E731
+    img_f = extract_features(enc, test["images"], device=dev)
+    if tasks and test["labels"] is not None:
+        pf = extract_features(enc, probe["images"], device=dev) if probe is not None and probe["labels"] else None
+        res["zeroshot"], res["probe"] = {}, {}
+        for t, (names, _) in tasks.items():
+            clf = zero_shot_classifier(m, tok, names, TEMPLATES, dev)
+            res["zeroshot"][t] = zero_shot_accuracy(img_f, clf, test["labels"][t])
+            if pf is not None:
+                res["probe"][t] = linear_probe(pf, probe["labels"][t], img_f, test["labels"][t])
+        res["zeroshot_acc"] = float(np.mean(list(res["zeroshot"].values())))
+        res["probe_acc"] = float(np.mean(list(res["probe"].values()))) if res["probe"] else None
+    txt_f = extract_features(m.encode_text, tok(test["accurate"]), device=dev)
     res["retrieval_r1"] = retrieval_recall(img_f, txt_f)["mean_r1"]
     m.train(was)
     return res
 
 
-def samples_to_match(curve_b, curve_r, B):
-    """Samples the reinforced run needs to reach the baseline's final zero-shot accuracy (linear interpolation
-    between evaluations) and the ratio baseline_samples / those; None if never reached."""
-    target, total = curve_b[-1][1], curve_b[-1][0] * B
-    prev = (0, 0.0)
-    for s, a in curve_r:
-        if a >= target:
-            s0, a0 = prev
-            x = s0 + (s - s0) * (target - a0) / max(a - a0, 1e-9)
-            return {"samples": int(round(x * B)), "baseline_samples": total, "ratio": total / max(x * B, 1.0)}
-        prev = (s, a)
-    return {"samples": None, "baseline_samples": total, "ratio": None}
+def chance_and_majority(test, tasks):
+    """Mean over the tasks of chance (1 / classes) and of the majority-class rate of the test labels: the bars of
+    the representation checks (#18 item 2; a bar from the test labels' frequency, not a tuned number)."""
+    ch = [1.0 / len(names) for names, _ in tasks.values()]
+    mj = [float(np.bincount(test["labels"][t]).max() / len(test["labels"][t])) for t in tasks]
+    return float(np.mean(ch)), float(np.mean(mj))
+
+
+# Expected effects (common/seeds.py): the papers' claims as paired differences over seeds
+PROBE_BAR = lambda r: max(2 * r["chance"], r["majority"] + 0.15)  # noqa: E731 - #18 item 2
+EFFECTS = [
+    Effect("reinforced > baseline zero-shot (mean of shape, colour)", "reinforced_zeroshot_acc",
+           "baseline_zeroshot_acc", paper="MobileCLIP (arXiv:2311.17049): reinforced training 10x-1000x more "
+           "learning-efficient than non-reinforced CLIP; ViT-B/16 on DataCompDR +2.9% avg over 38 benchmarks"),
+    Effect("quality captions: seg mIoU up (frozen probe)", "quality_miou", "alt_miou",
+           paper="Quality Captions (arXiv:2405.08911): +12.1% mIoU (ViT-B/16, vs MAE); synthetic vs alt-text"),
+    Effect("quality captions: depth RMSE down (frozen probe)", "quality_depth_rmse", "alt_depth_rmse", sign=-1,
+           paper="Quality Captions (arXiv:2405.08911): -11.5% RMSE (ViT-B/16, vs MAE); synthetic vs alt-text"),
+    *[Effect(f"{k} probe >= max(2 chance, majority + .15)", f"probe_acc.{k}", PROBE_BAR,
+             paper="(representation check, #18 item 2)") for k in ("baseline", "reinforced", "quality")],
+]
 
 
 # 7. main: params -> teachers -> captioner -> reinforce -> baseline / reinforced / quality -> evaluation
 
+def load_teachers(cfg):
+    """--teacher=a.safetensors,b.safetensors: per file (the open_clip / OpenAI CLIP on the CPU, its tokenizer (CLIP's
+    BPE from --bpe, else the world's when its vocabulary is exactly the world's), prep: float images in [0, 1] ->
+    its input at its own image size and normalisation (open_clip's eval transform, `model.preprocess`), the
+    fingerprint entry of the file). A missing, truncated or mismatched file raises CheckpointError naming it."""
+    out = []
+    for path in [p for p in cfg.teacher.split(",") if p]:
+        model = load_clip_checkpoint(path)
+        tok = tokenizer_for(model.text.vocab_size, model.text.context_length, cfg.bpe, f"--teacher {path}")
+        pp = getattr(model, "preprocess", None) or vit_preprocess(model.visual.image_size)
+        one = eval_transform(**pp)
+        out.append((model, tok, lambda x, one=one: torch.stack([one(v) for v in x.float().cpu()]).to(x.device),
+                    {"teacher": os.path.abspath(path), **file_id(path), "preprocess": dict(pp),
+                     "bpe": os.path.abspath(cfg.bpe) if cfg.bpe else "world"}))
+    if len(out) < 2:
+        raise SystemExit(f"config error: --teacher={cfg.teacher!r}; need >= 2 comma-separated .safetensors files "
+                         "(DataCompDR's ensemble of 2 CLIPs)")
+    return out
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=["all", "reinforce", "params"], presets={"smoke": SMOKE})
+    if cfg.seeds:
+        return run_seeds(main, argv, cfg, EFFECTS)
+    if cfg.eval_split not in ("test", "val"):
+        raise SystemExit(f"config error: eval_split={cfg.eval_split!r}; expected test or val")
+    if cfg.bpe and not cfg.teacher:
+        raise SystemExit("config error: --bpe describes the --teacher checkpoints' tokenizer; give --teacher too")
+    if cfg.reinforced and (not cfg.data or cfg.teacher):
+        raise SystemExit("config error: --reinforced=DR shards join --data's image shards by key; give --data, and no "
+                         "--teacher (the stored embeddings replace teachers, captioner and generation)")
     cmd, t0, dist = getattr(cfg, "_command", None) or "all", time.time(), start_run(cfg, ("batch_size", "teacher_batch"))
     widths = [int(w) for w in cfg.teacher_widths.split(",")]
-    if len(widths) < 2 or min(widths) <= 128:
+    if not cfg.teacher and (len(widths) < 2 or min(widths) <= 128):
         raise SystemExit(f"config error: teacher_widths={cfg.teacher_widths!r}; need >= 2 widths > 128 (the student's)")
     res = {}
 
     def finish(title):  # rank 0: results.json and the table
         res.update(seconds=time.time() - t0, device=dist.device, world_size=dist.world_size)
         save_json(os.path.join(cfg.out, "results.json"), res)
-        print_table({k: v for k, v in res.items() if k not in ("curves", "example", "data_by_stage")}, title=title)
+        print_table({k: v for k, v in res.items() if k not in ("example", "data_by_stage")}, title=title)
         dist.cleanup()
         return res
 
@@ -423,7 +482,9 @@ def main(argv=None):
 
     # ---- data: web pairs (ground truth = alt-text where the samples have it), held-out pairs with accurate captions
     #      for the captioner ("val"), test pairs; all streamed (common.data), the world rendered once and cached
-    tok, dev, S = world_tokenizer(context_length=cfg.context_length), dist.device, cfg.image_size
+    dev, S = dist.device, cfg.image_size
+    tok = Tokenizer.from_file(cfg.bpe, context_length=cfg.context_length) if cfg.bpe else \
+        world_tokenizer(context_length=cfg.context_length)  # the students' and the captioner's
     world = lambda split: World(seed=cfg.seed, split=split, size=S)  # noqa: E731
     peek = read_samples(open_source(cfg.data, "train", world=world, n=1, holdout=cfg.holdout), 1)
     if "caption" not in peek[0]:
@@ -434,12 +495,18 @@ def main(argv=None):
     src = lambda split, n: open_source(cfg.data, split, world=world, n=n, val_data=cfg.val_data,  # noqa: E731
                                        holdout=cfg.holdout, require=need, keep=KEEP)
     train_src, cap_src = src("train", cfg.n_train), src("val", cfg.n_cap)
-    test, probe = eval_set(src("test", cfg.n_test), cfg.n_test, S), eval_set(train_src, min(cfg.n_train, 1000), S)
     names = (class_names_of(train_src, None if cfg.data else class_names("shape"))  # zero-shot: labels and names
-             if test["labels"] is not None else None)  # (never the world's names on real data)
-    dist.print(f"data: train {train_src.name}, captioner {cap_src.name}, test {len(test['rows'])} of "
-               f"{test['rows'].name}; teachers and captioner read 'caption', the students' ground truth is '{gt}'"
-               + (f"; zero-shot over {len(names)} classes" if names else "; no labels: zero-shot and probes n/a"))
+             if "label" in peek[0] else None)  # (never the world's names on real data)
+    tasks = label_tasks(cfg, names)
+    if cfg.eval_split == "val":  # the lr sweeps: val pairs after the captioner's (no stage trains on them)
+        test = eval_set(src("val", cfg.n_cap + cfg.n_test), cfg.n_cap + cfg.n_test, S, tasks, skip=cfg.n_cap)
+    else:
+        test = eval_set(src("test", cfg.n_test), cfg.n_test, S, tasks)
+    probe = eval_set(train_src, min(cfg.n_train, 1000), S, tasks)
+    dist.print(f"data: train {train_src.name}, captioner {cap_src.name}, {cfg.eval_split} {len(test['rows'])} of "
+               f"{test['rows'].name if cfg.eval_split == 'test' else 'val'}; teachers and captioner read 'caption', "
+               f"the students' ground truth is '{gt}'" + (f"; zero-shot tasks {list(tasks)}" if tasks else
+                                                           "; no labels: zero-shot and probes n/a"))
 
     # ---- every stage: one common.train.fit on its own stream, reused from --out while its fingerprint fp matches
     streams, hdr, clock = {}, config_to_dict(cfg), {"start": time.time() - t0}
@@ -452,89 +519,99 @@ def main(argv=None):
         data = pick("seed", "data", "val_data", "holdout", "image_size", "context_length", *keys)
         return {**data, **opt, "batch_size": batch_size, **kw}
 
-    def train(name, model, loss_fn, source, B, transform, tc, fp, tag, on_step=None):
+    def train(name, model, loss_fn, source, B, transform, tc, fp, tag):
         for st in streams.values():  # the finished stages' loader workers are let go
             st.close()
         streams[name] = Stream(source, B // dist.world_size, transform, seed=1000 * cfg.seed + tag,
                                num_workers=cfg.num_workers, dist=dist, name=name)
         seed_all(cfg.seed + tag, dist.rank)  # the stage's in-loss randomness
-        fit(model, loss_fn, streams[name], tc, cfg.out, name, dist, fingerprint=fp, on_step=on_step, config=hdr)
+        fit(model, loss_fn, streams[name], tc, cfg.out, name, dist, fingerprint=fp, config=hdr)
         clock[name] = time.time() - t0
 
-    # ---- teachers: >= 2 ViT CLIPs wider than the student on accurate captions with a light crop, plus the
-    #      image-label term (NAME_TEMPLATES) when the data has labels
-    name_tok = (tok([t.format(c) for c in names for t in NAME_TEMPLATES]).view(len(names), len(NAME_TEMPLATES), -1)
-                if names is not None and cfg.teacher_label_weight > 0 else None)
-    teacher_tc, teachers, t_fps = replace(tc, steps=cfg.teacher_steps, lr=cfg.teacher_lr), [], []
-    for k, w in enumerate(widths):
-        T = teacher(tok.vocab_size, cfg, w).to(dev)
-        t_fps.append(fingerprint(teacher_tc, cfg.teacher_batch, "n_train", "embed_dim", width=w,
-                                 label_weight=cfg.teacher_label_weight if name_tok is not None else 0.0))
-        train(f"teacher{k}", T, clip_objective(name_tok, cfg.teacher_label_weight), train_src, cfg.teacher_batch,
-              clip_tf(base_aug(S), tok, "caption"), teacher_tc, t_fps[-1], 10 + k)
-        teachers.append(T.eval())
+    # ---- --reinforced: released-layout shards hold the teachers' embeddings and the synthetic captions: no teachers,
+    #      no captioner, no generation; else they are built here (rdir)
+    teachers, t_toks, t_preps, r_fp = [], [], [], {"reinforced": cfg.reinforced}
+    if not cfg.reinforced:
+        # ---- teachers: >= 2 ViT CLIPs wider than the student on the accurate captions with a light crop (no label
+        #      term: the baseline has no such channel), or --teacher checkpoints at their own size and preprocessing
+        if cfg.teacher:
+            loaded = load_teachers(cfg)
+            teachers = [m.to(dev).eval() for m, _, _, _ in loaded]
+            t_toks, t_preps, t_fps = [x[1] for x in loaded], [x[2] for x in loaded], [x[3] for x in loaded]
+        else:
+            teacher_tc, teachers, t_fps = replace(tc, steps=cfg.teacher_steps, lr=cfg.teacher_lr), [], []
+            for k, w in enumerate(widths):
+                T = teacher(tok.vocab_size, cfg, w).to(dev)
+                t_fps.append(fingerprint(teacher_tc, cfg.teacher_batch, "n_train", "embed_dim", width=w))
+                train(f"teacher{k}", T, clip_objective(), train_src, cfg.teacher_batch,
+                      clip_tf(base_aug(S), tok, "caption"), teacher_tc, t_fps[-1], 10 + k)
+                teachers.append(T.eval())
+            t_toks, t_preps = [tok] * len(teachers), [None] * len(teachers)
 
-    # ---- captioner (CoCa-style, on teacher 0's frozen image tokens and held-out accurate captions), then the shards
-    cap, view = Captioner(tok.vocab_size, cfg.context_length, widths[0]).to(dev), eval_view(S)
-    cap_tc = replace(tc, steps=cfg.cap_steps, lr=2e-3, weight_decay=0.05, warmup=20)
-    cap_fp = fingerprint(cap_tc, cfg.batch_size, "n_cap", teacher0=t_fps[0])
-    train("captioner", cap, caption_objective(teachers[0].visual.forward_tokens, tok.eot_token_id), cap_src,
-          cfg.batch_size, lambda s, g: {"image": view(s["image"]), "text": tok([s["caption"]])[0]}, cap_tc, cap_fp, 7)
-    r_fp = {"teachers": t_fps, "captioner": cap_fp, "ground_truth": gt, **pick("k_aug", "n_syn", "top_k", "rrc_scale")}
-    reinforce(cfg, dist, tok, train_src, gt, teachers, cap, rdir, r_fp)
-    clock["reinforce"] = time.time() - t0
-    if cmd == "reinforce":
-        return dist.cleanup()
+        # ---- captioner (CoCa-style, on teacher 0's frozen image tokens and held-out accurate captions), then the shards
+        mem_fn = lambda x: image_tokens(teachers[0], x, t_preps[0])  # noqa: E731
+        with torch.no_grad():
+            mem_width = mem_fn(torch.zeros(1, 3, S, S, device=dev)).shape[-1]
+        cap, view = Captioner(tok.vocab_size, cfg.context_length, mem_width).to(dev), eval_view(S)
+        cap_tc = replace(tc, steps=cfg.cap_steps, lr=2e-3, weight_decay=0.05, warmup=20)
+        cap_fp = fingerprint(cap_tc, cfg.batch_size, "n_cap", teacher0=t_fps[0])
+        train("captioner", cap, caption_objective(mem_fn, tok.eot_token_id), cap_src,
+              cfg.batch_size, lambda s, g: {"image": view(s["image"]), "text": tok([s["caption"]])[0]}, cap_tc, cap_fp, 7)
+        r_fp = {"teachers": t_fps, "captioner": cap_fp, "ground_truth": gt, "layout": "datacompdr", **pick("k_aug", "n_syn", "top_k", "rrc_scale")}
+        reinforce(cfg, dist, tok, train_src, gt, teachers, cap, rdir, r_fp, t_toks, t_preps)
+        clock["reinforce"] = time.time() - t0
+        if cmd == "reinforce":
+            return dist.cleanup()
 
-    # ---- students (same init): baseline on the ground truth; reinforced and quality read the shards back
-    rsrc = open_source(rdir, "train", require=("image", "caption", "paug.json", "syn.json", "npz"))
+    # ---- students (same init): baseline on the ground truth; reinforced and quality read the shards back; each
+    #      with its own learning rate, chosen on val with the same grid (docs/mobileclip.md)
+    if cfg.reinforced:  # image shards of the train split joined by key with the DR shards (common.datacompdr)
+        one = cfg.data.replace("{split}", "train")
+        rsrc = DRShards(one, cfg.reinforced, split=None if "{split}" in cfg.data else "train",
+                        holdout=0.0 if "{split}" in cfg.data else cfg.holdout, require=("image", "caption"))
+    else:
+        rsrc = DRShards(rdir, require=("image", "caption"))  # the shards built above, self-contained
     rsrc = rsrc if cfg.data else SampleSource(read_samples(rsrc, cfg.n_train), rsrc.name)  # world: in memory
-    curves, runs = {}, {}
-
-    def tracker(name, fp):  # zero-shot accuracy every eval_every steps (rank 0), kept with the stage's fingerprint
-        path = os.path.join(cfg.out, f"{name}_curve.json")
-        curves[name] = json.load(open(path)) if stage_current(path, fp) else []  # a reused stage's curve
-
-        def on_step(step, raw, metrics):
-            if dist.is_master and (step % cfg.eval_every == 0 or step == cfg.steps):
-                acc = evaluate(raw, tok, test, dev, names, 500)["zeroshot_acc"]
-                curves[name] = [p for p in curves[name] if p[0] < step] + [[step, acc]]  # resumed: from its start
-                save_json(path, curves[name])
-                mark_stage(path, fp)
-        return on_step if names is not None else None
-
-    s_fp = fingerprint(tc, cfg.batch_size, "n_train", "embed_dim", "eval_every", "n_test", ground_truth=gt)
-    dims = [cfg.embed_dim] * len(teachers)  # each teacher's slice of the stored embeddings
-    for name, tag, source, transform, loss_fn, fp in (
-            ("baseline", 1, train_src, clip_tf(base_aug(S), tok, gt), clip_objective(), s_fp),
+    runs = {}
+    s_fp = fingerprint(tc, cfg.batch_size, "n_train", "embed_dim", ground_truth=gt)
+    if teachers:  # each teacher's slice of the stored embeddings
+        dims = [int(t.encode_text(torch.zeros(1, tt.context_length, dtype=torch.long, device=dev)).shape[-1])
+                for t, tt in zip(teachers, t_toks)]
+    else:  # --reinforced: DataCompDR's 2 teachers of equal width (2 x 768)
+        D = len(read_samples(rsrc, 1)[0]["image_emb"][0])
+        dims = [D // 2, D - D // 2]
+    for name, tag, source, transform, loss_fn, lr, extra in (
+            ("baseline", 1, train_src, clip_tf(base_aug(S), tok, gt), clip_objective(), cfg.lr, {}),
             ("reinforced", 2, rsrc, dr_tf(cfg, tok), dr_objective(cfg.lam, cfg.teacher_scale, dims),
-             {**s_fp, "shards": r_fp, **pick("lam", "teacher_scale")}),
-            ("quality", 3, rsrc, dr_tf(cfg, tok, True), clip_objective(), {**s_fp, "shards": r_fp})):
+             cfg.reinforced_lr, {"shards": r_fp, **pick("lam", "teacher_scale")}),
+            ("quality", 3, rsrc, dr_tf(cfg, tok, True), clip_objective(), cfg.quality_lr, {"shards": r_fp})):
         seed_all(cfg.seed)
-        runs[name] = student(tok.vocab_size, cfg).to(dev)
-        on_step = tracker(name, fp) if name != "quality" else None  # sample-efficiency curves
-        train(name, runs[name], loss_fn, source, cfg.batch_size, transform, tc, fp, tag, on_step)
+        runs[name], stc = student(tok.vocab_size, cfg).to(dev), replace(tc, lr=lr)
+        fp = {**s_fp, **fingerprint(stc, cfg.batch_size), **extra}
+        train(name, runs[name], loss_fn, source, cfg.batch_size, transform, stc, fp, tag)
     # provenance (collective): all stages together, and each stage alone (a stage sees each key once per epoch)
     res["data"] = data_report(list(streams.values()), [test["rows"]], dist)
     res["data_by_stage"] = {k: data_report([s], [test["rows"]], dist) for k, s in streams.items()}
     if not dist.is_master:
         return dist.cleanup()
 
-    # ---- evaluation (rank 0)
-    ev = {k: evaluate(m, tok, test, dev, names, probe=probe) for k, m in runs.items()}
-    ev_t = [evaluate(t, tok, test, dev, names, probe=probe) for t in teachers]
+    # ---- evaluation (rank 0), on the test split (or the val pairs of --eval_split=val)
+    ev = {k: evaluate(m, tok, test, dev, tasks, probe) for k, m in runs.items()}
+    ev_t = [evaluate(t, tt, test, dev, tasks, probe, pp) for t, tt, pp in zip(teachers, t_toks, t_preps)]
     for key in ("zeroshot_acc", "retrieval_r1"):
         res.update({f"{k}_{key}": ev[k].get(key) for k in runs}, **{f"teacher_{key}": [e.get(key) for e in ev_t]})
-    res.update(shape_probe_acc={**{k: ev[k].get("shape_probe_acc") for k in runs},
-                                "teachers": [e.get("shape_probe_acc") for e in ev_t]},
-               zeroshot_chance=1.0 / len(names) if names else None, retrieval_chance_r1=1.0 / len(test["images"]),
+    res.update(eval_split=cfg.eval_split, lrs={k: getattr(cfg, f) for k, f in
+                                              (("baseline", "lr"), ("reinforced", "reinforced_lr"),
+                                               ("quality", "quality_lr"))},
+               probe_acc={**{k: ev[k].get("probe_acc") for k in runs}, "teachers": [e.get("probe_acc") for e in ev_t]},
+               zeroshot_by_task={**{k: ev[k].get("zeroshot") for k in runs},
+                                 **{f"teacher{i}": e.get("zeroshot") for i, e in enumerate(ev_t)}},
+               probe_by_task={**{k: ev[k].get("probe") for k in runs},
+                              **{f"teacher{i}": e.get("probe") for i, e in enumerate(ev_t)}},
+               retrieval_chance_r1=1.0 / len(test["images"]),
                caption_fields={"teachers_captioner": "caption", "ground_truth": gt})
-    if curves.get("baseline"):
-        res["samples_to_match_baseline"] = samples_to_match(curves["baseline"], curves["reinforced"], cfg.batch_size)
-        res["curves"] = {k: [[s * cfg.batch_size, a] for s, a in c] for k, c in curves.items()}
-        line_plot(os.path.join(cfg.out, "curves.png"), panel(
-            "zero-shot accuracy: baseline (alt-text) vs reinforced (MobileCLIP DR)",
-            {k: ([s for s, _ in c], [a for _, a in c]) for k, c in res["curves"].items()}, "seen samples", "acc"))
+    if tasks and test["labels"] is not None:
+        res["chance"], res["majority"] = chance_and_majority(test, tasks)
     if test["seg"] is not None and probe["seg"] is not None and test["depth"] is not None:
         # quality captions: linear seg / depth heads on the frozen patch features of the alt-text CLIP (the baseline)
         # and of the quality CLIP (synthetic captions only)
@@ -548,8 +625,7 @@ def main(argv=None):
     else:
         res["dense_probes"] = "n/a: the data has no seg and depth members"
     ex, clock["eval+dense"] = read_samples(rsrc, 1)[0], time.time() - t0
-    res.update(example={"key": ex["__key__"], "ground_truth": ex["caption"], "synthetic": json.loads(
-        ex["syn.json"])["syn_text"]}, loss_curves_in="log.jsonl", stage_end_seconds=clock)  # rank 0's wall clock
+    res.update(example={"key": ex["__key__"], "ground_truth": ex["caption"], "synthetic": ex["syn_text"]}, loss_curves_in="log.jsonl", stage_end_seconds=clock)  # rank 0's wall clock
     return finish(f"MobileCLIP results ({cfg.out})")
 
 
