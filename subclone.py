@@ -19,7 +19,8 @@ A smaller transformer is initialised from a larger trained one of the same famil
 The experiment, in miniature, for a ViT on the synthetic world's shape classification and for a GPT-style decoder on
 the world's captions (common.tokenizer.world_tokenizer; each step packs its captions into one token stream cut into
 windows): train a parent, subclone it to a child of half width and two-thirds depth, then train the child from (a) the
-subclone and (b) random init, each with a small learning-rate sweep (the paper: subclones want a lower lr), plus two
+subclone and (b) random init, each with a small learning-rate sweep extended by x3 steps while its best val lr sits at
+an edge (the same rule for both; the paper: subclones want a lower lr), plus two
 ablations at the subclone's best lr: random indices instead of importance, and no sqrt(D/d) rescaling. The lr choice,
 the loss curves, the step-0 losses and the speed-up target use the validation split; the test split gives only the
 final numbers. Reported: step-0 losses, steps to reach the random-init run's final val loss, the speedup, final test
@@ -28,6 +29,7 @@ loss / accuracy (results.json, curves.png).
 Run:
   python subclone.py                       # default run, both models (writes runs/subclone)
   python subclone.py --smoke               # tiny end-to-end run (< 60 s on 2 quiet cores)
+  python subclone.py --seeds=0,1,2         # the default once per seed: seeds.json, sweep.png, a verdict per effect
   python subclone.py --models=gpt          # one model only
   python subclone.py clone --parent_ckpt=runs/subclone/vit_parent.safetensors --clone_out=child.safetensors \
       --child_width=32 --child_layers=4 --child_heads=2 --child_ffn=128 --drop=sim     # subclone one checkpoint
