@@ -7,6 +7,11 @@ the head on the frozen backbone, stage 2 trains all with L_CLIP + lam * L_SAM on
 replay); zero-shot segmentation from the CLIP head, refined by SAM-head prompts. --mode=zoo: CLIP with extra dense heads
 on offline expert pseudo-labels vs plain CLIP (--mode=experts trains the experts). Every stage (fit checkpoint or shard
 folder) has a fingerprint: a finished stage with the same one is reused; --resume continues, --retrain rebuilds.
+--clip_teacher=FILE.safetensors (an open_clip / OpenAI ViT CLIP, --bpe=merges) replaces the miniature CLIP teacher of
+the merge at its own image size and preprocessing; --seeds=0,1,2 runs the default once per seed with a verdict per
+expected effect (EFFECTS; common/seeds.py).
+
+    python samclip.py --clip_teacher=ViT-B-16.safetensors --bpe=bpe_simple_vocab_16e6.txt.gz --mode=merge
 """
 import io
 import itertools
@@ -932,12 +937,13 @@ def main(argv=None):
         zoo, streams["zoo"] = train_clip(cfg, dist, labels, tok, K, zoo=True)
 
     # ---- evaluation (rank 0) on held-out images; the data block is collective
-    evals = []
-    if dist.is_master:  # [scored images, val images (probes, background threshold)]
-        va = read_samples(val_src, cfg.n_probe + (cfg.n_test if cfg.eval_split == "val" else 0), lambda s: resized(s, S))
-        evals = [va[cfg.n_probe:], va[:cfg.n_probe]] if cfg.eval_split == "val" else [
-            read_samples(test_src, cfg.n_test, lambda s: resized(s, S)), va]
-    data = data_report([s for v in streams.values() for s in v], evals, dist)  # eval keys vs every stage's keys
+    read = []  # the SampleLists read (rank 0), and evals = [scored samples, val samples (probes, threshold)]
+    if dist.is_master:
+        read = [read_samples(val_src, cfg.n_probe + (cfg.n_test if cfg.eval_split == "val" else 0),
+                             lambda s: resized(s, S))]
+        read += [] if cfg.eval_split == "val" else [read_samples(test_src, cfg.n_test, lambda s: resized(s, S))]
+    evals = [read[0][cfg.n_probe:], read[0][:cfg.n_probe]] if cfg.eval_split == "val" and read else read[::-1]
+    data = data_report([s for v in streams.values() for s in v], read, dist)  # eval keys vs every stage's keys
     stages = {k: {f: v for f, v in data_report(ss, [], dist).items() if f.startswith("train_")}
               for k, ss in streams.items()}  # the stages read the same images: their train_* counts add up per stage
     data.update({f: sum(st[f] for st in stages.values()) for f in next(iter(stages.values()))}, stages=stages)
