@@ -392,12 +392,13 @@ class FolderImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def zero_shot_folder(model, tokenizer, root, classnames=None, templates=OPENAI_IMAGENET_TEMPLATES, batch_size=64,
-                     device="cpu", workers=0, mean=None, std=None, interpolation="bicubic", class_batch=10):
+                     device="cpu", workers=0, mean=None, std=None, interpolation=None, class_batch=10):
     """Zero-shot top-1 / top-5 accuracy of a CLIP on root/CLASS/* images.
 
     The classifier is zero_shot_classifier (mean of normalised template embeddings, renormalised), built
-    `class_batch` classes at a time as open_clip does; images go through eval_transform at the model's image size
-    (PIL bicubic shorter side, center crop, CLIP mean/std unless given). Returns {"top1", "top5" (top-min(5, C)),
+    `class_batch` classes at a time as open_clip does; images go through the model's own eval transform
+    (`eval_transform(**model.preprocess)`, as load_clip_checkpoint sets it: a ViT's PIL bicubic shorter side, center
+    crop, CLIP mean/std; MobileCLIP's bilinear, no normalisation); mean / std / interpolation override its fields. Returns {"top1", "top5" (top-min(5, C)),
     "n_images", "n_classes", "n_templates", "n_unreadable", "per_class_top1": {name: acc}}; unreadable files are
     left out of the accuracies and counted."""
     from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform
@@ -408,8 +409,11 @@ def zero_shot_folder(model, tokenizer, root, classnames=None, templates=OPENAI_I
     model = model.to(device).eval()
     cls = torch.cat([zero_shot_classifier(model, tokenizer, names[i:i + class_batch], templates, device)
                      for i in range(0, len(names), class_batch)])                       # (C, D)
-    size = model.visual.image_size
-    prep = eval_transform(size, mean or CLIP_MEAN, std or CLIP_STD, interpolation)
+    pp = dict(getattr(model, "preprocess", None) or
+              dict(size=model.visual.image_size, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic"))
+    pp.update({k: v for k, v in dict(mean=mean, std=std, interpolation=interpolation).items() if v is not None})
+    size = pp["size"]
+    prep = eval_transform(**pp)
     loader = torch.utils.data.DataLoader(FolderImages(paths, prep, size), batch_size=batch_size,
                                          num_workers=workers, shuffle=False)
     k = min(5, len(names))
@@ -478,7 +482,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m common.eval", description="evaluation commands")
     sub = ap.add_subparsers(dest="cmd", required=True)
     z = sub.add_parser("zeroshot", help="zero-shot top-1/top-5 of a CLIP checkpoint on an image folder root/CLASS/*")
-    z.add_argument("--checkpoint", required=True, help="open_clip / OpenAI ViT CLIP weights (.safetensors)")
+    z.add_argument("--checkpoint", required=True,
+                   help="open_clip / OpenAI ViT CLIP or open_clip MobileCLIP weights (.safetensors)")
     z.add_argument("--data", required=True, help="image folder root/CLASS/*.jpg (classes = sorted sub-folders)")
     z.add_argument("--classes", default=None, help="class names: one a line in folder order, or folder<TAB>name "
                                                    "(default: folder names, '_' -> ' ')")
@@ -494,9 +499,10 @@ def main(argv=None):
                    help="auto: QuickGELU only for OpenAI-format checkpoints (bookkeeping keys present)")
     z.add_argument("--vision_heads", type=int, default=None, help="default width // 64 (ViT-H/g/bigG-14: 16)")
     z.add_argument("--text_heads", type=int, default=None, help="default width // 64")
-    z.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
-    z.add_argument("--mean", default=None, help="r,g,b normalisation mean (default CLIP's)")
-    z.add_argument("--std", default=None, help="r,g,b normalisation std (default CLIP's)")
+    z.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear"),
+                   help="default: the checkpoint's own (ViT CLIPs bicubic, MobileCLIP bilinear)")
+    z.add_argument("--mean", default=None, help="r,g,b normalisation mean (default: the checkpoint's own)")
+    z.add_argument("--std", default=None, help="r,g,b normalisation std (default: the checkpoint's own)")
     z.add_argument("--out", default=None, help="write the results JSON here")
     z.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = ap.parse_args(argv)

@@ -493,3 +493,24 @@ def test_zeroshot_cli_bpe_and_errors(zs_setup, capsys):
     save_file(random_sd(1, **{**TINY_KW, "vocab": 300}), str(tmp / "small_vocab.safetensors"))
     fails([f"--checkpoint={tmp / 'small_vocab.safetensors'}", f"--data={tmp / 'data'}", "--tokenizer=world"],
           r"802 ids but the checkpoint's token_embedding has 300 rows")
+
+
+def test_zero_shot_folder_uses_the_models_own_preprocess(zs_setup, monkeypatch):
+    """A MobileCLIP-style model.preprocess (no normalisation, bilinear) reaches the folder's eval transform;
+    explicit mean/std/interpolation arguments still override it."""
+    import common.transforms as T
+    from common.eval import zero_shot_folder
+    from common.models import load_clip_checkpoint
+    from common.tokenizer import world_tokenizer
+    tmp, _ = zs_setup
+    seen = []
+    real = T.eval_transform
+    monkeypatch.setattr(T, "eval_transform", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    model = load_clip_checkpoint(tmp / "tiny.safetensors")
+    assert model.preprocess["interpolation"] == "bicubic"
+    model.preprocess = dict(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+    zero_shot_folder(model, world_tokenizer(32), tmp / "data", ["a", "b"], ["{}"], batch_size=4)
+    zero_shot_folder(model, world_tokenizer(32), tmp / "data", ["a", "b"], ["{}"], batch_size=4,
+                     interpolation="bicubic")
+    assert seen[0] == ((), dict(model.preprocess))
+    assert seen[1][1]["interpolation"] == "bicubic" and seen[1][1]["std"] == (1.0, 1.0, 1.0)
