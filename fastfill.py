@@ -14,12 +14,14 @@ whole update is the area under the backfilling curve M(alpha).
 What this file reproduces, in miniature on the synthetic world (common/world.py; classes = the 10 shapes):
   old model: small CNN trained on half of the classes; new model: bigger CNN trained on all classes (FCT protocol);
   h: MLP with a log-variance head, three losses: l2 (FCT), l2_ce (+point-to-cluster), fastfill (+uncertainty);
+     every loss trains one h per lr of --h_lrs and keeps the one with the best new/h(old) mAP on a val gallery;
   policies: random, entropy, uncertainty, oracle (|h(old) - new|, not deployable);
   leave-one-out retrieval on the test split (mAP, CMC top-1/5), backfilling curves over 21 alphas, trapezoid AUC.
 
 Run:
   python fastfill.py                      # default miniature run (a few minutes on 2 CPU cores), writes runs/fastfill
   python fastfill.py --smoke              # tiny end-to-end run (< 60 s)
+  python fastfill.py --seeds=0,1,2        # the default once per seed: seeds.json, sweep.png, a verdict per effect
   python fastfill.py --help               # every config field
   torchrun --nproc_per_node=2 fastfill.py # data-parallel training (gloo on CPU); rank 0 evaluates and writes
   python fastfill.py --data='DIR/{split}' # tar shards (label + classes.txt) or class folders; else --holdout splits
@@ -46,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import parse_config, print_table, run_cli, save_json
+from common.seeds import Effect, run_seeds
 from common.data import (SampleSource, Stream, class_names_of, data_report, iter_samples, open_source, read_samples,
                          stack)
 from common.convert import CheckpointError, read_safetensors
@@ -66,6 +69,8 @@ POLICIES = ("random", "entropy", "uncertainty", "oracle")
 class Config:
     """FastFill in miniature. No --steps: a stage trains for its epochs (--old_epochs, --new_epochs, --h_epochs)."""
     out: str = "runs/fastfill"  # output directory
+    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per
+    #                  expected effect (common/seeds.py)
     seed: int = 0  # all randomness (world content, init, data order, augmentation, random policy)
     device: str = ""  # cpu | cuda; empty = cuda if available
     data: str = ""  # real data (tar shards / class folders) instead of the synthetic world
@@ -79,6 +84,7 @@ class Config:
     image_size: int = 32  # image side in pixels
     n_train: int = 12000  # training images: the world's first n_train; on --data the samples an epoch counts
     n_test: int = 1000  # test images: gallery and queries (leave-one-out)
+    n_val: int = 1000  # val images: the gallery on which each h loss picks its learning rate (never the test split)
     old_width: int = 16  # old CNN base width (smaller model)
     old_dim: int = 32  # old embedding dimension
     new_width: int = 32  # new CNN base width (bigger model)
@@ -91,11 +97,12 @@ class Config:
     weight_decay: float = 5e-4  # AdamW weight decay for the encoders (not on norms / biases)
     label_smoothing: float = 0.1  # as in FCT's configs
     h_hidden: int = 256  # hidden width of the transformation MLP
-    h_epochs: int = 20  # h's training length: epochs over the training features
+    h_epochs: int = 12  # h's training length: epochs over the training features
     h_batch: int = 256  # global batch of training features for h
-    h_lr: float = 2e-3  # AdamW peak learning rate for h (weight decay 3e-5 as in FCT)
+    h_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # AdamW peak lr grid for h (weight decay 3e-5 as in FCT):
+    #                     every loss trains one h per lr and keeps the one with the best val new/h(old) mAP
     ce_weight: float = 1.0  # lambda: weight of the point-to-cluster cross-entropy
-    losses: str = "l2,l2_ce,fastfill"  # comma list of h losses to train and evaluate
+    losses: str = "l2,fastfill"  # comma list of h losses to train and evaluate (l2_ce: the point-to-cluster ablation)
     policies: str = "random,entropy,uncertainty,oracle"  # comma list of backfilling orders
     distance: str = "l2"  # l2 | cosine (L2-normalised; FCT's released configs use l2)
     n_alpha: int = 21  # points of the backfilling curve in [0, 1]
@@ -112,7 +119,7 @@ class Config:
 
 
 # --smoke: tiny sizes, the same pipeline end to end, in its own --out (fields given on the command line win)
-SMOKE = dict(n_train=2000, n_test=400, old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
+SMOKE = dict(n_train=2000, n_test=400, n_val=300, h_lrs=(3e-3, 1e-2), old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
              batch_size=64, n_alpha=11, out="runs/fastfill_smoke")
 
 
@@ -459,10 +466,38 @@ def curve_panels(alphas, curves, refs, losses, policies):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The paper's expected effects (common/seeds.py: per seed d = sign * (a - b); shown when mean d > 2 SE over seeds).
+# Judged on the test gallery with every h at the lr its loss chose on val; the FastFill h carries the uncertainty.
+# --------------------------------------------------------------------------------------------------------------
+EFFECTS = [
+    Effect("FastFill loss raises new/h(old) mAP over L2 (FCT)", "new_hold_map.fastfill", "new_hold_map.l2",
+           paper="higher cross-model M(0) than L2-only FCT without side-info [PAPER?]"),
+    Effect("uncertainty order beats entropy order (AUC mAP)", "auc_map.fastfill.uncertainty",
+           "auc_map.fastfill.entropy", paper="uncertainty-based backfilling beats entropy-based [PAPER?]"),
+    Effect("uncertainty order beats random order (AUC mAP)", "auc_map.fastfill.uncertainty",
+           "auc_map.fastfill.random", paper="policy-based partial backfilling beats random order [ABS]"),
+    Effect("FastFill (loss + uncertainty) > FCT (L2 + random), AUC", "auc_map.fastfill.uncertainty",
+           "auc_map.l2.random", paper="backfilling mAP +4.4% ImageNet, +2.7% Places-365, +1.3% VGGFace2 [ABS]"),
+    Effect("compatibility: new/h(old) mAP > old/old", "new_hold_map.fastfill", "old_old_map",
+           paper="the transformed gallery beats the old model at once (FCT/FastFill)"),
+    Effect("old model: old/old mAP >= 2x chance", "old_old_map", lambda r: 2 * r["chance_map"],
+           paper="(representation check)"),
+    Effect("new model: new/new mAP >= 2x chance", "new_new_map", lambda r: 2 * r["chance_map"],
+           paper="(representation check)"),
+    Effect("old model acc (old classes) >= max(2 chance, maj + .15)", "old_acc_on_old_classes",
+           lambda r: max(2 * r["chance_acc_old"], r["majority_acc_old"] + 0.15), paper="(representation check)"),
+    Effect("new model acc >= max(2 chance, majority + .15)", "new_acc",
+           lambda r: max(2 * r["chance_acc"], r["majority_acc"] + 0.15), paper="(representation check)"),
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # main: data -> old model -> new model -> h per loss -> curves per (loss, policy) -> results.json + plot.
 # --------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
+    if cfg.seeds:
+        return run_seeds(main, argv, cfg, EFFECTS)
     t_start, cpu_start = time.time(), time.process_time()
     dist = start_run(cfg, ("batch_size", "h_batch"))
     seed_all(cfg.seed, dist.rank)
@@ -472,6 +507,8 @@ def main(argv=None):
         bad = [s for s in v if s not in ok]
         if bad:
             raise ValueError(f"--{key}: unknown {bad}, expected a comma list of {list(ok)}")
+    if not cfg.h_lrs or min(cfg.h_lrs) <= 0:
+        raise ValueError(f"--h_lrs={cfg.h_lrs}: expected a comma list of positive learning rates")
     if cfg.task not in ("label", "label_fine") or cfg.distance not in ("l2", "cosine") or cfg.n_alpha < 2:
         raise ValueError(f"--task={cfg.task!r} (expected label | label_fine), --distance={cfg.distance!r} (expected "
                          f"l2 | cosine), --n_alpha={cfg.n_alpha} (expected >= 2): one of them is invalid")
@@ -514,7 +551,8 @@ def main(argv=None):
     sizes = {loaded[r][1] for r in loaded if key[r] != "x"}
     prep_all = partial(prep, inputs={f"x{z}": eval_transform(z) for z in sorted(sizes)}) if sizes else prep
     test = read_samples(source("test", cfg.n_test), cfg.n_test, prep_all)
-    y_te = stack(test, "y")
+    val = read_samples(source("val", cfg.n_val), cfg.n_val, prep_all)  # h's lr choice (FastFill: a val gallery)
+    y_te, y_va = stack(test, "y"), stack(val, "y")
     dist.print(f"data: train {train.name}, class field {cfg.task!r}, {C} classes (the old model's: ids < {C_old}); "
                f"test {test.name}, {len(test)} samples")
     # one seed for both streams: each rank reads the same samples in both (data block: keys on several ranks = 0)
@@ -554,26 +592,36 @@ def main(argv=None):
     per = -(-len(test) // R)
     [(fo_te, lo_te), (fn_te, ln_te)], _ = extract([old, new], test[dist.rank * per:(dist.rank + 1) * per], dist,
                                                   keys=keys)
+    pv = -(-len(val) // R)
+    [(fo_va, _), (fn_va, _)], _ = extract([old, new], val[dist.rank * pv:(dist.rank + 1) * pv], dist, keys=keys)
     feats = SampleSource([{"__key__": f"feature-{i}", "f_old": fo_tr[i], "f_new": fn_tr[i], "y": y_tr[i]}
                           for i in range(len(y_tr))], name="train features")
     timing["features"] = time.time() - t
 
-    # 4. one transformation h per loss variant, on the frozen training features (FCT-style)
-    hs = {}
+    # 4. one transformation h per (loss variant, lr of --h_lrs), on the frozen training features (FCT-style); each
+    #    loss keeps the h whose val new/h(old) mAP is best: the same grid and rule for every loss (equal effort)
+    hs, val_map, best_lr = {}, {}, {}
     for kind in losses:
-        t = time.time()
-        mk = [k for r in ("old", "new") if r not in loaded for k in model_keys[r]]  # a loaded model: its file instead
-        fp = fingerprint(cfg, *data_keys, *mk, "h_hidden", "h_epochs", "h_batch", "h_lr", "ce_weight", loss=kind,
-                         **{f"{r}_model": fingerprint(cfg, f"{r}_quick_gelu", f"{r}_vision_heads", "bpe",
-                                                      **loaded[r][2]) for r in loaded})
-        seed_all(cfg.seed + 2)  # the same init for every loss variant: a paired comparison
-        h = Transformation(old.dim, new.dim, cfg.h_hidden).to(dev)
-        stream = Stream(feats, cfg.h_batch // R, seed=cfg.seed + 1, dist=dist, name=f"h_{kind}",
-                        post=lambda b: (b["f_old"], b["f_new"], b["y"]))
-        loss = partial(h_loss, kind, cfg.ce_weight, new.fc.weight.detach(), new.fc.bias.detach())
-        hs[kind] = train_stage(h, loss, stream, cfg.h_epochs * max(1, len(y_tr) // cfg.h_batch), f"h_{kind}", fp,
-                               cfg.h_lr, 3e-5, cfg, dist)
-        timing[f"h_{kind}"] = time.time() - t
+        val_map[kind] = {}
+        for lr in sorted(cfg.h_lrs):
+            t = time.time()
+            mk = [k for r in ("old", "new") if r not in loaded for k in model_keys[r]]  # loaded model: its file
+            fp = fingerprint(cfg, *data_keys, *mk, "h_hidden", "h_epochs", "h_batch", "ce_weight", loss=kind, h_lr=lr,
+                             **{f"{r}_model": fingerprint(cfg, f"{r}_quick_gelu", f"{r}_vision_heads", "bpe",
+                                                          **loaded[r][2]) for r in loaded})
+            seed_all(cfg.seed + 2)  # the same init for every loss variant and lr: a paired comparison
+            h = Transformation(old.dim, new.dim, cfg.h_hidden).to(dev)
+            stream = Stream(feats, cfg.h_batch // R, seed=cfg.seed + 1, dist=dist, name=f"h_{kind}",
+                            post=lambda b: (b["f_old"], b["f_new"], b["y"]))
+            loss = partial(h_loss, kind, cfg.ce_weight, new.fc.weight.detach(), new.fc.bias.detach())
+            h = train_stage(h, loss, stream, cfg.h_epochs * max(1, len(y_tr) // cfg.h_batch), f"h_{kind}_lr{lr:g}",
+                            fp, lr, 3e-5, cfg, dist)
+            with torch.no_grad():  # every rank holds all val features: the same choice everywhere
+                val_map[kind][f"{lr:g}"] = retrieval_metrics(fn_va, h(fo_va.to(dev))[0].float().cpu(), y_va, y_va,
+                                                             cfg.distance, batch=cfg.eval_batch)["map"]
+            if kind not in hs or val_map[kind][f"{lr:g}"] > val_map[kind][f"{best_lr[kind]:g}"]:
+                hs[kind], best_lr[kind] = h, lr
+            timing[f"h_{kind}_lr{lr:g}"] = time.time() - t
 
     # 5. evaluation: per loss, h(old) features, uncertainty and new-classifier logits of the test gallery; then the
     #    backfilling curves of every (loss, policy) pair, split across ranks and summed back (rank 0 writes)
@@ -610,7 +658,12 @@ def main(argv=None):
            "new_new_top1": nn_["top1"], "new_new_top5": nn_["top5"], "new_hold_top1": {}, "new_hold_top5": {},
            "chance_map": chance, "num_classes": C, "num_old_classes": C_old, "n_gallery": len(y_te),
            "old_acc_on_old_classes": float((lo_te[seen].argmax(-1) == y_te[seen]).float().mean()),
-           "new_acc": float((ln_te.argmax(-1) == y_te).float().mean()), "class_field": cfg.task, "data": data}
+           "new_acc": float((ln_te.argmax(-1) == y_te).float().mean()), "class_field": cfg.task, "data": data,
+           # the classifiers' bars (representation checks): chance and the majority class of the test labels
+           "chance_acc": 1.0 / C, "majority_acc": float(freq.max() / len(y_te)), "chance_acc_old": 1.0 / C_old,
+           "majority_acc_old": float(torch.bincount(y_te[seen], minlength=C_old).max() / max(1, int(seen.sum()))),
+           "h_lr_val_map": val_map, "h_best_lr": best_lr, "n_val": len(y_va),
+           "h_best_lr_interior": {k: min(cfg.h_lrs) < v < max(cfg.h_lrs) for k, v in best_lr.items()}}
     for r in loaded:  # which checkpoint each loaded model is (absent: trained here); its accuracies are zero-shot's
         res[f"{r}_model"] = {k: v for k, v in loaded[r][2].items() if k != "path"}
     curves, ends_exact = {kind: {} for kind in losses}, True

@@ -198,6 +198,20 @@ def test_uncertainty_head_does_not_shape_h_for_l2():
 
 
 # ---------------------------------------------------------------- end to end (2 processes, gloo)
+def test_effects_follow_the_paper_direction():
+    """The FastFill effects compare the right arms: better numbers for the paper's arm give 'shown', swapped ones not."""
+    from common.seeds import summarize
+    def res(ff_, l2, unc, ent, rnd, e):
+        return {"new_hold_map": {"fastfill": ff_ + e, "l2": l2}, "old_old_map": 0.3, "new_new_map": 0.7,
+                "auc_map": {"fastfill": {"uncertainty": unc + e, "entropy": ent, "random": rnd}, "l2": {"random": rnd}},
+                "chance_map": 0.1, "old_acc_on_old_classes": 0.8, "new_acc": 0.8, "chance_acc": 0.1,
+                "majority_acc": 0.12, "chance_acc_old": 0.2, "majority_acc_old": 0.22}
+    good = {s: res(0.65, 0.62, 0.72, 0.70, 0.68, 0.01 * s) for s in range(3)}
+    assert [r["verdict"] for r in summarize(good, ff.EFFECTS)] == ["shown"] * len(ff.EFFECTS)
+    bad = {s: res(0.60, 0.62, 0.69, 0.70, 0.68, 0.001 * s) for s in range(3)}
+    assert [r["verdict"] for r in summarize(bad, ff.EFFECTS)][:2] == ["not shown"] * 2
+
+
 def test_torchrun_smoke_learns(tmp_path):
     """2 processes (gloo): DDP training of old/new/h, curves split across ranks, rank 0 writes."""
     out = tmp_path / "ff"
@@ -215,7 +229,9 @@ def test_torchrun_smoke_learns(tmp_path):
     assert r["new_new_map"] > r["old_old_map"]
     assert r["curve_end_equals_new_new"] is True
     assert r["data"]["eval_keys_in_train"] == 0 and r["data"]["skipped_corrupt"] == 0  # (several epochs: keys repeat)
-    for L in ("l2", "l2_ce", "fastfill"):
+    for L in ("l2", "fastfill"):  # each loss keeps the h of the lr with the best val mAP (smoke grid 3e-3, 1e-2)
+        vm = r["h_lr_val_map"][L]
+        assert set(vm) == {"0.003", "0.01"} and f"{r['h_best_lr'][L]:g}" == max(vm, key=vm.get), (L, vm)
         assert r["new_hold_map"][L] > 1.15 * r["chance_map"]
         for p_ in ("random", "entropy", "uncertainty", "oracle"):
             c = r["curves"][L][p_]["map"]
@@ -223,7 +239,12 @@ def test_torchrun_smoke_learns(tmp_path):
             assert c[0] == pytest.approx(r["new_hold_map"][L], abs=1e-12) and c[-1] == r["new_new_map"]
         # backfilling the worst-aligned items first (oracle) is the robust ordering effect even at smoke size
         assert r["auc_map"][L]["oracle"] > r["auc_map"][L]["random"]
-    for f in ("config.json", "log.jsonl", "old.safetensors", "new.safetensors", "h_fastfill.safetensors", "curves.png"):
+    for e in ff.EFFECTS:  # every expected effect reads a number of this results.json
+        from common.seeds import lookup
+        float(lookup(r, e.a))
+    assert r["n_val"] == 300 and r["majority_acc"] >= r["chance_acc"] == 0.1
+    for f in ("config.json", "log.jsonl", "old.safetensors", "new.safetensors", "h_fastfill_lr0.003.safetensors",
+              "h_fastfill_lr0.01.safetensors", "h_l2_lr0.01.safetensors", "curves.png"):
         assert (out / f).exists(), f
     # stages are reused from --out: a second single-process run trains nothing (logs no step), same numbers
     log = (out / "log.jsonl").read_text()
@@ -244,12 +265,13 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     export_shards(World(seed=5, split="train", size=40, n=512), d / "train", 512, shard_size=64)
     export_shards(World(seed=5, split="test", size=40, n=96), d / "test", 96, shard_size=48)
+    export_shards(World(seed=5, split="val", size=40, n=96), d / "val", 96, shard_size=48)  # h's lr choice
     return d
 
 
 # one epoch of n_train=256 samples per encoder (old: 4 steps of 2 x 32, new: 8 steps of 32), half the exported data
 TINY = ["--smoke", "--n_train=256", "--n_test=96", "--old_epochs=1", "--new_epochs=1", "--batch_size=32",
-        "--h_batch=64", "--h_epochs=4", "--device=cpu"]
+        "--h_batch=64", "--h_epochs=4", "--device=cpu", "--n_val=96"]
 
 
 def check_shard_run(out):
@@ -353,14 +375,14 @@ def test_new_model_from_open_clip_then_both_loaded(tmp_path):
     assert r["new_acc"] == pytest.approx((pred == y).float().mean().item(), abs=1e-9)
     assert r["curve_end_equals_new_new"] is True and r["data"]["train_samples_seen"] == 4 * 64  # old stream only
     from safetensors import safe_open
-    with safe_open(str(a / "h_fastfill.safetensors"), "pt") as fh:
+    with safe_open(str(a / "h_fastfill_lr0.003.safetensors"), "pt") as fh:
         assert str(ck.resolve()) in fh.metadata()["fingerprint"]
     r2 = ff.main([*LOADED, f"--out={b}", f"--old_model={a / 'old.safetensors'}", f"--new_model={ck}"])
     assert not (b / "old.safetensors").exists() and not (b / "new.safetensors").exists()
     assert r2["old_model"]["kind"] == "fastfill encoder" and r2["old_model"]["image_size"] == 32
     assert r2["old_old_map"] == pytest.approx(r["old_old_map"], abs=1e-9)
     assert r2["new_new_map"] == pytest.approx(r["new_new_map"], abs=1e-9)
-    assert r2["data"]["train_samples_seen"] == 0 and (b / "h_l2.safetensors").exists()
+    assert r2["data"]["train_samples_seen"] == 0 and (b / "h_l2_lr0.01.safetensors").exists()
 
 
 def test_old_model_from_open_clip_new_from_encoder_weights(tmp_path):
