@@ -6,7 +6,7 @@ CLIP Models", ICLR 2024, arXiv:2310.16226. Official code: apple/ml-tic-clip (pat
 Web data keeps arriving. At every time step t a new slice D_t lands and we may spend a fixed compute budget C
 (samples seen) to update the model. The paper compares (Table 1 / sec. 3):
 
-    Restart            random init, train on D_1..D_t                          budget C
+    Restart            random init, train on D_1..D_t                          budget C (default: at t = T only)
     Sequential         warm start from theta_{t-1}, train on D_t only           budget C
     Cumulative-All     warm start, D_1 u ... u D_t sampled uniformly            budget C
     Cumulative-Exp     warm start, D_t + a buffer of |D| old samples: 1/2 from t-1, 1/4 from t-2, ...
@@ -37,8 +37,9 @@ including the run it warm-starts from) matches: Step 1 and Restart survive a cha
 not trained, every run starts from it (Restart and Oracle too; all at --warm_lr), and images and text reach it at its
 own image size, context length and tokenizer (--bpe: CLIP's merges file), with open_clip's normalised preprocessing.
 
-    python tic.py                    # default run: 4 time steps x 6 strategies (~10 min on 2 CPU cores)
-    python tic.py --smoke            # the same pipeline at tiny sizes (< 60 s)
+    python tic.py                    # default run: 4 time steps x 6 strategies (about 4 CPU-minutes at 1 thread)
+    python tic.py --smoke            # the same pipeline at tiny sizes (< 30 s CPU)
+    python tic.py --seeds=0,1,2      # the default per seed -> seeds.json, sweep.png, a verdict per EFFECTS entry
     python tic.py --strategies=sequential,cumulative_all --steps=200
     python tic.py --data=/data/tic   # one sub-folder of tar shards per time step (sorted), or shards whose
                                      # KEY.json has a "year" field, grouped by --time_steps

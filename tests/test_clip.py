@@ -42,6 +42,18 @@ def test_smoke_learns(tmp_path):
     # zero-shot shape accuracy is not asserted here: 60 steps are too few for the text tower to tie the bare class
     # prompts to shapes (below chance); the default run's number is in the README
     assert r["chance"] == 0.1 and r["majority"] > 0.1  # 10 world shapes, scored on real labels
+    # the attribute probe: every attribute the captions name, its chance the mean of 1 / classes
+    p_ = r["attribute_probe"]
+    assert set(p_["per_attribute"]) == {"shape", "color", "size", "texture"}
+    assert p_["chance"] == pytest.approx((1 / 10 + 1 / 9 + 1 / 3 + 1 / 5) / 4)
+    assert p_["acc"] == pytest.approx(sum(p_["per_attribute"].values()) / 4)
+    sys.path.insert(0, str(ROOT))
+    import clip
+    from common.seeds import summarize
+    rows = summarize({0: r, 1: r}, clip.EFFECTS)  # every effect's keys exist; identical seeds: SE 0, d = a - bar
+    bar = max(2 * p_["chance"], p_["majority"] + 0.15)
+    assert rows[2]["d_values"] == [pytest.approx(p_["acc"] - bar)] * 2
+    assert rows[2]["verdict"] == ("shown" if p_["acc"] > bar else "not shown")
     rows = _rows(out)
     assert rows[-1]["step"] == 60 and rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((out / "config.json").read_text())["smoke"] is True
