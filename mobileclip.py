@@ -98,7 +98,7 @@ class Config:
     smoke: bool = False  # tiny run (< 45 s) for tests; the fields in SMOKE not given on the command line
 
 
-SMOKE = dict(n_train=256, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=20, k_aug=2,
+SMOKE = dict(n_train=160, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=20, k_aug=2,
              dense_steps=40, warmup=5, log_every=10, teacher_widths="144,136", teacher_batch=32)
 
 
