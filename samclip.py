@@ -110,8 +110,8 @@ class Config:
     eval_split: str = "test"  # test | val: score on val images after the first n_probe (the offline lr sweep, docs)
     zoo_lr: float = 0.0  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
     noreplay_lr: float = 0.0  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr
-    bg_thresholds: str = "0,0.3,0.5,0.7,0.8,0.9,0.95"  # coarse zero-shot seg: pixels whose top class probability is
-    # below tau are background; tau is chosen from these on the val images (0: plain argmax)
+    bg_thresholds: str = "0,0.3,0.5,0.7,0.9,0.95,0.98,0.99"  # coarse zero-shot seg: a pixel whose top class
+    # probability is below tau is background; tau is chosen from these on the val images (0: plain argmax)
     clip_teacher: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as SAM-CLIP's CLIP teacher (not trained)
     bpe: str = ""  # --clip_teacher: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for its tokenizer (else world's)
     quick_gelu: str = "auto"  # --clip_teacher: auto (QuickGELU for OpenAI-format keys) | true | false
