@@ -731,8 +731,9 @@ def eval_prompted(sam_fn, te, pairs, dev):
 def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, tau=0.0, bs=128):
     """SAM-CLIP sec. 4 zero-shot segmentation -> coarse, refined (n, H, W) uint8. Coarse: argmax of per-patch CLIP-head
     embeddings . text classifier (K, E) (row 0 background), upsampled; a pixel whose top probability is below tau is
-    background (the usual background threshold of zero-shot segmentation; tau is chosen on val images). Refined: per class found, up to n_points SAM
-    prompts at its most confident uncovered pixel paint their masks; pixels no mask claims are background."""
+    background (the usual background threshold of zero-shot segmentation; tau is chosen on val images).
+    Refined: per class found, up to n_points SAM prompts at its most confident uncovered pixel paint their masks;
+    pixels no mask claims are background."""
     S = te["images"].shape[1]
     coarse, fine = [], []
     for j in range(0, len(te["images"]), bs):
@@ -972,7 +973,8 @@ def main(argv=None):
             f, fv = run(img_fn), run(img_fn, va["images"])
             for a, (y, nm, T) in tasks.items():
                 if clip is not None:
-                    res[f"{key}_zeroshot_acc_{a}"] = zero_shot_accuracy(f, zero_shot_classifier(clip, tk, nm, T, dev), y)
+                    clf = zero_shot_classifier(clip, tk, nm, T, dev)
+                    res[f"{key}_zeroshot_acc_{a}"] = zero_shot_accuracy(f, clf, y)
                 res[f"{key}_probe_acc_{a}"] = linear_probe(fv, va_tasks[a][0], f, y, num_classes=len(nm))
             for m in ("zeroshot_acc", "probe_acc") if clip is not None else ("probe_acc",):
                 res[f"{key}_{m}"] = float(np.mean([res[f"{key}_{m}_{a}"] for a in tasks]))
