@@ -101,6 +101,8 @@ class Config:
     h_batch: int = 256  # global batch of training features for h
     h_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # AdamW peak lr grid for h (weight decay 3e-5 as in FCT):
     #                     every loss trains one h per lr and keeps the one with the best val new/h(old) mAP
+    h_lr_extend: int = 2  # while a loss's best val lr is at an edge of its grid, add the next x3 lr there (at most
+    #                       this many per side; the same rule for every loss, so equal tuning effort)
     ce_weight: float = 1.0  # lambda: weight of the point-to-cluster cross-entropy
     losses: str = "l2,fastfill"  # comma list of h losses to train and evaluate (l2_ce: the point-to-cluster ablation)
     policies: str = "random,entropy,uncertainty,oracle"  # comma list of backfilling orders
@@ -119,7 +121,7 @@ class Config:
 
 
 # --smoke: tiny sizes, the same pipeline end to end, in its own --out (fields given on the command line win)
-SMOKE = dict(n_train=2000, n_test=400, n_val=300, h_lrs=(3e-3, 1e-2), old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
+SMOKE = dict(n_train=2000, n_test=400, n_val=300, h_lrs=(3e-3, 1e-2), h_lr_extend=0, old_epochs=6, new_epochs=8, h_epochs=10, old_width=8, new_width=16, new_extra=0,
              batch_size=64, n_alpha=11, out="runs/fastfill_smoke")
 
 
@@ -292,6 +294,19 @@ def alignment_loss(mu, s, f_new, y, W, b, kind, ce_weight):
 # --------------------------------------------------------------------------------------------------------------
 # Training: every stage is one common.train.fit (AdamW + cosine, DDP, autocast, resumable mid-stage).
 # --------------------------------------------------------------------------------------------------------------
+def extend_grid(grid, best, extended, max_extend):
+    """The next lr to try when the best val lr `best` sits at an edge of the sorted `grid` (x3 past it), counting the
+    extensions per side in `extended` ({"low": n, "high": n}, updated); None when best is interior, the grid has one
+    point, or that side already has max_extend extensions. (The same rule as subclone.py's lr grid.)"""
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    side = "high" if best == grid[-1] else "low"
+    if extended[side] >= max_extend:
+        return None
+    extended[side] += 1
+    return float(f"{(grid[-1] * 3 if side == 'high' else grid[0] / 3):.3g}")
+
+
 def fingerprint(cfg, *keys, **extra):
     """What a stage's result depends on: fit reuses a finished checkpoint only when this matches."""
     return {**{k: getattr(cfg, k) for k in keys}, **extra}
@@ -600,10 +615,11 @@ def main(argv=None):
 
     # 4. one transformation h per (loss variant, lr of --h_lrs), on the frozen training features (FCT-style); each
     #    loss keeps the h whose val new/h(old) mAP is best: the same grid and rule for every loss (equal effort)
-    hs, val_map, best_lr = {}, {}, {}
+    hs, val_map, best_lr, grids = {}, {}, {}, {}
     for kind in losses:
-        val_map[kind] = {}
-        for lr in sorted(cfg.h_lrs):
+        val_map[kind], grid, ext, todo = {}, [], {"low": 0, "high": 0}, sorted(cfg.h_lrs)
+        while todo:
+            lr = todo.pop(0)
             t = time.time()
             mk = [k for r in ("old", "new") if r not in loaded for k in model_keys[r]]  # loaded model: its file
             fp = fingerprint(cfg, *data_keys, *mk, "h_hidden", "h_epochs", "h_batch", "ce_weight", loss=kind, h_lr=lr,
@@ -621,7 +637,12 @@ def main(argv=None):
                                                              cfg.distance, batch=cfg.eval_batch)["map"]
             if kind not in hs or val_map[kind][f"{lr:g}"] > val_map[kind][f"{best_lr[kind]:g}"]:
                 hs[kind], best_lr[kind] = h, lr
+            grid = sorted(grid + [lr])
             timing[f"h_{kind}_lr{lr:g}"] = time.time() - t
+            if not todo:  # the best val lr must be interior: one more x3 step past an edge best (extend_grid)
+                nxt = extend_grid(grid, best_lr[kind], ext, cfg.h_lr_extend)
+                todo = [nxt] if nxt is not None else []
+        grids[kind] = grid
 
     # 5. evaluation: per loss, h(old) features, uncertainty and new-classifier logits of the test gallery; then the
     #    backfilling curves of every (loss, policy) pair, split across ranks and summed back (rank 0 writes)
@@ -663,7 +684,7 @@ def main(argv=None):
            "chance_acc": 1.0 / C, "majority_acc": float(freq.max() / len(y_te)), "chance_acc_old": 1.0 / C_old,
            "majority_acc_old": float(torch.bincount(y_te[seen], minlength=C_old).max() / max(1, int(seen.sum()))),
            "h_lr_val_map": val_map, "h_best_lr": best_lr, "n_val": len(y_va),
-           "h_best_lr_interior": {k: min(cfg.h_lrs) < v < max(cfg.h_lrs) for k, v in best_lr.items()}}
+           "h_lr_grid": grids, "h_best_lr_interior": {k: grids[k][0] < v < grids[k][-1] for k, v in best_lr.items()}}
     for r in loaded:  # which checkpoint each loaded model is (absent: trained here); its accuracies are zero-shot's
         res[f"{r}_model"] = {k: v for k, v in loaded[r][2].items() if k != "path"}
     curves, ends_exact = {kind: {} for kind in losses}, True
