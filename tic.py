@@ -93,7 +93,9 @@ class Config:
     batch_size: int = 64  # global batch (split over torchrun ranks)
     lr: float = 2e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
-    strategy_lr: str = ""  # per-strategy peak lr overrides "name=lr,..." (else lr / warm_lr; a val sweep, docs/tic.md)
+    strategy_lr: str = ("restart=1e-3,oracle=1e-3,sequential=5e-4,cumulative_all=1e-3,cumulative_exp=5e-4,"
+                        "cumulative_equal=1e-3")  # per-strategy peak lr "name=lr,..." chosen on the val split
+    # (docs/tic.md); a strategy not named takes lr / warm_lr; ignored under --warm_start (all runs at --warm_lr)
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
     warm_start_warmup: int = 0  # warm-up steps after a warm start (the official scripts pass --warmup 0)
@@ -590,7 +592,7 @@ def main(argv=None):
                 # warm starts: their own peak lr (--warm_lr; docs/tic.md says why), no warm-up (the official --warmup 0)
                 lr, warmup = (cfg.warm_lr or cfg.lr, cfg.warm_start_warmup) if warm or base is not None else \
                     (cfg.lr, cfg.warmup)
-                if name != "step1" and strat in strategy_lr:  # this strategy's own lr from the val sweep (docs)
+                if name != "step1" and strat in strategy_lr and base is None:  # its own lr from the val sweep
                     lr = strategy_lr[strat]
                 fps[name] = {**shared, "budget": budget, "fractions": fractions, "lr": lr, "warmup": warmup,
                              "lwf_weight": cfg.lwf_weight if teacher is not None else None,

@@ -176,8 +176,8 @@ def test_fixed_budget_and_learning(tmp_path):
 def test_stage_reuse_by_fingerprint(tmp_path):
     """A finished run is reused while its fingerprint matches: the warm-start lr changes only warm runs; the
     from-scratch lr changes step 1 and with it every run warm-started from it; --retrain trains everything again."""
-    args = [f"--out={tmp_path}", *TINY, "--steps=4", "--strategies=restart,sequential",
-            "--time_steps=2014-2017,2018-2022"]
+    args = [f"--out={tmp_path}", *TINY, "--steps=4", "--strategies=restart,sequential", "--strategy_lr=",
+            "--time_steps=2014-2017,2018-2022"]  # no per-strategy lr: --lr / --warm_lr alone
     runs = ("step1", "restart_t2", "sequential_t2")
 
     def trained(*extra):  # the runs whose checkpoint this invocation wrote
@@ -378,7 +378,8 @@ def test_restart_rows_strategy_lr_val_and_probe(tmp_path):
         assert p["acc"] == pytest.approx(sum(p["per_attribute"].values()) / 4)
         assert p["majority"] > p["chance"] - 1e-9
     res = tic.main(args + ["--restart_rows=all", "--strategy_lr=sequential=3e-4,restart=7e-4"])
-    assert res["restart"]["rows"] == [0, 1, 2] and res["restart"]["samples_seen"] == 3 * 4 * 16  # its step 1 is the shared run
+    # its step 1 is the shared run
+    assert res["restart"]["rows"] == [0, 1, 2] and res["restart"]["samples_seen"] == 3 * 4 * 16
     with pytest.raises(SystemExit, match="--strategy_lr"):
         tic.main(args + ["--strategy_lr=sequentail=1e-3"])
     with pytest.raises(SystemExit, match="--restart_rows"):
