@@ -5,15 +5,21 @@
      `reparameterize()` folds every train-time branch into one conv. `mci_tiny` / `mct_tiny`: the same blocks, 32 px.
   2. Multi-modal dataset reinforcement (sec. 3, DataCompDR): per image, synthetic captions of a CoCa-style captioner,
      k replayable augmentations with the image embeddings of 2 teacher CLIPs, and the teachers' text embeddings of
-     the ground-truth + synthetic captions, as tar shards built shard by shard over the ranks.
+     the ground-truth + synthetic captions, as tar shards in the released DataCompDR layout (common.datacompdr) built
+     shard by shard over the ranks. --teacher: real open_clip checkpoints instead of the miniature teachers.
   3. Reinforced training (sec. 3.2): L = (1 - lam) L_CLIP + lam L_KD against the teachers' stored similarities, no
-     teacher at train time; vs a CLIP baseline at equal seen samples.
+     teacher at train time; vs a CLIP baseline at equal seen samples. --reinforced: released DataCompDR shards
+     joined by key with --data's image shards, the stored augmentations replayed exactly.
   4. Quality captions (arXiv:2405.08911): the same CLIP on noisy alt-text vs on synthetic captions, zero-shot and
      with frozen-backbone dense probes (segmentation mIoU, depth RMSE) at 100% and 10% of the dense labels.
 Miniature (synthetic world, 32 px): the ground truth is the world's noisy alt-text (DataComp's), teachers and
-captioner learn from its accurate captions (the big pretrained CLIPs and CoCa), the student is a tiny MCi + MCt.
+captioner learn from its accurate captions (the big pretrained CLIPs and CoCa), the student is a tiny MCi + MCt;
+zero-shot and probes score the two attributes every caption names (the largest object's shape and colour).
 
-    python mobileclip.py [--smoke]       # teachers, captioner, reinforce, baseline/reinforced/quality (smoke: < 60 s)
+    python mobileclip.py [--smoke]       # teachers, captioner, reinforce, baseline/reinforced/quality (smoke: < 45 s)
+    python mobileclip.py --seeds=0,1,2   # the default run per seed, paired differences and verdicts (common/seeds.py)
+    python mobileclip.py --teacher=a.safetensors,b.safetensors [--bpe=bpe_simple_vocab_16e6.txt.gz] --data=...
+    python mobileclip.py --data='images-{00000..00127}.tar' --reinforced='dr-{00000..00127}.tar'   # DataCompDR
     python mobileclip.py reinforce|params   # only the reinforced shards | the encoder counts and reparameterization
     torchrun --nproc_per_node=2 mobileclip.py --data='shards/{split}'   # image-text shards (--holdout: one stream)
 Every stage (teachers, captioner, reinforced shards, students) is reused from --out while its fingerprint (the config
@@ -71,9 +77,9 @@ class Config:
     eval_split: str = "test"  # test | val: evaluate on n_test pairs of the val split (the learning-rate sweeps)
     batch_size: int = 64  # global batch of the students and the captioner (split over torchrun ranks)
     steps: int = 110  # optimizer steps of each student run (baseline, reinforced, quality)
-    lr: float = 2e-3  # peak learning rate of the baseline (AdamW, cosine); chosen on val (docs/mobileclip.md)
+    lr: float = 4e-3  # peak learning rate of the baseline (AdamW, cosine); chosen on val (docs/mobileclip.md)
     reinforced_lr: float = 2e-3  # peak learning rate of the reinforced student; chosen on val the same way
-    quality_lr: float = 2e-3  # peak learning rate of the quality-captions student; chosen on val the same way
+    quality_lr: float = 1e-3  # peak learning rate of the quality-captions student; chosen on val the same way
     weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases, embeddings, logit scale)
     warmup: int = 15  # linear warm-up steps
     reinforced: str = ""  # DataCompDR-layout shards (dr-{0000..0127}.tar) joined by key with --data's image shards

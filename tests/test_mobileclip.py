@@ -1,9 +1,11 @@
 """Tests for mobileclip.py: exact encoder parameter counts, reparameterization equivalence (with randomised BN
 statistics / layer scales so the check is not trivial), the KD loss against a hand computation and in fp32 under
-autocast, augmentation replay, the reinforced-shard round trip (written by for_each_shard, read back as a stream), one
-embed_dim for student, teachers and the stored embeddings, a 2-process torchrun smoke run on the world that must learn,
-and --smoke on exported world shards at another image size (1 process with bf16 autocast, 2 gloo processes) with its
-provenance block checked; the 1-process run again reuses every stage by fingerprint with identical results."""
+autocast, the reinforced-shard round trip in DataCompDR's released layout (the student's view = a stored entry
+replayed), one embed_dim for student, teachers and the stored embeddings, --teacher with open_clip checkpoints (the
+stored embeddings are each checkpoint's own embeddings of the replayed view), training from released-layout shards
+joined by key with image shards, a 2-process torchrun smoke run that must learn, and --smoke on exported world
+shards (1 process with bf16 autocast, 2 gloo processes) with its provenance block checked; the 1-process run again
+reuses every stage by fingerprint with identical results."""
 import io
 import json
 import math
