@@ -109,7 +109,7 @@ class Config:
     # expected effect (common/seeds.py)
     eval_split: str = "test"  # test | val: score on val images after the first n_probe (the offline lr sweep, docs)
     zoo_lr: float = 0.0  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
-    noreplay_lr: float = 0.0  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr
+    noreplay_lr: float = 1e-3  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr (docs)
     bg_thresholds: str = "0,0.3,0.5,0.7,0.9,0.95,0.98,0.99"  # coarse zero-shot seg: a pixel whose top class
     # probability is below tau is background; tau is chosen from these on the val images (0: plain argmax)
     clip_teacher: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as SAM-CLIP's CLIP teacher (not trained)
@@ -120,7 +120,7 @@ class Config:
 SMOKE = dict(width=32, layers=2, clip_width=32, clip_layers=2, n_train=400, n_distill=600, n_test=100, clip_steps=40,
              clip_batch=32, sam_steps=40, sam_batch=16, stage1_steps=10, stage2_steps=10, batch_size=16, replay_batch=8,
              n_probe=100, probe_steps=40, log_every=5, clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16,
-             expert_steps=20)
+             expert_steps=20, noreplay_lr=3e-3)
 
 
 def inputs(x):
