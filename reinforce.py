@@ -96,8 +96,8 @@ class Config:
     n_test: int = 1000  # held-out test images
     n_teacher: int = 5000  # images the teachers train on (a superset: DR's teachers saw far more data than ImageNet)
     width: int = 16  # student CNN width (channels of the first conv)
-    teacher_widths: str = "24,16"  # widths of the teacher ensemble members (>= 2, wider than the student)
-    teacher_epochs: int = 6  # teacher epochs over n_teacher images (steps = epochs x n / B; members share batches)
+    teacher_widths: str = "32,24"  # widths of the teacher ensemble members (>= 2, wider than the student)
+    teacher_epochs: int = 10  # teacher epochs over n_teacher images (steps = epochs x n / B; members share batches)
     teacher_aug: str = "light"  # light (crop + flip) | heavy (+ RandAugment, erasing, MixUp/CutMix): see docs
     teacher_weights: str = ""  # load a trained ensemble from this safetensors file instead of training one
     teacher: str = ""  # a.safetensors,b.safetensors: open_clip ViT CLIPs as zero-shot teachers (replace the CNNs)
@@ -117,10 +117,10 @@ class Config:
     label_smoothing: float = 0.1  # ERM baseline
     epochs: int = 30  # student epochs over n_train images (equal for ERM / ERM+RA / KD / DR)
     # per-arm peak lrs, each picked on the val split from the same grid (docs/reinforce.md, "Learning rates")
-    erm_lr: float = 3e-3  # ERM (crop + flip)
-    erm_ra_lr: float = 3e-3  # ERM + RandAugment (DR's own pipeline, drawn fresh): DR's fair baseline
-    kd_lr: float = 3e-3  # online KD
-    dr_lr: float = 3e-3  # DR
+    erm_lr: float = 1e-2  # ERM (crop + flip)
+    erm_ra_lr: float = 1e-2  # ERM + RandAugment (DR's own pipeline, drawn fresh): DR's fair baseline
+    kd_lr: float = 1e-2  # online KD
+    dr_lr: float = 1e-2  # DR
     n_val: int = 1000  # val images (after the pool in the val split): every arm's lr is chosen on them, never test
     merge_from: str = ""  # merge: comma-separated reinforced dirs to merge into {out}/reinforced
     # --- TOKT
@@ -129,8 +129,8 @@ class Config:
     n_pool: int = 3000  # mixed unlabelled pool (task and other classes) from the val split
     n_transfer: int = 600  # images per transfer set
     n_vfm: int = 5000  # images the VFM pretrains on (the whole world: every shape, task classes included)
-    vfm_width: int = 24  # VFM CNN width (the student's is `width`)
-    vfm_epochs: int = 6  # VFM pretraining epochs (multi-label BCE on the shapes and colours present)
+    vfm_width: int = 32  # VFM CNN width (the student's is `width`)
+    vfm_epochs: int = 8  # VFM pretraining epochs (multi-label BCE on the shapes and colours present)
     kd_epochs: int = 20  # distillation epochs over a transfer set (the scratch baseline adds their steps)
     kd_temp: float = 2.0  # softmax temperature of the adapted VFM's targets
     ft_steps: int = 60  # fine-tuning steps on the labels (full labelled batch each step)
