@@ -119,7 +119,7 @@ class Config:
     # per-arm peak lrs, each picked on the val split from the same grid (docs/reinforce.md, "Learning rates")
     erm_lr: float = 1e-2  # ERM (crop + flip)
     erm_ra_lr: float = 1e-2  # ERM + RandAugment (DR's own pipeline, drawn fresh): DR's fair baseline
-    kd_lr: float = 1e-2  # online KD
+    kd_lr: float = 3e-2  # online KD
     dr_lr: float = 1e-2  # DR
     n_val: int = 1000  # val images (after the pool in the val split): every arm's lr is chosen on them, never test
     merge_from: str = ""  # merge: comma-separated reinforced dirs to merge into {out}/reinforced
@@ -139,7 +139,7 @@ class Config:
     task_ft_lr: float = 1e-3  # fine-tune after task-oriented distillation
     agnostic_kd_lr: float = 3e-3  # task-agnostic feature distillation
     agnostic_ft_lr: float = 1e-3  # fine-tune after task-agnostic distillation
-    scratch_lr: float = 3e-3  # scratch baseline (one fit on the labels)
+    scratch_lr: float = 1e-3  # scratch baseline (one fit on the labels)
     seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per expected effect (common/seeds.py)
 
 
