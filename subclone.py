@@ -744,7 +744,7 @@ def clone_cmd(cfg, dist):
 def main(argv=None):
     cfg = parse_config(Config, argv, commands=COMMANDS, presets={"smoke": SMOKE})
     if cfg.seeds:
-        if cfg._command != "run" or cfg.models != "vit,gpt":
+        if cfg._command not in (None, "run") or cfg.models != "vit,gpt":  # (no command given: run)
             raise ValueError("--seeds runs the default experiment: the run command with --models=vit,gpt")
         return run_seeds(main, argv, cfg, EFFECTS)
     kinds = [k.strip() for k in cfg.models.split(",") if k.strip()]

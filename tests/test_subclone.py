@@ -198,6 +198,17 @@ def test_extend_grid():
     assert S.extend_grid([3e-3], 3e-3, {"low": 0, "high": 0}, 2) is None  # --lr: one point, nothing to extend
 
 
+def test_seeds_flag_checks(monkeypatch):
+    """--seeds reaches run_seeds for the default command (none given, or run), and is refused with clone or one model."""
+    calls = []
+    monkeypatch.setattr(S, "run_seeds", lambda main, argv, cfg, effects: calls.append((argv, effects)) or "ok")
+    assert S.main(["--seeds=0,1"]) == "ok" and S.main(["run", "--seeds=0,1"]) == "ok" and len(calls) == 2
+    assert calls[0][1] is S.EFFECTS
+    for argv in (["clone", "--seeds=0,1"], ["--seeds=0,1", "--models=vit"]):
+        with pytest.raises(ValueError, match="--seeds"):
+            S.main(argv)
+
+
 def test_effects_read_the_results():
     """Every EFFECTS key exists in a results dict shaped like run_model's, and the verdict follows the sign."""
     from common.seeds import summarize
