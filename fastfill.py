@@ -57,7 +57,8 @@ from common.losses import fp32_logits
 from common.models import clip_from_state_dict
 from common.plot import line_plot, panel
 from common.tokenizer import tokenizer_for
-from common.train import TrainConfig, all_gather_rows, all_reduce, file_id, fit, seed_all, start_run
+from common.train import (TrainConfig, all_gather_rows, all_reduce, extend_grid, file_id, fit, seed_all,
+                          start_run)
 from common.transforms import eval_transform
 from common.world import TEMPLATES, World, class_names
 
@@ -294,19 +295,6 @@ def alignment_loss(mu, s, f_new, y, W, b, kind, ce_weight):
 # --------------------------------------------------------------------------------------------------------------
 # Training: every stage is one common.train.fit (AdamW + cosine, DDP, autocast, resumable mid-stage).
 # --------------------------------------------------------------------------------------------------------------
-def extend_grid(grid, best, extended, max_extend):
-    """The next lr to try when the best val lr `best` sits at an edge of the sorted `grid` (x3 past it), counting the
-    extensions per side in `extended` ({"low": n, "high": n}, updated); None when best is interior, the grid has one
-    point, or that side already has max_extend extensions. (The same rule as subclone.py's lr grid.)"""
-    if len(grid) < 2 or grid[0] < best < grid[-1]:
-        return None
-    side = "high" if best == grid[-1] else "low"
-    if extended[side] >= max_extend:
-        return None
-    extended[side] += 1
-    return float(f"{(grid[-1] * 3 if side == 'high' else grid[0] / 3):.3g}")
-
-
 def fingerprint(cfg, *keys, **extra):
     """What a stage's result depends on: fit reuses a finished checkpoint only when this matches."""
     return {**{k: getattr(cfg, k) for k in keys}, **extra}

@@ -61,7 +61,8 @@ from common.losses import fp32_logits
 from common.models import TextTransformer, VisionTransformer
 from common.plot import line_plot, panel
 from common.tokenizer import world_tokenizer
-from common.train import TrainConfig, broadcast_json, fit, load_weights, save_weights, seed_all, start_run
+from common.train import (TrainConfig, broadcast_json, extend_grid, fit, load_weights, save_weights, seed_all,
+                          start_run)
 from common.transforms import eval_transform
 from common.world import SHAPES, World
 
@@ -556,19 +557,6 @@ def steps_to(curve, target):
         if l1 <= target:
             return float(s1) if l0 <= target or s1 == s0 else s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
     return None
-
-
-def extend_grid(grid, best, extended, max_extend):
-    """The next lr to try when the best val lr `best` sits at an edge of the sorted `grid` (x3 past it), counting the
-    extensions per side in `extended` ({"low": n, "high": n}, updated); None when best is interior, the grid has one
-    point (--lr), or that side already has max_extend extensions."""
-    if len(grid) < 2 or grid[0] < best < grid[-1]:
-        return None
-    side = "high" if best == grid[-1] else "low"
-    if extended[side] >= max_extend:
-        return None
-    extended[side] += 1
-    return float(f"{(grid[-1] * 3 if side == 'high' else grid[0] / 3):.3g}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -232,6 +232,20 @@ def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
 # checkpoints (safetensors only: no pickle anywhere)
 
 
+def extend_grid(grid, best, extended, max_extend):
+    """Learning rates chosen on validation data with the same effort for every arm: the next lr to try when the best
+    val lr `best` sits at an edge of the sorted `grid` (x3 past it), counting the extensions per side in `extended`
+    ({"low": n, "high": n}, updated); None when best is interior, the grid has one point (--lr), or that side
+    already has max_extend extensions. fastfill.py and subclone.py apply it to every arm alike."""
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    side = "high" if best == grid[-1] else "low"
+    if extended[side] >= max_extend:
+        return None
+    extended[side] += 1
+    return float(f"{(grid[-1] * 3 if side == 'high' else grid[0] / 3):.3g}")
+
+
 def unwrap(model):
     """Strip DDP (.module) and torch.compile (._orig_mod) wrappers."""
     while True:

@@ -198,15 +198,6 @@ def test_uncertainty_head_does_not_shape_h_for_l2():
 
 
 # ---------------------------------------------------------------- end to end (2 processes, gloo)
-def test_extend_grid():
-    ext = {"low": 0, "high": 0}
-    assert ff.extend_grid([1e-3, 3e-3, 1e-2], 3e-3, ext, 2) is None and ext == {"low": 0, "high": 0}  # interior
-    assert ff.extend_grid([1e-3, 3e-3, 1e-2, 3e-2], 3e-2, ext, 2) == 0.09 and ext["high"] == 1
-    assert ff.extend_grid([1e-3, 3e-3, 3e-2, 9e-2], 9e-2, ext, 2) == 0.27 and ext["high"] == 2
-    assert ff.extend_grid([1e-3, 0.27], 0.27, ext, 2) is None  # the cap per side
-    assert ff.extend_grid([1e-3, 3e-3], 1e-3, ext, 2) == 0.000333 and ext["low"] == 1
-
-
 def test_effects_follow_the_paper_direction():
     """The FastFill effects compare the right arms: better numbers for the paper's arm give 'shown', swapped ones not."""
     from common.seeds import summarize

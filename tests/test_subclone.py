@@ -188,16 +188,6 @@ def check_results(res, kinds):
         assert r["target_loss"] == sweep[f"{r['best_lr']['random']:g}"]  # the random-init run's final val loss
 
 
-def test_extend_grid():
-    ext = {"low": 0, "high": 0}
-    assert S.extend_grid([1e-3, 3e-3, 1e-2], 3e-3, ext, 2) is None and ext == {"low": 0, "high": 0}  # interior
-    assert S.extend_grid([1e-3, 3e-3, 1e-2], 1e-2, ext, 2) == 0.03 and ext["high"] == 1
-    assert S.extend_grid([1e-3, 3e-3, 1e-2, 3e-2], 3e-2, ext, 2) == 0.09 and ext["high"] == 2
-    assert S.extend_grid([1e-3, 3e-3, 1e-2, 3e-2, 9e-2], 9e-2, ext, 2) is None  # the cap per side
-    assert S.extend_grid([1e-3, 3e-3], 1e-3, ext, 2) == 0.000333 and ext["low"] == 1
-    assert S.extend_grid([3e-3], 3e-3, {"low": 0, "high": 0}, 2) is None  # --lr: one point, nothing to extend
-
-
 def test_seeds_flag_checks(monkeypatch):
     """--seeds reaches run_seeds for the default command (none given, or run), and is refused with clone or one model."""
     calls = []

@@ -359,3 +359,14 @@ def test_seed_all_rank_dependent():
     b = torch.rand(3)
     seed_all(3, rank=0)
     assert torch.equal(a, torch.rand(3)) and not torch.equal(a, b)
+
+
+def test_extend_grid():
+    from common.train import extend_grid
+    ext = {"low": 0, "high": 0}
+    assert extend_grid([1e-3, 3e-3, 1e-2], 3e-3, ext, 2) is None and ext == {"low": 0, "high": 0}  # interior
+    assert extend_grid([1e-3, 3e-3, 1e-2], 1e-2, ext, 2) == 0.03 and ext["high"] == 1
+    assert extend_grid([1e-3, 3e-3, 1e-2, 3e-2], 3e-2, ext, 2) == 0.09 and ext["high"] == 2
+    assert extend_grid([1e-3, 3e-3, 1e-2, 3e-2, 9e-2], 9e-2, ext, 2) is None  # the cap per side
+    assert extend_grid([1e-3, 3e-3], 1e-3, ext, 2) == 0.000333 and ext["low"] == 1
+    assert extend_grid([3e-3], 3e-3, {"low": 0, "high": 0}, 2) is None  # --lr: one point, nothing to extend
