@@ -5,11 +5,8 @@ miniature on the synthetic world (no official code exists; recipe, deviations an
 --mode=merge: a SAM-shaped and a CLIP teacher become one ViT (SAM's encoder and head + a new CLIP head): stage 1 probes
 the head on the frozen backbone, stage 2 trains all with L_CLIP + lam * L_SAM on a SAM replay memory (ablation: no
 replay); zero-shot segmentation from the CLIP head, refined by SAM-head prompts. --mode=zoo: CLIP with extra dense heads
-on offline expert pseudo-labels vs plain CLIP (--mode=experts trains the experts). Every stage (fit checkpoint or shard
-folder) has a fingerprint: a finished stage with the same one is reused; --resume continues, --retrain rebuilds.
---clip_teacher=FILE.safetensors (an open_clip / OpenAI ViT CLIP, --bpe=merges) replaces the miniature CLIP teacher of
-the merge at its own image size and preprocessing; --seeds=0,1,2 runs the default once per seed with a verdict per
-expected effect (EFFECTS; common/seeds.py).
+on offline expert pseudo-labels vs plain CLIP (--mode=experts trains the experts). A finished stage with the same
+fingerprint is reused. --clip_teacher=FILE.safetensors (open_clip / OpenAI ViT CLIP) replaces the miniature teacher.
 
     python samclip.py --clip_teacher=ViT-B-16.safetensors --bpe=bpe_simple_vocab_16e6.txt.gz --mode=merge
 """
@@ -105,13 +102,11 @@ class Config:
     n_probe: int = 600  # val images the frozen dense probes train on
     probe_steps: int = 200  # dense probe optimizer steps
     smoke: bool = False  # tiny run (< 60 s) for tests
-    seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per
-    # expected effect (common/seeds.py)
+    seeds: str = ""  # e.g. 0,1,2: the default run once per seed -> seeds.json, sweep.png, verdicts (common/seeds.py)
     eval_split: str = "test"  # test | val: score on val images after the first n_probe (the offline lr sweep, docs)
     zoo_lr: float = 0.0  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
     noreplay_lr: float = 1e-3  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr (docs)
-    bg_thresholds: str = "0,0.3,0.5,0.7,0.9,0.95,0.98,0.99"  # coarse zero-shot seg: a pixel whose top class
-    # probability is below tau is background; tau is chosen from these on the val images (0: plain argmax)
+    bg_thresholds: str = "0,0.3,0.5,0.7,0.9,0.95,0.98,0.99"  # zero-shot seg background taus, chosen on val
     clip_teacher: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as SAM-CLIP's CLIP teacher (not trained)
     bpe: str = ""  # --clip_teacher: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for its tokenizer (else world's)
     quick_gelu: str = "auto"  # --clip_teacher: auto (QuickGELU for OpenAI-format keys) | true | false
@@ -305,9 +300,8 @@ class ZooCLIP(nn.Module):
 
 
 class Teacher:
-    """SAM-CLIP's CLIP teacher: the miniature (a trained ZooCLIP, world tokenizer, inputs()) or an open_clip checkpoint
-    (--clip_teacher) at its own image size and preprocessing, eval_transform(**model.preprocess), and its tokenizer.
-    images(x): uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] at any size -> embeddings (B, embed_dim)."""
+    """SAM-CLIP's CLIP teacher: the miniature (a trained ZooCLIP) or an open_clip checkpoint (--clip_teacher) with its
+    own preprocessing and tokenizer. images(x): uint8 (B, H, W, 3) or float (B, 3, H, W) -> (B, embed_dim)."""
 
     def __init__(self, clip, tok, prep=None):
         self.clip, self.tok, self.prep = clip, tok, prep
@@ -315,17 +309,15 @@ class Teacher:
 
     def images(self, x):
         if self.prep is not None:  # per image, like open_clip's transform (uint8: the exact PIL path)
-            dev = x.device
-            x = torch.stack([self.prep(a.cpu().numpy() if a.dtype == torch.uint8 else a.cpu()) for a in x]).to(dev)
+            x = torch.stack([self.prep(a.cpu().numpy() if a.dtype == torch.uint8 else a.cpu()) for a in x]).to(x.device)
         else:
             x = inputs(x)
         return self.clip.encode_image(x)
 
 
 def load_clip_teacher(cfg):
-    """--clip_teacher: (Teacher on the CPU, fingerprint entry of the file). Sizes, image size and context length come
-    from the file's shapes (common.models); the tokenizer is CLIP's BPE from --bpe, else the world's when the
-    checkpoint's vocabulary is exactly the world's. Bad files raise common.convert.CheckpointError naming the file."""
+    """--clip_teacher -> (Teacher on the CPU, fingerprint, preprocess); sizes from the file's shapes, the tokenizer
+    from --bpe (else the world's if the vocabularies match); bad files raise common.convert.CheckpointError."""
     from common.models import load_clip_checkpoint
     from common.tokenizer import tokenizer_for
     from common.train import file_id
@@ -477,8 +469,7 @@ DEPENDS = {  # stage -> the fields besides ARCH its result depends on, those of 
 
 
 def prepare(cfg, dist, name, ext=""):
-    """Stage `name`'s output in --out and its fingerprint, the config values its result depends on (fit and
-    for_each_shard reuse a finished stage only when they match); --retrain removes the output first."""
+    """Stage `name`'s output path and fingerprint (the config values its result depends on); --retrain removes it."""
     path = os.path.join(cfg.out, name + ext)
     if cfg.retrain and dist.is_master and os.path.exists(path):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -562,8 +553,7 @@ def train_sam(cfg, dist, src):
 
 
 def dclip_shard(teacher, S, dev):
-    """for_each_shard builder of D_CLIP: every image (png at S px) with its CLIP-teacher embedding (emb.npy), the
-    teacher seeing the image at its own size and preprocessing (Teacher.images)."""
+    """for_each_shard builder of D_CLIP: every image (png at S px) with its CLIP-teacher embedding (emb.npy)."""
     @torch.no_grad()
     def build(samples):
         for c in chunks((resized(s, S, ("image",)) for s in samples), 256):
@@ -600,8 +590,7 @@ def replay_shard(cfg, sam, dev):
 
 def merge(cfg, dist, sam, dclip, replay_src, stage, replay, init=None, E=None):
     """Stage 1: frozen backbone and SAM head, the CLIP head learns 1 - cos to the teacher on D_CLIP. Stage 2: all
-    trainable (backbone lr x backbone_lr_scale), L_CLIP + lam * L_SAM on the replay memory (replay=False: L_CLIP, at
-    noreplay_lr). E: the teacher's embedding width (default clip_width, the miniature teacher's)."""
+    trainable (backbone lr x backbone_lr_scale), L_CLIP + lam * L_SAM on replay (replay=False: L_CLIP, noreplay_lr)."""
     seed_all(cfg.seed)
     st = SAMCLIP(cfg, E or cfg.clip_width).to(dist.device)
     if init is None:  # SAM-CLIP sec. 3: backbone and SAM head from SAM, CLIP head from scratch
@@ -649,8 +638,7 @@ def merge(cfg, dist, sam, dclip, replay_src, stage, replay, init=None, E=None):
 
 def zoo_shard(cfg, experts, K, dev):
     """for_each_shard builder of the zoo paper's offline pseudo-labels (sec. 3): png, txt, seg.png, depth / normals.npy
-    (fp16). seg / depth from experts[kind], else the sample's maps made imperfect (seg_noise of the pixels a random
-    class; depth * exp(depth_noise * N(0,1)) per image * exp(depth_noise/2 * N(0,1)) per pixel); normals from depth."""
+    (fp16); seg / depth from experts[kind], else the sample's maps with noise; normals from the depth."""
     @torch.no_grad()
     def build(samples):
         for c in chunks((resized(s, cfg.image_size, ("image", "seg", "depth")) for s in samples), 256):
@@ -678,8 +666,7 @@ def zoo_shard(cfg, experts, K, dev):
 
 
 def train_expert(cfg, dist, src, kind, K):
-    """--mode=experts: a seg expert (pixel CE over K classes) or a depth expert (log depth, Eigen's si-log with
-    lam = 0.5, which keeps the global scale) on the data's own seg.png / depth.npy, to label data without them."""
+    """--mode=experts: a seg (pixel CE) or depth expert (si-log, lam = 0.5 keeps the scale) on the data's maps."""
     seed_all(cfg.seed)
     model, name = Expert(cfg, K if kind == "seg" else 1).to(dist.device), f"expert_{kind}"
 
@@ -730,10 +717,8 @@ def eval_prompted(sam_fn, te, pairs, dev):
 @torch.no_grad()
 def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, tau=0.0, bs=128):
     """SAM-CLIP sec. 4 zero-shot segmentation -> coarse, refined (n, H, W) uint8. Coarse: argmax of per-patch CLIP-head
-    embeddings . text classifier (K, E) (row 0 background), upsampled; a pixel whose top probability is below tau is
-    background (the usual background threshold of zero-shot segmentation; tau is chosen on val images).
-    Refined: per class found, up to n_points SAM prompts at its most confident uncovered pixel paint their masks;
-    pixels no mask claims are background."""
+    embeddings . text classifier (K, E) (row 0 background), top probability < tau -> background (tau chosen on val).
+    Refined: per class, up to n_points SAM point prompts at its most confident uncovered pixel paint their masks."""
     S = te["images"].shape[1]
     coarse, fine = [], []
     for j in range(0, len(te["images"]), bs):
@@ -792,20 +777,14 @@ EFFECTS = [  # the papers' claims (directions; the figures are the papers'), the
            paper="CLIP meets Model Zoo Experts: NYUv2 depth RMSE improves with depth pseudo-labels"),
     Effect("zoo: zero-shot within 1 pt of plain CLIP (own text towers)", "zoo_zeroshot_acc", "clip_zeroshot_acc",
            margin=.01, paper="CLIP meets Model Zoo Experts: gains 'without compromising' zero-shot classification"),
-    Effect("CLIP teacher probe >= max(2 chance, majority + .15)", "clip_teacher_probe_acc", REPR,
-           paper="(representation check)"),
-    Effect("merged probe >= max(2 chance, majority + .15)", "merged_probe_acc", REPR, paper="(representation check)"),
-    Effect("plain CLIP probe >= max(2 chance, majority + .15)", "clip_probe_acc", REPR, paper="(representation check)"),
-    Effect("zoo probe >= max(2 chance, majority + .15)", "zoo_probe_acc", REPR, paper="(representation check)"),
-    Effect("plain CLIP dense probe >= max(2 chance, all-bg + .15)", "clip_dense_miou", DENSE_REPR,
-           paper="(representation check, seg maps)"),
-    Effect("zoo dense probe >= max(2 chance, all-bg + .15)", "zoo_dense_miou", DENSE_REPR,
-           paper="(representation check, seg maps)")]
+    *[Effect(f"{n} probe >= max(2 chance, majority + .15)", f"{k}_probe_acc", REPR, paper="(representation check)")
+      for n, k in (("CLIP teacher", "clip_teacher"), ("merged", "merged"), ("plain CLIP", "clip"), ("zoo", "zoo"))],
+    *[Effect(f"{n} dense probe >= max(2 chance, all-bg + .15)", f"{k}_dense_miou", DENSE_REPR,
+             paper="(representation check, seg maps)") for n, k in (("plain CLIP", "clip"), ("zoo", "zoo"))]]
 
 
 def single_run_effects(res):
-    """Per effect of this one run: d = sign * (a - b) + margin > 0, or "n/a" when a number it needs was not measured
-    (one run has no verdict: --seeds gives one from paired differences over seeds)."""
+    """Per effect of this one run: d = sign * (a - b) + margin > 0, or "n/a" when a number it needs is missing."""
     out = {}
     for e in EFFECTS:
         try:
@@ -819,9 +798,8 @@ COLOUR_TEMPLATES = [f"a {{}} {s}." for s in SHAPES]  # colour prompts: an ensemb
 
 
 def attributes(samples, names, world):
-    """The zero-shot / probe tasks {name: (labels, class names, templates)}: the largest object's shape (the label);
-    on the world also its colour (label_fine = shape * len(COLORS) + colour), the two attributes every caption names
-    for it. Reported as the mean accuracy over them (issue #18 item 2) and per attribute."""
+    """The zero-shot / probe tasks {name: (labels, class names, templates)}: the largest object's shape; on the world
+    also its colour (label_fine % len(COLORS)), the two attributes every caption names (issue #18 item 2)."""
     tasks = {"shape": (np.array([s["label"] for s in samples]), names, TEMPLATES)}
     if world:
         tasks["colour"] = (np.array([s["label_fine"] % len(COLORS) for s in samples]), COLORS, COLOUR_TEMPLATES)
@@ -967,9 +945,8 @@ def main(argv=None):
         res["chance_zeroshot_acc"] = res["chance"]
 
         def score(key, img_fn, clip=None, tk=None):
-            """{key}_zeroshot_acc (mean over the attributes, each in {key}_zeroshot_acc_{attribute}) with the text
-            tower of `clip` (the model's own space), and {key}_probe_acc: a linear probe on the same image
-            embeddings, trained on the val images, tested on the scored ones (mean over the attributes)."""
+            """{key}_zeroshot_acc[_{attribute}] with `clip`'s text tower, and {key}_probe_acc[_{attribute}]: a
+            linear probe on the same image embeddings, trained on val, tested on the scored images."""
             f, fv = run(img_fn), run(img_fn, va["images"])
             for a, (y, nm, T) in tasks.items():
                 if clip is not None:
