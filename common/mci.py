@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.models import Block, TextTransformer
+from common.models import Block, TextTransformer, _n_blocks
 from kernels.attention import attention
 
 # 1. Encoders (paper sec. 4; reference: ml-mobileclip mobileclip/models/mci.py, modules/common/mobileone.py,
@@ -434,14 +434,6 @@ def fold_like(model, keys):
     return model
 
 
-def _n_idx(keys, prefix):
-    idx = {int(k[len(prefix):].split(".")[0]) for k in keys
-           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"{prefix}* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
-    return len(idx)
-
-
 def infer_mci_config(sd, prefix=""):
     """MCi(**cfg) for a timm fastvit_mci* state dict (keys `prefix + stem.0...`), from the shapes only: stages and
     blocks per stage (counted), widths and mlp ratio (blocks.0.mlp.fc1: (hidden, C, 1, 1)), attention stages
@@ -454,11 +446,11 @@ def infer_mci_config(sd, prefix=""):
     if stem is None:
         raise KeyError(f"not a timm fastvit_mci trunk: no {prefix}stem.0.conv_kxk.0.conv.weight "
                        f"(or {prefix}stem.0.reparam_conv.weight)")
-    n = _n_idx(keys, "stages.")
+    n = _n_blocks(keys, "stages.")
     layers, dims, ratios, mixers, se_down = [], [], [], [], []
     for i in range(n):
         p = f"stages.{i}."
-        layers.append(_n_idx(keys, p + "blocks."))
+        layers.append(_n_blocks(keys, p + "blocks."))
         fc1 = p + "blocks.0.mlp.fc1.weight"
         if layers[-1] == 0 or fc1 not in keys:
             raise KeyError(f"{prefix}{fc1} missing: stage {i} has no blocks")

@@ -417,11 +417,11 @@ def load_openclip_state_dict(model, sd):
 
 
 def _n_blocks(keys, prefix):
-    """Number of blocks `prefix{i}.` in keys; they must be numbered 0..L-1."""
+    """Number of numbered entries `prefix{i}.` in keys (ViT blocks, MCi stages and their blocks); 0..L-1 required."""
     idx = {int(k[len(prefix):].split(".")[0]) for k in keys
            if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
     if idx != set(range(len(idx))):
-        raise ValueError(f"blocks {prefix}* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
+        raise ValueError(f"{prefix}* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
     return len(idx)
 
 
