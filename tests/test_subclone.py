@@ -204,13 +204,25 @@ def test_effects_read_the_results():
     from common.seeds import summarize
     def res(sub, rnd, ri):
         r = {"child_init_loss": {"subclone": sub, "random": rnd}, "steps_to_target_censored":
-             {"subclone": 10.0, "random_indices": ri}, "speedup_censored": 250 / 10.0, "log10_best_lr":
-             {"subclone": -3.0, "random": -2.5}, "parent_acc": 0.6, "chance": 0.1, "majority": 0.2}
+             {"subclone": 10.0, "random_indices": ri}, "mean_val_loss": {"subclone": sub - 0.5, "random_indices":
+             sub - 0.5 + (ri - 20.0) / 100}, "speedup_censored": 250 / 10.0, "log10_best_lr":
+             {"subclone": -3.0 + (ri - 20.0) / 100, "random": -2.5}, "parent_acc": 0.6, "chance": 0.1,
+             "majority": 0.2}
         return {"vit": r, "gpt": r}
     rows = summarize({0: res(2.0, 2.5, 30.0), 1: res(2.1, 2.4, 35.0), 2: res(2.0, 2.45, 40.0)}, S.EFFECTS)
     assert [r["verdict"] for r in rows] == ["shown"] * len(S.EFFECTS)
     rows = summarize({0: res(2.6, 2.5, 5.0), 1: res(2.5, 2.4, 6.0), 2: res(2.5, 2.45, 7.0)}, S.EFFECTS)
-    assert [r["verdict"] for r in rows][:4] == ["not shown"] * 4  # subclone worse than random: not shown
+    verdict = {r["effect"]: r["verdict"] for r in rows}
+    for e in S.EFFECTS:  # subclone worse than random init / random indices: not shown; the rest unchanged
+        want = "shown" if "speed-up" in e.name or "parent" in e.name or "lr below" in e.name else "not shown"
+        assert verdict[e.name] == want, (e.name, verdict[e.name])
+
+
+def test_curve_mean():
+    """The mean val loss of a curve is its trapezoid area over the steps divided by the steps it spans."""
+    curve = [[0, 3.0, 0], [10, 1.0, 0], [30, 1.0, 0]]
+    assert S.curve_mean(curve) == pytest.approx((10 * 2.0 + 20 * 1.0) / 30)
+    assert S.curve_mean(curve, 1) == pytest.approx(1.0) and S.curve_mean(curve[:1]) == 3.0
 
 
 def test_smoke_learns(tmp_path):
