@@ -367,15 +367,23 @@ def summarize(M, rows=None):
 
 
 def probe_labels(samples):
-    """{attribute: labels} the linear probe reads. The world: the main (first) object's shape, colour and size and
-    the background texture, the attributes its captions name; other data: its class label; None without labels."""
+    """{attribute: labels} the linear probe reads. The world: the main object's shape, colour and size and the
+    background texture, the attributes its caption names first; other data: its class label; None without labels.
+    The main object is the world's: the visible one with the largest visible area (ties: the lower instance), the
+    caption's first object and the sample's `label`. `objects` is in painting order (back to front), so objects[0]
+    may be hidden behind the others."""
     if samples and all(x.get("objects") and "texture" in x for x in samples):
-        first = [x["objects"][0] for x in samples]
+        first = [main_object(x) for x in samples]
         return {"shape": [o["shape_id"] for o in first], "color": [o["color_id"] for o in first],
                 "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(x["texture"]) for x in samples]}
     if samples and all("label" in x for x in samples):
         return {"label": [int(x["label"]) for x in samples]}
     return None
+
+
+def main_object(x):
+    """The main object of a world sample (common.world: the caption's first object, `label` its shape)."""
+    return min((o for o in x["objects"] if o["visible"]), key=lambda o: (-o["area"], o["instance"]))
 
 
 def probe_sets(vals, evals, prep):

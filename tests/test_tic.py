@@ -387,13 +387,21 @@ def test_restart_rows_strategy_lr_val_and_probe(tmp_path):
 
 
 def test_probe_labels_are_the_captions_attributes():
-    samples = [World(0, "test", 32, years=[2020])[i] for i in range(5)]
+    """The probe reads the main object (the caption's first, the sample's label), not objects[0] (painting order)."""
+    samples = [World(0, "test", 32, years=[2020])[i] for i in range(200)]
     y = tic.probe_labels(samples)
+    assert y["shape"] == [x["label"] for x in samples]
+    moved = 0
     for k, x in enumerate(samples):
-        o = x["objects"][0]
-        assert f"{o['color']} {o['shape']}" in x["caption"]
+        o = tic.main_object(x)
+        assert o["visible"] and o["area"] == max(p["area"] for p in x["objects"] if p["visible"])
+        lead = f"a {o['size']} {o['color']} {o['shape']}"  # a single main object opens the caption
+        if sum(p["visible"] and p["shape_id"] == o["shape_id"] for p in x["objects"]) == 1:
+            assert x["caption"].startswith(lead)
         assert (y["shape"][k], y["color"][k], y["size"][k]) == (o["shape_id"], o["color_id"], o["size_id"])
         assert x["texture"] == ["plain", "striped", "checkered", "dotted", "wavy"][y["texture"][k]]
+        moved += o is not x["objects"][0]
+    assert moved >= 20  # objects[0] is often not the main object: the old probe read the wrong one
     assert tic.probe_labels([{"label": 3}]) == {"label": [3]} and tic.probe_labels([{"image": 0}]) is None
 
 
