@@ -49,6 +49,7 @@ own image size, context length and tokenizer (--bpe: CLIP's merges file), with o
                                      # time step 1 = that open_clip checkpoint (not trained); every run starts from it
 """
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -89,9 +90,9 @@ class Config:
     time_steps: str = "2014-2016,2017-2018,2019-2020,2021-2022"  # year groups, one per time step
     strategies: str = "restart,sequential,cumulative_all,cumulative_exp,cumulative_equal,oracle"  # also: lwf
     restart_rows: str = "last"  # last: Restart trains only at the final step (what its effect reads) | all: every step
-    steps: int = 100  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
+    steps: int = 150  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
     batch_size: int = 64  # global batch (split over torchrun ranks)
-    lr: float = 2e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
+    lr: float = 1e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
     strategy_lr: str = ("restart=1e-3,oracle=1e-3,sequential=5e-4,cumulative_all=1e-3,cumulative_exp=5e-4,"
                         "cumulative_equal=1e-3")  # per-strategy peak lr "name=lr,..." chosen on the val split
@@ -537,8 +538,11 @@ def main(argv=None):
     aug = train_transform(size, kind="clip", **norm)
     workers = cfg.num_workers if cfg.num_workers >= 0 or cfg.data else 0
 
+    # a caption's tokens are the same every epoch: tokenised once per process (bounded, so real data cannot grow it)
+    tokens = functools.lru_cache(maxsize=1 << 16)(lambda text: tok(text)[0])
+
     def pair(x, g):  # runs in the DataLoader workers
-        return {"image": aug(x["image"], g), "text": tok(x[cfg.caption])[0]}
+        return {"image": aug(x["image"], g), "text": tokens(x[cfg.caption])}
 
     def stream(source, name):  # one per run; its order follows from (seed, run name)
         return Stream(source, cfg.batch_size // dist.world_size, pair, dist=dist, num_workers=workers, name=name,

@@ -191,9 +191,9 @@ def test_stage_reuse_by_fingerprint(tmp_path):
     again, new = trained()
     assert new == set() and again["sequential"]["matrix_retrieval"] == first["sequential"]["matrix_retrieval"]
     assert trained("--warm_lr=1e-4")[1] == {"sequential_t2"}
-    assert trained("--warm_lr=1e-4", "--lr=1e-3")[1] == set(runs)  # Sequential starts from a new step 1
-    assert trained("--warm_lr=1e-4", "--lr=1e-3")[1] == set()
-    assert trained("--warm_lr=1e-4", "--lr=1e-3", "--retrain")[1] == set(runs)
+    assert trained("--warm_lr=1e-4", "--lr=2e-3")[1] == set(runs)  # Sequential starts from a new step 1
+    assert trained("--warm_lr=1e-4", "--lr=2e-3")[1] == set()
+    assert trained("--warm_lr=1e-4", "--lr=2e-3", "--retrain")[1] == set(runs)
 
 
 def _free_port():
