@@ -90,7 +90,7 @@ class Config:
     lam: float = 1.0  # weight of L_SAM in stage 2 (L = L_CLIP + lam * L_SAM)
     replay_frac: float = 0.1  # replay memory = this fraction of the SAM teacher's images, by key hash (paper: ~5.7%)
     prompts_per_image: int = 4  # stored (prompt, teacher mask) pairs per replay image
-    dense_readout: str = "value"  # zero-shot seg per-patch readout: value (MaskCLIP) | attn (plain head output)
+    dense_readout: str = "auto"  # zero-shot seg per-patch readout: value (MaskCLIP) | attn (head output) | auto (val)
     refine: bool = True  # refine zero-shot segmentation with SAM-head point prompts
     n_points: int = 3  # max point prompts per class and image in the refinement
     zoo_lam: float = 1.0  # model zoo: weight of every dense pseudo-label loss (lambda_k)
@@ -100,13 +100,15 @@ class Config:
     depth_expert: str = ""  # depth expert checkpoint (--mode=experts) instead of the data's depth.npy members
     expert_steps: int = 200  # --mode=experts: steps of each expert (batch sam_batch, lr sam_lr)
     n_probe: int = 600  # val images the frozen dense probes train on
-    probe_steps: int = 200  # dense probe optimizer steps
+    probe_steps: int = 1000  # dense probe optimizer steps (steps and lr: the val grid in docs/samclip.md)
+    probe_lr: float = 1.0  # dense probe peak lr (AdamW, cosine), the same for both CLIPs
     smoke: bool = False  # tiny run (< 60 s) for tests
     seeds: str = ""  # e.g. 0,1,2: the default run once per seed -> seeds.json, sweep.png, verdicts (common/seeds.py)
     eval_split: str = "test"  # test | val: score on val images after the first n_probe (the offline lr sweep, docs)
     zoo_lr: float = 0.0  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
     noreplay_lr: float = 1e-3  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr (docs)
-    bg_thresholds: str = "0,0.3,0.5,0.7,0.9,0.95,0.98,0.99"  # zero-shot seg background taus, chosen on val
+    bg_thresholds: str = "0,0.5,0.9,0.99,0.999,0.9999,0.99999,0.999999,0.9999999"  # coarse-map bg taus (val)
+    refine_thresholds: str = "0,0.9,0.99"  # bg taus of the coarse map that prompts the refinement (val)
     clip_teacher: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as SAM-CLIP's CLIP teacher (not trained)
     bpe: str = ""  # --clip_teacher: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for its tokenizer (else world's)
     quick_gelu: str = "auto"  # --clip_teacher: auto (QuickGELU for OpenAI-format keys) | true | false
@@ -233,8 +235,7 @@ class SAM(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.enc = backbone(cfg)
-        self.sam = SAMHead(self.enc.width, cfg.dec_dim)
+        self.enc, self.sam = backbone(cfg), SAMHead(cfg.width, cfg.dec_dim)
 
     def forward(self, x, coords, labels):
         return self.sam(*self.enc.patch_tokens(inputs(x)), coords, labels)
@@ -269,9 +270,8 @@ class SAMCLIP(nn.Module):
 
     def __init__(self, cfg, E):
         super().__init__()
-        self.enc = backbone(cfg)
-        self.sam = SAMHead(self.enc.width, cfg.dec_dim)
-        self.clip = CLIPHead(self.enc.width, E, cfg.head_layers, cfg.heads)
+        self.enc, self.sam, self.clip = backbone(cfg), SAMHead(cfg.width, cfg.dec_dim), CLIPHead(
+            cfg.width, E, cfg.head_layers, cfg.heads)
 
     def forward(self, x, xs=None, coords=None, labels=None):
         f = F.normalize(self.clip(self.enc.patch_tokens(inputs(x))[0])[0], dim=-1)
@@ -370,9 +370,7 @@ def resized(s, S, maps=("image", "seg", "instances", "depth")):
 
 def chunks(it, n):
     """An iterable in lists of n (the batches of a for_each_shard builder)."""
-    it = iter(it)
-    while c := list(itertools.islice(it, n)):
-        yield c
+    return iter(lambda it=iter(it): list(itertools.islice(it, n)), [])
 
 
 def to_bytes(a):
@@ -417,8 +415,7 @@ def make_prompt(mask, box, rng, jitter=0.1):
 
 def focal_loss(logits, t, alpha=0.25, gamma=2.0):
     """Sigmoid focal loss (Lin et al. 2017) with (soft) targets t, mean over pixels; SAM's mask loss term."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p, ce = logits.sigmoid(), F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     pt = p * t + (1 - p) * (1 - t)
     return ((alpha * t + (1 - alpha) * (1 - t)) * (1 - pt) ** gamma * ce).mean()
 
@@ -438,9 +435,8 @@ def mask_iou(pred, target):
 
 def sam_loss(masks, iou, t, focal_w, iou_target=None):
     """SAM's loss: focal_w * focal + dice, + MSE of the IoU head to the real IoU (or iou_target: the teacher's)."""
-    if iou_target is None:
-        with torch.no_grad():
-            iou_target = mask_iou(masks > 0, t > 0.5)
+    if iou_target is None:  # from bool masks: no gradient
+        iou_target = mask_iou(masks > 0, t > 0.5)
     return focal_w * focal_loss(masks, t) + dice_loss(masks, t) + F.mse_loss(iou, iou_target)
 
 
@@ -726,7 +722,7 @@ def zero_shot_seg(st, clf, te, refine, n_points, dev, value_readout=True, tau=0.
         tok, grid = st.enc.patch_tokens(inputs(x))
         dense = F.normalize(st.clip(tok, value_readout)[1].float(), dim=-1)      # (B, N, E)
         logit = (dense @ clf.to(dev).T).transpose(1, 2).reshape(len(x), len(clf), *grid)
-        prob = F.interpolate(logit * 100, size=(S, S), mode="bilinear", align_corners=False).softmax(1)
+        prob = F.interpolate(logit.double() * 100, size=(S, S), mode="bilinear", align_corners=False).softmax(1)
         conf, cls = prob.max(1)
         cls = torch.where(conf < tau, torch.zeros_like(cls), cls)
         coarse.append(cls.cpu())
@@ -819,16 +815,16 @@ def main(argv=None):
     cfg = parse_config(Config, argv, presets={"smoke": SMOKE})
     if cfg.seeds:  # the default experiment once per seed, a verdict per expected effect (common/seeds.py)
         return run_seeds(main, argv, cfg, EFFECTS)
-    for k, ok in (("mode", ("merge", "zoo", "all", "experts")), ("dense_readout", ("value", "attn")),
+    for k, ok in (("mode", ("merge", "zoo", "all", "experts")), ("dense_readout", ("value", "attn", "auto")),
                   ("eval_split", ("test", "val")), ("quick_gelu", ("auto", "true", "false"))):
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k}={getattr(cfg, k)!r}; expected one of {', '.join(ok)}")
     if (cfg.bpe or cfg.quick_gelu != "auto") and not cfg.clip_teacher:
         raise ValueError("--bpe and --quick_gelu describe a --clip_teacher checkpoint; none was given")
     try:
-        bg_grid = [float(t) for t in cfg.bg_thresholds.split(",")]
+        bg_grid, ref_grid = ([float(t) for t in g.split(",")] for g in (cfg.bg_thresholds, cfg.refine_thresholds))
     except ValueError:
-        raise ValueError(f"--bg_thresholds={cfg.bg_thresholds!r}; expected comma-separated numbers in [0, 1)") from None
+        raise ValueError(f"--bg_thresholds / --refine_thresholds: expected comma-separated numbers in [0, 1)") from None
     for keys, v in ((("clip_steps", "sam_steps", "stage1_steps", "stage2_steps", "expert_steps"), cfg.steps),
                     (("clip_lr", "sam_lr", "head_lr", "zoo_lr", "noreplay_lr"), cfg.lr)):  # --steps / --lr: all
         cfg.__dict__.update(dict.fromkeys(keys, v) if v else {})
@@ -969,19 +965,21 @@ def main(argv=None):
             f"a {{}}, {t}." for t in TEXTURES] + [f"a {t} {{}}." for t in TEXTURES]
         shape_clf = zero_shot_classifier(teacher.clip, teacher.tok, names, TEMPLATES, dev)
         seg_clf = torch.cat([zero_shot_classifier(teacher.clip, teacher.tok, ["background"], bg, dev), shape_clf])
-        vr, tau = cfg.dense_readout == "value", 0.0
-        if "seg" in va:  # the background threshold: the best val mIoU of the coarse map over the grid
-            val_miou = {t: seg_miou(zero_shot_seg(s2, seg_clf, va, False, 0, dev, vr, t)[0], va["seg"], K)
-                        for t in bg_grid}
-            tau = max(bg_grid, key=val_miou.get)
-            res["bg_threshold_val_miou"] = {str(t): v for t, v in val_miou.items()}
-        coarse, fine = zero_shot_seg(s2, seg_clf, te, cfg.refine, cfg.n_points, dev, vr, tau)
-        other = "attn" if vr else "value"  # the other readout, reported for comparison (same threshold)
-        res[f"zeroshot_seg_miou_coarse_{other}"] = seg_miou(
-            zero_shot_seg(s2, seg_clf, te, False, 0, dev, not vr, tau)[0], te["seg"], K)
-        res.update(bg_threshold=tau, zeroshot_seg_miou_coarse=seg_miou(coarse, te["seg"], K),
-                   zeroshot_seg_miou_coarse_argmax=seg_miou(  # tau = 0: the plain argmax, for comparison
-                       zero_shot_seg(s2, seg_clf, te, False, 0, dev, vr, 0.0)[0], te["seg"], K),
+        ro = ("value", "attn") if cfg.dense_readout == "auto" else (cfg.dense_readout,)
+        zs = lambda d, r, t, ref=False: zero_shot_seg(s2, seg_clf, d, ref, cfg.n_points, dev, r == "value", t)  # noqa
+        vr, tau, rtau = ro[0], 0.0, 0.0
+        if "seg" in va:  # readout and bg threshold: the best val mIoU of the coarse map; the refinement's tau: its own
+            val_miou = {(r, t): seg_miou(zs(va, r, t)[0], va["seg"], K) for r in ro for t in bg_grid}
+            vr, tau = max(val_miou, key=val_miou.get)
+            ref_miou = {t: seg_miou(zs(va, vr, t, True)[1], va["seg"], K) for t in ref_grid} if cfg.refine else {0: 0}
+            rtau = max(ref_miou, key=ref_miou.get)
+            res.update(bg_threshold_val_miou={f"{r}:{t}": v for (r, t), v in val_miou.items()},
+                       refine_threshold_val_miou={str(t): v for t, v in ref_miou.items()})
+        coarse, fine = zs(te, vr, tau)[0], zs(te, vr, rtau, True)[1] if cfg.refine else None
+        res.update({f"zeroshot_seg_miou_coarse_{r}": seg_miou(zs(te, r, tau)[0], te["seg"], K) for r in ro},
+                   dense_readout=vr, bg_threshold=tau, refine_threshold=rtau,
+                   zeroshot_seg_miou_coarse=seg_miou(coarse, te["seg"], K),
+                   zeroshot_seg_miou_coarse_argmax=seg_miou(zs(te, vr, 0.0)[0], te["seg"], K),  # tau = 0: plain argmax
                    zeroshot_seg_miou_refined=seg_miou(fine, te["seg"], K) if fine is not None else None)
         res["zeroshot_seg_miou"] = res["zeroshot_seg_miou_refined"] or res["zeroshot_seg_miou_coarse"]
         res["replay_pairs"] = sum(1 for _ in iter_samples(rp, images=False))
@@ -1001,8 +999,8 @@ def main(argv=None):
         if not probes:
             res["dense_probes"] = "n/a: needs KEY.seg.png / KEY.depth.npy members in the test and val data"
         for key, m in (("clip", clip_t), ("zoo", zoo)) if probes else ():
-            d = dense_probe(lambda x: m.clip.visual.patch_tokens(inputs(x)), va["images"], va["seg"],
-                            va["depth"], te["images"], te["seg"], te["depth"], K, steps=cfg.probe_steps, device=dev)
+            d = dense_probe(lambda x: m.clip.visual.patch_tokens(inputs(x)), va["images"], va["seg"], va["depth"],
+                            te["images"], te["seg"], te["depth"], K, steps=cfg.probe_steps, lr=cfg.probe_lr, device=dev)
             res[f"{key}_dense_miou"], res[f"{key}_depth_rmse"] = d["miou"], d["depth_rmse"]
     res.update({h: na[h] for h in ask if h in na})
     # ---- the papers' expected effects on this run (d > 0 or n/a); --seeds gives the verdicts (never tuned to pass)

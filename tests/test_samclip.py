@@ -420,8 +420,9 @@ def test_smoke_learns(tmp_path):
         clf = zero_shot_classifier(zoo.clip, tok, class_names("shape"), TEMPLATES, "cpu")
     assert res["zoo_zeroshot_acc_shape"] == pytest.approx(zero_shot_accuracy(f, clf, te["labels"]), abs=1e-6)
     # the background threshold is the val-best of the grid; the promptable masks are not empty
-    val = res["bg_threshold_val_miou"]
-    assert res["bg_threshold"] == max(map(float, val), key=lambda t: val[str(t)])
+    val, ref = res["bg_threshold_val_miou"], res["refine_threshold_val_miou"]
+    assert max(val, key=val.get) == f"{res['dense_readout']}:{res['bg_threshold']}"
+    assert max(ref, key=ref.get) == str(res["refine_threshold"])
     assert res["sam_teacher_miou"] > 0.02 and res["merged_sam_miou"] > 0.02
     for f in ("config.json", "zeroshot_seg.png"):
         assert (out / f).exists()
