@@ -293,6 +293,18 @@ def test_transfer_sets_without_labels_ignore_the_labels():
     assert torch.equal(b["in_domain_oracle"], a["generic_oracle"])
 
 
+
+def test_agnostic_target_is_standardised_with_the_pool_statistics():
+    """Raw ReLU features share one mean direction (any two have a high cosine); the task-agnostic target removes it
+    with the pool's per-dimension mean and std, so matching it by cosine has to match the image-specific part."""
+    torch.manual_seed(0)
+    pool = 5.0 + torch.rand(200, 6) * torch.tensor([1.0, 2, 3, 4, 5, 6])
+    std = rf.standardiser(pool)
+    z = std(pool)
+    assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(z.std(0), torch.ones(6), atol=1e-5)
+    assert F.cosine_similarity(pool[:100], pool[100:]).mean() > 0.9 > 0.2 > F.cosine_similarity(z[:100], z[100:]).mean()
+    assert torch.allclose(std(pool[:3] * 0 + pool.mean(0)), torch.zeros(3, 6), atol=1e-5)
+
 def test_majority_and_val_set_after_the_pool(tmp_path):
     assert rf.majority(torch.tensor([0, 2, 2, 1, 2]), 3) == pytest.approx(0.6)
     cfg = tiny_cfg(tmp_path)
