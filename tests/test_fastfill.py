@@ -171,7 +171,7 @@ def test_alignment_losses():
     mu, f_new = torch.randn(6, 4), torch.randn(6, 4)
     y, W, b = torch.randint(0, 3, (6,)), torch.randn(3, 4), torch.zeros(3)
     s = torch.zeros(6)
-    p2p = (mu - f_new).pow(2).sum(-1)
+    p2p = (mu - f_new).pow(2).mean(-1)  # FCT's nn.MSELoss per item (mean over the d_new dimensions)
     ce = torch.nn.functional.cross_entropy(mu @ W.T, y, reduction="none")
     l2, _ = ff.alignment_loss(mu, s, f_new, y, W, b, "l2", 0.5)
     lce, _ = ff.alignment_loss(mu, s, f_new, y, W, b, "l2_ce", 0.5)
