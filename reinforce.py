@@ -137,9 +137,9 @@ class Config:
     # per-arm lrs, each picked on the val split's task images from the same grid (docs/reinforce.md)
     task_kd_lr: float = 3e-3  # task-oriented distillation (every transfer set)
     task_ft_lr: float = 1e-3  # fine-tune after task-oriented distillation
-    agnostic_kd_lr: float = 3e-3  # task-agnostic feature distillation
-    agnostic_ft_lr: float = 1e-3  # fine-tune after task-agnostic distillation
-    scratch_lr: float = 1e-3  # scratch baseline (one fit on the labels)
+    agnostic_kd_lr: float = 1e-2  # task-agnostic feature distillation
+    agnostic_ft_lr: float = 3e-3  # fine-tune after task-agnostic distillation
+    scratch_lr: float = 3e-3  # scratch baseline (one fit on the labels)
     seeds: str = ""  # e.g. 0,1,2: the default experiment once per seed -> seeds.json, sweep.png and a verdict per expected effect (common/seeds.py)
 
 
