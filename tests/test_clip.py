@@ -54,8 +54,14 @@ def test_smoke_learns(tmp_path):
     bar = max(2 * p_["chance"], p_["majority"] + 0.15)
     assert rows[2]["d_values"] == [pytest.approx(p_["acc"] - bar)] * 2
     assert rows[2]["verdict"] == ("shown" if p_["acc"] > bar else "not shown")
+    v = r["val"]  # the world's val split, scored like the test split (offline choices are made on it)
+    assert {"zeroshot_acc", "majority", "linear_probe_acc", "attribute_probe"} <= set(v)
+    assert set(v["attribute_probe"]["per_attribute"]) == set(p_["per_attribute"])
+    assert v["attribute_probe"]["chance"] == pytest.approx(p_["chance"])
+    assert v != {k: r[k] for k in v}  # other samples than the test split's (200 val vs 300 test pairs)
     rows = _rows(out)
     assert rows[-1]["step"] == 60 and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[0]["scale"] == pytest.approx(1 / 0.07, rel=0.02)  # --temperature's default: CLIP's 0.07
     assert json.loads((out / "config.json").read_text())["smoke"] is True
     assert (out / "clip.safetensors").exists()
     assert "zeroshot_acc" in p.stdout  # the printed table
@@ -126,6 +132,9 @@ def test_help_bad_key_and_bad_data(tmp_path):
     p = subprocess.run([sys.executable, "clip.py", "--step=3"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0 and "did you mean --steps" in p.stderr
+    p = subprocess.run([sys.executable, "clip.py", "--temperature=0.001"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "--temperature=0.001" in p.stdout + p.stderr
     # bad input is one line (run_cli), no traceback
     p = subprocess.run([sys.executable, "clip.py", f"--out={tmp_path}", f"--data={tmp_path / 'none-{0..3}.tar'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
