@@ -72,7 +72,7 @@ class Config:
     log_every: int = 25  # log.jsonl row every N steps
     clip_steps: int = 300  # steps of the CLIP teacher (= zoo mode's plain CLIP) and of the zoo CLIP
     clip_batch: int = 64  # global contrastive batch (128: 2x the CPU; docs "What was tried")
-    clip_lr: float = 2e-3  # peak lr (AdamW, cosine)
+    clip_lr: float = 1e-3  # peak lr (AdamW, cosine); both CLIP arms, chosen on val (docs)
     sam_steps: int = 250  # SAM teacher steps
     sam_batch: int = 32  # (image, prompt) pairs a step
     sam_lr: float = 3e-3  # peak lr
