@@ -37,7 +37,7 @@ including the run it warm-starts from) matches: Step 1 and Restart survive a cha
 not trained, every run starts from it (Restart and Oracle too; all at --warm_lr), and images and text reach it at its
 own image size, context length and tokenizer (--bpe: CLIP's merges file), with open_clip's normalised preprocessing.
 
-    python tic.py                    # default run: 4 time steps x 6 strategies (about 4 CPU-minutes at 1 thread)
+    python tic.py                    # default run: 4 time steps x 6 strategies (about 5 CPU-minutes at 1 thread)
     python tic.py --smoke            # the same pipeline at tiny sizes (< 30 s CPU)
     python tic.py --seeds=0,1,2      # the default per seed -> seeds.json, sweep.png, a verdict per EFFECTS entry
     python tic.py --strategies=sequential,cumulative_all --steps=200
@@ -94,8 +94,8 @@ class Config:
     batch_size: int = 64  # global batch (split over torchrun ranks)
     lr: float = 1e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
-    strategy_lr: str = ("restart=1e-3,oracle=1e-3,sequential=5e-4,cumulative_all=1e-3,cumulative_exp=5e-4,"
-                        "cumulative_equal=1e-3")  # per-strategy peak lr "name=lr,..." chosen on the val split
+    strategy_lr: str = ("restart=2e-3,oracle=1e-3,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
+                        "cumulative_equal=5e-4")  # per-strategy peak lr "name=lr,..." chosen on the val split
     # (docs/tic.md); a strategy not named takes lr / warm_lr; ignored under --warm_start (all runs at --warm_lr)
     weight_decay: float = 0.1  # decoupled weight decay
     warmup: int = 15  # warm-up steps for runs from random init (Restart, Oracle, step 1)
