@@ -90,6 +90,7 @@ class Config:
     teacher_lr: float = 2e-3  # peak learning rate of the teachers
     teacher_widths: str = "144,136"  # ViT/text width of each teacher (>= 2 teachers, all larger than the student)
     cap_steps: int = 150  # steps of the captioner (lr 2e-3, weight decay 0.05, 20 warm-up steps)
+    cap_encoder: str = "own"  # own: the captioner trains its own tiny MCi with the decoder (CoCa trains its encoder) | teacher0: teacher 0's frozen tokens
     k_aug: int = 3  # stored augmentations per image (paper: 30 for DataCompDR-12M, 10 for -1B)
     n_syn: int = 2  # synthetic captions per image (paper: 5)
     top_k: int = 3  # top-k sampling of the captioner for all but the first (greedy) synthetic caption
@@ -104,8 +105,8 @@ class Config:
     smoke: bool = False  # tiny run (< 45 s) for tests; the fields in SMOKE not given on the command line
 
 
-SMOKE = dict(n_train=160, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=20, k_aug=2,
-             dense_steps=40, warmup=5, log_every=10, teacher_widths="144,136", teacher_batch=32)
+SMOKE = dict(n_train=160, n_cap=128, n_test=128, batch_size=32, steps=20, teacher_steps=20, cap_steps=12, k_aug=2,
+             dense_steps=30, warmup=5, log_every=10, teacher_widths="144,136", teacher_batch=32)
 
 
 # 1. Encoders: MCi / MCt and reparameterization live in common/mci.py (also used to load released checkpoints)
@@ -139,11 +140,14 @@ class CrossAttn(nn.Module):
 
 
 class Captioner(nn.Module):
-    """Causal text decoder with cross-attention to a frozen image encoder's tokens (CoCa captioning head), here
-    teacher 0's ViT tokens after ln_post. tokens (B, L), img (B, M, Ci) -> next-token logits (B, L, V)."""
+    """Causal text decoder with cross-attention to image tokens (CoCa's captioning head). enc=None: img are a frozen
+    encoder's tokens computed outside (teacher 0's ViT tokens after ln_post); enc (an MCi trained with the decoder, as
+    CoCa trains its image encoder): img are images. tokens (B, L), img (B, M, Ci) or (B, 3, H, W) -> next-token
+    logits (B, L, V); memory=encode(img) given instead of img: generation encodes each image once."""
 
-    def __init__(self, vocab_size, context_length, img_width, width=128, layers=2, heads=4):
+    def __init__(self, vocab_size, context_length, img_width, width=128, layers=2, heads=4, enc=None):
         super().__init__()
+        self.enc = enc
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(0.01 * torch.randn(context_length, width))
         self.img = nn.Sequential(nn.LayerNorm(img_width), nn.Linear(img_width, width))
@@ -152,8 +156,11 @@ class Captioner(nn.Module):
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
 
-    def forward(self, tokens, img, last_only=False):
-        x, m = self.tok(tokens) + self.pos[:tokens.shape[1]], self.img(img)
+    def encode(self, img):  # -> the memory the decoder attends to (B, M, width); own encoder: its hypercolumn grid
+        return self.img(self.enc.patch_tokens(img)[0] if self.enc is not None else img)
+
+    def forward(self, tokens, img, last_only=False, memory=None):
+        x, m = self.tok(tokens) + self.pos[:tokens.shape[1]], self.encode(img) if memory is None else memory
         for b, c in zip(self.blocks, self.cross):
             x = b(x, causal=True)
             x = x + c(x, m)
@@ -162,12 +169,14 @@ class Captioner(nn.Module):
 
 @torch.no_grad()
 def generate(cap, mem, tok, top_k=0, gen=None):
-    """Greedy (top_k=0) or top-k sampled captions for image memories (B, M, C) -> list[str]."""
+    """Greedy (top_k=0) or top-k sampled captions for the captioner's inputs (frozen tokens (B, M, C) or images)
+    -> list[str]."""
     eot = tok.eot_token_id
     seq = torch.full((mem.shape[0], 1), tok.sot_token_id, dtype=torch.long, device=mem.device)
+    mem = cap.encode(mem)
     done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
     for _ in range(tok.context_length - 1):
-        logits = cap(seq, mem, last_only=True)[:, -1].float()
+        logits = cap(seq, None, last_only=True, memory=mem)[:, -1].float()
         if top_k:
             v, i = logits.topk(top_k, -1)
             nxt = i.gather(1, torch.multinomial(v.softmax(-1).cpu(), 1, generator=gen).to(i.device))[:, 0]
@@ -271,7 +280,7 @@ def image_tokens(model, x, prep=None):
 
 
 @torch.no_grad()
-def reinforce(cfg, dist, tok, src, gt, teachers, cap, rdir, fp, t_toks, t_preps, chunk=250):
+def reinforce(cfg, dist, tok, src, gt, teachers, cap, mem_fn, rdir, fp, t_toks, t_preps, chunk=250):
     """The reinforced shards in rdir: common.data.for_each_shard deals the input units (a tar shard, or 500 world
     samples) to the ranks; each becomes one output shard of dr_members, in chunks of `chunk` samples: synthetic
     captions (first greedy, the others top-k sampled, as DataCompDR's CoCa), k stored augmentations with the teachers'
@@ -288,7 +297,7 @@ def reinforce(cfg, dist, tok, src, gt, teachers, cap, rdir, fp, t_toks, t_preps,
         it = iter(samples)
         while rows := list(itertools.islice(it, chunk)):
             keys = [s["__key__"] for s in rows]
-            mem = image_tokens(teachers[0], torch.stack([view(s["image"]) for s in rows]).to(dev), t_preps[0])
+            mem = mem_fn(torch.stack([view(s["image"]) for s in rows]).to(dev))  # the captioner's memory
             g = torch.Generator().manual_seed(key_hash(f"{cfg.seed}/syn/{keys[0]}"))
             syn = [list(c) for c in zip(*[generate(cap, mem, tok, cfg.top_k if j else 0, g) for j in range(cfg.n_syn)])]
             views = [draw(s["image"], torch.Generator().manual_seed(key_hash(f"{cfg.seed}/aug/{k}/{a}")),
@@ -358,12 +367,12 @@ def dr_objective(lam, teacher_scale, dims):
 
 def caption_objective(memory, eot):
     """Next-token cross-entropy of the captioner (padding after EOT ignored); memory(images) = the frozen image
-    encoder's tokens the decoder attends to (image_tokens of teacher 0)."""
+    encoder's tokens the decoder attends to (image_tokens of teacher 0); None: the captioner's own encoder (trained)."""
 
     def loss_fn(m, b):
         t = b["text"]
         with torch.no_grad():
-            mm = memory(b["image"])
+            mm = memory(b["image"]) if memory is not None else b["image"]
         keep = torch.arange(t.shape[1] - 1, device=t.device)[None] < (t == eot).float().argmax(1, keepdim=True)
         return F.cross_entropy(m(t[:, :-1], mm)[keep].float(), t[:, 1:][keep])
     return loss_fn
@@ -555,16 +564,27 @@ def main(argv=None):
             t_toks, t_preps = [tok] * len(teachers), [None] * len(teachers)
 
         # ---- captioner (CoCa-style, on teacher 0's frozen image tokens and held-out accurate captions), then the shards
-        mem_fn = lambda x: image_tokens(teachers[0], x, t_preps[0])  # noqa: E731
+        #      own (default): a tiny MCi trained from scratch with the decoder, as CoCa trains its encoder
+        if cfg.cap_encoder not in ("own", "teacher0"):
+            raise SystemExit(f"config error: cap_encoder={cfg.cap_encoder!r}; expected own or teacher0")
+        own = cfg.cap_encoder == "own"
+        seed_all(cfg.seed + 7)
+        enc = mci_tiny(cfg.embed_dim).to(dev) if own else None
+        if own:
+            enc.proj = None  # the decoder reads the feature maps, not the pooled projection (unused under DDP)
+        frozen = lambda x: image_tokens(teachers[0], x, t_preps[0])  # noqa: E731
         with torch.no_grad():
-            mem_width = mem_fn(torch.zeros(1, 3, S, S, device=dev)).shape[-1]
-        cap, view = Captioner(tok.vocab_size, cfg.context_length, mem_width).to(dev), eval_view(S)
+            mem_width = (enc.patch_tokens if own else frozen)(torch.zeros(1, 3, S, S, device=dev))
+            mem_width = (mem_width[0] if own else mem_width).shape[-1]
+        cap = Captioner(tok.vocab_size, cfg.context_length, mem_width, enc=enc).to(dev)
+        mem_fn, view = ((lambda x: x) if own else frozen), eval_view(S)
         cap_tc = replace(tc, steps=cfg.cap_steps, lr=2e-3, weight_decay=0.05, warmup=20)
-        cap_fp = fingerprint(cap_tc, cfg.batch_size, "n_cap", teacher0=t_fps[0])
-        train("captioner", cap, caption_objective(mem_fn, tok.eot_token_id), cap_src,
+        cap_fp = fingerprint(cap_tc, cfg.batch_size, "n_cap", **({"encoder": "own mci_tiny"} if own else
+                                                                  {"teacher0": t_fps[0]}))
+        train("captioner", cap, caption_objective(None if own else frozen, tok.eot_token_id), cap_src,
               cfg.batch_size, lambda s, g: {"image": view(s["image"]), "text": tok([s["caption"]])[0]}, cap_tc, cap_fp, 7)
         r_fp = {"teachers": t_fps, "captioner": cap_fp, "ground_truth": gt, "layout": "datacompdr", **pick("k_aug", "n_syn", "top_k", "rrc_scale")}
-        reinforce(cfg, dist, tok, train_src, gt, teachers, cap, rdir, r_fp, t_toks, t_preps)
+        reinforce(cfg, dist, tok, train_src, gt, teachers, cap, mem_fn, rdir, r_fp, t_toks, t_preps)
         clock["reinforce"] = time.time() - t0
         if cmd == "reinforce":
             return dist.cleanup()

@@ -354,3 +354,22 @@ def test_train_from_released_layout_joined_with_image_shards(tmp_path):
     for j, k in enumerate(b["__key__"]):
         s = imgs[k]
         assert sum(torch.equal(b["image"][j], replay(s["image"], e, 32)) for e in s["param_aug"]) >= 1
+
+
+def test_captioner_own_encoder_memory():
+    """The captioner with its own MCi: memory=encode(images) gives the same logits as the images; the encoder is a
+    trained part (its parameters get gradients from the caption loss); teacher-token memories are projected."""
+    torch.manual_seed(0)
+    enc = MCI.mci_tiny(128)
+    enc.proj = None  # as main builds it: the pooled projection is not read (DDP would find it unused)
+    cap = M.Captioner(50, 12, 480, enc=enc).eval()
+    x, t = torch.rand(2, 3, 32, 32), torch.randint(1, 49, (2, 12))
+    with torch.no_grad():
+        a, b = cap(t, x), cap(t, None, memory=cap.encode(x))
+    assert torch.allclose(a, b, atol=1e-5) and a.shape == (2, 12, 50)
+    assert not torch.allclose(cap(t, x.flip(-1))[:, -1], a[:, -1])  # the logits depend on the image
+    cap.train()
+    torch.nn.functional.cross_entropy(cap(t, x).flatten(0, 1), t.flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cap.enc.parameters())  # none unused (DDP)
+    frozen = M.Captioner(50, 12, 144)
+    assert frozen(t, torch.rand(2, 17, 144)).shape == (2, 12, 50)
