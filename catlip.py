@@ -704,8 +704,8 @@ def plot_runs(cfg, r):
 
 
 PAPER_PROBE = ("IN-1k top-1 after fine-tuning: CatLIP 84.3 vs CLIP 84.4 (ViT-B/16), 86.7 vs 86.9 (ViT-H/16), "
-               "2.7x faster pretraining (intro table; ../shared/reference/clip-family.md §2)")
-PAPER_TI = "Transfer Init helps most with little labelled data (§4; [not re-verified], clip-family.md §2)"
+               "2.7x faster pretraining (CatLIP intro table)")
+PAPER_TI = "Transfer Init helps most with little labelled data (CatLIP §4; not re-verified)"
 REPR_BAR = lambda r: max(2 * r["chance"], r["majority"] + 0.15)   # noqa: E731  (issue #18 item 2)
 
 # The expected effects (common.seeds: d = sign * (a - b) + margin per seed, shown when mean d > 2 SE over seeds).

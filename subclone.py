@@ -697,8 +697,8 @@ def curve_panel(kind, r, curves, steps):
                  "val loss")
 
 
-# methods.md's recollection of the paper; its body is not in the reference corpora, and the one summary of it found
-# says only that lower learning rates improve convergence with subcloning (docs/subclone.md)
+# recalled from the paper, not re-read: its body was not available here, and the one summary of it found says only
+# that lower learning rates improve convergence with subcloning (docs/subclone.md)
 LR_CLAIM = "subclones want a lower lr than random init [PAPER?, unverified]"
 # the paper's expected effects (common/seeds.py): per seed, d = sign * (a - b); shown when mean d > 2 SE
 EFFECTS = [

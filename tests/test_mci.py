@@ -327,7 +327,7 @@ def test_folded_checkpoint_loads_and_matches():
 @pytest.mark.parametrize("name,image_train,image_folded", [
     ("mci0", 11_406_464, 11_356_992), ("mci1", 21_541_120, 21_460_544), ("mci2", 35_814_720, 35_702_480)])
 def test_released_sizes_exact_counts_on_meta(name, image_train, image_folded):
-    """ml-mobileclip's image counts (projection included, clip-family.md 1.3) + timm's 512 head bias; the 12-layer
+    """ml-mobileclip's image counts (projection included) + timm's 512 head bias; the 12-layer
     base text tower of S1/S2 and MobileCLIP2-S0 is 63,428,096."""
     layers, dims = MCI_ARCH[name]
     for folded, count in ((False, image_train), (True, image_folded)):
