@@ -34,7 +34,7 @@ from common.seeds import Effect, run_seeds
 from common.tokenizer import world_tokenizer
 from common.train import TrainConfig, fit, seed_all, start_run
 from common.transforms import eval_transform, train_transform
-from common.world import TEMPLATES, TEXTURES, World, class_names
+from common.world import TEMPLATES, TEXTURES, World, class_names, main_object
 
 
 @dataclass
@@ -77,11 +77,12 @@ SMOKE = dict(steps=60, batch_size=64, n_train=1500, n_test=300, n_val=200, warmu
 
 
 def attribute_labels(samples):
-    """{attribute: labels} for the attribute probe: the world's main (first) object's shape, colour and size and the
-    background texture, the attributes its captions name (the same attributes as tic.py's probe); None elsewhere."""
+    """{attribute: labels} for the attribute probe: the world's main object's shape, colour and size (the caption's
+    first object, common.world.main_object) and the background texture, the attributes its captions name (the same
+    attributes as tic.py's probe); None elsewhere."""
     if not samples or not all(s.get("objects") and "texture" in s for s in samples):
         return None
-    first = [s["objects"][0] for s in samples]
+    first = [main_object(s) for s in samples]
     return {"shape": [o["shape_id"] for o in first], "color": [o["color_id"] for o in first],
             "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(s["texture"]) for s in samples]}
 

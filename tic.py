@@ -70,7 +70,7 @@ from common.tokenizer import tokenizer_for, world_tokenizer
 from common.train import TrainConfig, file_id, fit, load_weights, seed_all, start_run, unwrap
 from common.transforms import eval_transform, train_transform
 from common.seeds import Effect, run_seeds
-from common.world import TEMPLATES, TEXTURES, World, class_names
+from common.world import TEMPLATES, TEXTURES, World, class_names, main_object
 
 STRATEGIES = ["restart", "sequential", "cumulative_all", "cumulative_exp", "cumulative_equal", "oracle", "lwf"]
 
@@ -380,11 +380,6 @@ def probe_labels(samples):
     if samples and all("label" in x for x in samples):
         return {"label": [int(x["label"]) for x in samples]}
     return None
-
-
-def main_object(x):
-    """The main object of a world sample (common.world: the caption's first object, `label` its shape)."""
-    return min((o for o in x["objects"] if o["visible"]), key=lambda o: (-o["area"], o["instance"]))
 
 
 def probe_sets(vals, evals, prep):

@@ -117,6 +117,12 @@ COLOR_P = {d: _year_weights(COLORS, COLOR_INTRO, COLOR_TREND, d) for d in (True,
 TEXTURE_P = {d: _year_weights(TEXTURES, {}, TEXTURE_TREND, d) for d in (True, False)}
 
 
+def main_object(sample):
+    """The main object of a world sample: the largest visible one (ties: lower instance), the caption's first object
+    and the one `label` names. `objects` is in painting order (back to front), so objects[0] is often another one."""
+    return min((o for o in sample["objects"] if o["visible"]), key=lambda o: (-o["area"], o["instance"]))
+
+
 def class_names(task="shape"):
     """Class names in label order. task: "shape" (label), "shape_color" (label_fine), "color"."""
     if task == "shape":

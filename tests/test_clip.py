@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import clip  # noqa: E402
+from common.world import World  # noqa: E402
 
 
 def _run(args, tmp_path, env=None, timeout=300):
@@ -139,3 +143,13 @@ def test_help_bad_key_and_bad_data(tmp_path):
     p = subprocess.run([sys.executable, "clip.py", f"--out={tmp_path}", f"--data={tmp_path / 'none-{0..3}.tar'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_attribute_labels_read_the_main_object():
+    """The attribute probe reads the caption's main object (its shape is the sample's label), not objects[0], which is
+    the back-most object in painting order and often another one."""
+    samples = [World(0, "test", 32)[i] for i in range(100)]
+    y = clip.attribute_labels(samples)
+    assert y["shape"] == [s["label"] for s in samples]
+    assert sum(s["objects"][0]["shape_id"] != s["label"] for s in samples) >= 10  # the old rule would fail above
+    assert clip.attribute_labels([{"label": 1}]) is None
