@@ -94,7 +94,7 @@ class Config:
     batch_size: int = 64  # global batch (split over torchrun ranks)
     lr: float = 1e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
-    strategy_lr: str = ("restart=2e-3,oracle=1e-3,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
+    strategy_lr: str = ("restart=2e-3,oracle=3.33e-4,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
                         "cumulative_equal=5e-4")  # per-strategy peak lr "name=lr,..." chosen on the val split
     # (docs/tic.md); a strategy not named takes lr / warm_lr; ignored under --warm_start (all runs at --warm_lr)
     weight_decay: float = 0.1  # decoupled weight decay
