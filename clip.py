@@ -87,22 +87,26 @@ def attribute_labels(samples):
             "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(s["texture"]) for s in samples]}
 
 
-def label_scores(samples, img_f, clf, probe, tr_f):
-    """Zero-shot accuracy and majority share on samples' labels; with probe features tr_f (of the probe samples)
-    also the shape probe and the attribute probe (each attribute the captions name, the world only)."""
+def label_scores(samples, img_f, clf, probe=None, tr_f=None, te_f=None, tr_e=None):
+    """Zero-shot accuracy (embeddings img_f) and majority share on samples' labels; with the probe samples' features
+    tr_f and the scored samples' te_f also the shape probe and the attribute probe (each attribute the captions name,
+    the world only). The probes read the pooled features before the projection, as CLIP's own linear probes (its
+    App. A.3: I_f of Fig. 3); tr_e (the probe samples' embeddings) adds the shape probe on the embeddings too."""
     labels = stack(samples, "label")
     out = {"zeroshot_acc": zero_shot_accuracy(img_f, clf, labels),
            "majority": float(np.bincount(labels.numpy()).max() / len(labels))}
     if tr_f is None:
         return out
-    out["linear_probe_acc"] = linear_probe(tr_f, stack(probe, "label"), img_f, labels)
+    out["linear_probe_acc"] = linear_probe(tr_f, stack(probe, "label"), te_f, labels)
+    if tr_e is not None:
+        out["linear_probe_acc_embedding"] = linear_probe(tr_e, stack(probe, "label"), img_f, labels)
     ytr, yte = attribute_labels(probe), attribute_labels(samples)
     if ytr is not None and yte is not None:
         per, chance, major = {}, [], []
         for k in ytr:
             a, b = torch.tensor(ytr[k]), torch.tensor(yte[k])
             K = int(max(a.max(), b.max())) + 1
-            per[k] = linear_probe(tr_f, a, img_f, b, num_classes=K)
+            per[k] = linear_probe(tr_f, a, te_f, b, num_classes=K)
             chance.append(1.0 / K)
             major.append(float(np.bincount(b.numpy(), minlength=K).max() / len(b)))
         out["attribute_probe"] = {"acc": float(np.mean(list(per.values()))), "per_attribute": per,
@@ -195,14 +199,18 @@ def main(argv=None):
         clf = zero_shot_classifier(model, tok, names, TEMPLATES, dist.device)
         # linear probe: what the image tower knows about the labels, independent of the text tower
         probe = read_samples(train.source, 2000 if cfg.data else min(cfg.n_train, 2000))
-        tr_f = extract_features(model.encode_image, torch.stack([prep(s["image"]) for s in probe]),
-                                device=dist.device) if all("label" in s for s in probe) else None
-        res.update(label_scores(test, img_f, clf, probe, tr_f), chance=1.0 / len(names))
+        feats = torch.no_grad()(lambda fn, x: extract_features(fn, x, device=dist.device))
+        tr_f = tr_e = None
+        if all("label" in s for s in probe):
+            x = torch.stack([prep(s["image"]) for s in probe])
+            tr_f, tr_e = feats(model.visual.pooled, x), feats(model.encode_image, x)
+        res.update(label_scores(test, img_f, clf, probe, tr_f, feats(model.visual.pooled, images), tr_e),
+                   chance=1.0 / len(names))
         if not cfg.data and cfg.n_val:  # the world's val split: every offline choice (lr, steps) is made on it
             val = read_samples(source("val", cfg.n_val), cfg.n_val)
-            val_f = extract_features(model.encode_image, torch.stack([prep(s["image"]) for s in val]),
-                                     device=dist.device)
-            res["val"] = label_scores(val, val_f, clf, probe, tr_f)
+            x = torch.stack([prep(s["image"]) for s in val])
+            res["val"] = label_scores(val, feats(model.encode_image, x), clf, probe, tr_f,
+                                      feats(model.visual.pooled, x), tr_e)
     r = retrieval_recall(img_f, txt_f)
     res.update(retrieval_mean_r1=r["mean_r1"], retrieval_i2t_r1=r["i2t_r1"], retrieval_t2i_r1=r["t2i_r1"],
                retrieval_mean_r5=r["mean_r5"], retrieval_chance_r1=1.0 / len(test),

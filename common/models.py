@@ -222,10 +222,14 @@ class VisionTransformer(nn.Module):
         t, grid = self._tokens(x)
         return (t[:, 1:] if self.class_embedding is not None else t), grid
 
+    def pooled(self, x):
+        """x: (B, 3, H, W) -> (B, width): the pooled token before the projection (CLIP's I_f in its Fig. 3)."""
+        t = self.forward_tokens(x)
+        return t[:, 0] if self.pool == "cls" else t.mean(dim=1)
+
     def forward(self, x):
         """x: (B, 3, H, W) -> (B, embed_dim) unnormalised (or (B, width) when embed_dim is None)."""
-        t = self.forward_tokens(x)
-        f = t[:, 0] if self.pool == "cls" else t.mean(dim=1)
+        f = self.pooled(x)
         return f @ self.proj if self.proj is not None else f
 
 

@@ -153,3 +153,18 @@ def test_attribute_labels_read_the_main_object():
     assert y["shape"] == [s["label"] for s in samples]
     assert sum(s["objects"][0]["shape_id"] != s["label"] for s in samples) >= 10  # the old rule would fail above
     assert clip.attribute_labels([{"label": 1}]) is None
+
+
+def test_probes_read_the_probe_features_not_the_embeddings():
+    """label_scores scores zero-shot on the embeddings img_f and the probes on te_f (the pooled features before the
+    projection): features that encode the labels give a perfect probe while the embeddings are noise."""
+    import torch
+    samples = [World(0, "test", 32)[i] for i in range(120)]
+    y = torch.tensor([s["label"] for s in samples])
+    g = torch.Generator().manual_seed(0)
+    noise, onehot = torch.randn(120, 8, generator=g), torch.nn.functional.one_hot(y, 10).float()
+    clf = torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    out = clip.label_scores(samples, noise, clf, samples, onehot, onehot, noise)
+    assert out["linear_probe_acc"] == 1.0 and out["attribute_probe"]["per_attribute"]["shape"] == 1.0
+    assert out["linear_probe_acc_embedding"] < 0.5  # the same probe on the noise embeddings
+    assert set(clip.label_scores(samples, noise, clf)) == {"zeroshot_acc", "majority"}

@@ -209,6 +209,8 @@ def test_vit_shapes_pooling_and_pos_interpolation():
     pt, grid = v.patch_tokens(x)
     assert pt.shape == (2, 64, 32) and grid == (8, 8)
     assert v(x).shape == (2, 16)
+    # pooled: the class token after ln_post, before the projection (CLIP's I_f, what clip.py's probes read)
+    assert torch.allclose(v.pooled(x), v.forward_tokens(x)[:, 0]) and torch.allclose(v(x), v.pooled(x) @ v.proj)
     # 48 px input: pos-emb interpolated to 12x12
     pt, grid = v.patch_tokens(torch.randn(2, 3, 48, 48))
     assert pt.shape == (2, 144, 32) and grid == (12, 12)
