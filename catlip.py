@@ -327,11 +327,6 @@ def make_vit(cfg, embed_dim=None):
                     heads=cfg.heads, embed_dim=embed_dim, stem=cfg.stem)
 
 
-def pooled(vit, x):
-    """Class-token features after ln_post, before any projection: (B, width). The layer probed for both methods."""
-    return vit.forward_tokens(x)[:, 0]
-
-
 class EMA:
     """Weight EMA e <- (1 - m) e + m p after every step (corenet, momentum 5e-4); `step` counts its updates."""
 
@@ -459,8 +454,9 @@ def text_tokenizer(cfg, dist, src, field):
 
 @torch.no_grad()
 def features(vit, images, device, bs=512):
+    """Class-token features after ln_post, before any projection (B, width): the layer probed for both methods."""
     vit.eval()
-    return torch.cat([pooled(vit, images[i:i + bs].to(device)).float().cpu() for i in range(0, len(images), bs)])
+    return torch.cat([vit.pooled(images[i:i + bs].to(device)).float().cpu() for i in range(0, len(images), bs)])
 
 
 TASK_FIELD = {"shape": "label", "color": "color"}   # probe task -> the Prepare field holding its label
