@@ -115,6 +115,17 @@ def _year_weights(names, intro, trend, drift):
 SHAPE_P = {d: _year_weights(SHAPES, SHAPE_INTRO, SHAPE_TREND, d) for d in (True, False)}
 COLOR_P = {d: _year_weights(COLORS, COLOR_INTRO, COLOR_TREND, d) for d in (True, False)}
 TEXTURE_P = {d: _year_weights(TEXTURES, {}, TEXTURE_TREND, d) for d in (True, False)}
+_SCALED = {}  # drift_scale -> (shape cdfs, colour cdfs, texture cdfs); scale 1 uses the tables above
+
+
+def _scaled_cdfs(scale):
+    """Per-year sampling cdfs with every log-frequency trend multiplied by `scale` (intro years unchanged): at
+    scale 3 the concepts frequent in 2014 (circle, red, plain) become rare by 2022 and the rising ones dominate."""
+    if scale not in _SCALED:
+        scaled = lambda tr: {k: scale * v for k, v in tr.items()}
+        _SCALED[scale] = tuple(_year_weights(names, intro, scaled(trend), True)[1] for names, intro, trend in (
+            (SHAPES, SHAPE_INTRO, SHAPE_TREND), (COLORS, COLOR_INTRO, COLOR_TREND), (TEXTURES, {}, TEXTURE_TREND)))
+    return _SCALED[scale]
 
 
 def main_object(sample):
@@ -420,10 +431,13 @@ class World:
     n: nominal length (default train 50k, val/test 5k); years: restrict samples to these years (e.g. [2018]);
     drift: concept drift over years (False: every shape/colour/texture uniform in every year);
     quality: fix the alt-text quality q for every sample (None: q ~ Kumaraswamy(1.6, 1.6) per sample); only the
-    alt-text changes with it.
+    alt-text changes with it. drift_scale: multiplies every shape/colour/texture log-frequency trend (1: the
+    default world, bit-identical; 3: a strong drift where early-frequent concepts fade); ignored without drift.
+    Only the attributes drawn change: every sample makes the same random draws at any scale.
     """
 
-    def __init__(self, seed=0, split="train", size=64, n=None, years=None, drift=True, quality=None):
+    def __init__(self, seed=0, split="train", size=64, n=None, years=None, drift=True, quality=None,
+                 drift_scale=1.0):
         if split not in SPLITS:
             raise ValueError(f"World: split={split!r}; expected one of {list(SPLITS)}")
         if not (isinstance(size, (int, np.integer)) and 16 <= size <= 512):
@@ -439,6 +453,11 @@ class World:
             raise ValueError(f"World: quality={quality!r}; expected a float in [0, 1] or None")
         self.seed, self.split, self.size, self.years, self.drift = int(seed), split, int(size), years, bool(drift)
         self.quality = quality
+        if not (isinstance(drift_scale, (int, float)) and 0.0 <= drift_scale <= 10.0):
+            raise ValueError(f"World: drift_scale={drift_scale!r}; expected a float in [0, 10]")
+        self.drift_scale = float(drift_scale)
+        self._cdfs = _scaled_cdfs(self.drift_scale) if self.drift and self.drift_scale != 1.0 else \
+            (SHAPE_P[self.drift][1], COLOR_P[self.drift][1], TEXTURE_P[self.drift][1])
         self.n = DEFAULT_N[split] if n is None else int(n)
         self._sid = SPLITS[split]
         self._ykey = "" if years is None else "y" + "_".join(str(y) for y in years) + "-"
@@ -448,7 +467,8 @@ class World:
 
     def __repr__(self):
         return (f"World(seed={self.seed}, split={self.split!r}, size={self.size}, n={self.n}, years={self.years}, "
-                f"drift={self.drift}, quality={self.quality})")
+                f"drift={self.drift}, quality={self.quality}" +
+                (f", drift_scale={self.drift_scale})" if self.drift_scale != 1.0 else ")"))
 
     def __getitem__(self, i):
         if not isinstance(i, (int, np.integer)):
@@ -476,7 +496,7 @@ class World:
         X, Y, ground, shade = _grid(S)
 
         # ---- background: two muted colours mixed by a texture pattern, darker toward the horizon (0..255 floats)
-        tex = R.cat(TEXTURE_P[self.drift][1][t])
+        tex = R.cat(self._cdfs[2][t])
         texture = TEXTURES[tex]
         base = 90.0 + 75.0 * R.u()
         A = np.array([base + 20.0 * (R.u() - 0.5) for _ in range(3)], np.float32)
@@ -495,7 +515,7 @@ class World:
 
         # ---- objects: count, attributes (drifting by year), grid cell + jitter, depth from the ground contact
         k = 1 + R.cat([0.4, 0.75, 1.0])
-        scdf, ccdf = SHAPE_P[self.drift][1][t], COLOR_P[self.drift][1][t]
+        scdf, ccdf = self._cdfs[0][t], self._cdfs[1][t]
         same = R.u() < 0.3    # repeated objects ("two circles") make plurals common enough to matter
         cells = list(range(9))
         objs = []
