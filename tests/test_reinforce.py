@@ -396,11 +396,11 @@ def test_real_teachers_and_vfm_replace_their_training(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end
-def _losses(out):
+def _losses(out, key="loss"):
     runs = {}
     for line in open(os.path.join(out, "log.jsonl")):
         r = json.loads(line)
-        runs.setdefault(r["run"], []).append(r["loss"])
+        runs.setdefault(r["run"], []).append(r[key])
     return runs
 
 
@@ -412,7 +412,8 @@ def test_smoke_learns_and_writes_results(tmp_path):
     res = json.load(open(out / "results.json"))
     for k in ("erm_acc", "erm_ra_acc", "kd_acc", "dr_acc", "chance", "majority", "task_majority", "erm_epoch_s",
               "kd_epoch_s", "dr_epoch_s", "dr_epoch_cpu_s",
-              "storage_bytes_per_image", "ns", "topk", "scratch_acc", "agnostic_kd_acc", "task_kd_acc", "seconds",
+              "storage_bytes_per_image", "ns", "topk", "scratch_acc", "agnostic_kd_acc", "agnostic_lp_acc",
+              "task_kd_acc", "seconds",
               "device", "data"):
         assert k in res, k
     assert set(res["task_kd_acc"]) == {"in_domain_oracle", "retrieved", "generic", "generic_oracle"}
@@ -428,6 +429,11 @@ def test_smoke_learns_and_writes_results(tmp_path):
     runs = _losses(out)
     for name in ("teachers", "student_erm", "student_erm_ra", "student_dr", "vfm", "tokt_kd_in_domain_oracle"):
         assert runs[name][-1] < runs[name][0], (name, runs[name])
+    # the four students warm up over student_warmup steps (smoke: 4), every other fit over 1/20 of its steps
+    lr0, cfg = _losses(out, "lr"), parse_config(rf.Config, ["--smoke"], commands=rf.COMMANDS, presets={"smoke": rf.SMOKE})
+    for kind in rf.ARMS:
+        assert lr0[f"student_{kind}"][0] == pytest.approx(getattr(cfg, f"{kind}_lr") / cfg.student_warmup)
+    assert lr0["teachers"][0] == pytest.approx(cfg.lr / (cfg.teacher_epochs * cfg.n_teacher // cfg.batch_size // 20))
     # above chance (1/10 shapes, 1/5 task classes) by a margin: the smoke is too short for the paper's effects
     assert res["teacher_acc"] > 0.1 + 0.05 and res["vfm_adapted_acc"] > res["task_chance"] + 0.05
     # KD's extra cost over DR (the teachers' forward) is judged at the default size by EFFECTS over seeds: at smoke
