@@ -13,16 +13,16 @@ to a small task model with few labels: adapt the VFM to the task, distil its tas
 unlabelled transfer set (best: images retrieved by similarity to the labelled ones), then fine-tune on the labels.
 
 What this file reproduces on the synthetic world (common/world.py, 32 px, shape classification):
-  mode dr:       teachers (2 wider CNNs trained on 5x more data, or --teacher: zero-shot CLIPs) -> reinforced store
-                 (tar shards: image, fp16 top-k, JSON augmentation params, mixing partners; rank-parallel, resumable
-                 per shard, mergeable) -> students at equal epochs: ERM (crop + flip, CE + label smoothing), ERM+RA
-                 (DR's augmentations drawn fresh, one-hot targets: DR's fair baseline), online KD, DR.
-  mode transfer: a 5-class task with 10 labels per class; a VFM (wider CNN pretrained with a CatLIP-like multi-label
-                 objective on the whole world, task shapes included, or --vfm: a CLIP's image tower); linear-probe
-                 adaptation; task-oriented KD + fine-tune on transfer sets chosen without labels (retrieved: kNN of
-                 the labelled images; generic: a random pool sample) and label-chosen oracles (in-domain, generic
-                 without task images); baselines: scratch, task-agnostic feature distillation (retrieved set).
-  Every compared arm has its own lr (--erm_lr, --kd_lr, ..., --scratch_lr), picked on a val split (docs).
+- mode dr: teachers (2 wider CNNs trained on 5x more data, or --teacher: zero-shot CLIPs) -> reinforced store (tar
+  shards: image, fp16 top-k, JSON augmentation params, mixing partners; rank-parallel, resumable per shard, mergeable)
+  -> students at equal epochs: ERM (crop + flip, CE + label smoothing), ERM+RA (DR's augmentations drawn fresh,
+  one-hot targets: DR's fair baseline), online KD, DR.
+- mode transfer: a 5-class task with 10 labels per class; a VFM (wider CNN pretrained with a CatLIP-like multi-label
+  objective on the whole world, task shapes included, or --vfm: a CLIP's image tower); linear-probe adaptation;
+  task-oriented KD + fine-tune on transfer sets chosen without labels from a pool where the task is rare (retrieved:
+  kNN of the labelled images; generic: a random pool sample) and label-chosen oracles (in-domain, generic without
+  task images); baselines: scratch, task-agnostic feature distillation (retrieved set).
+Every compared arm has its own lr (--erm_lr, --kd_lr, ..., --scratch_lr), picked on a val split (docs).
 
 Run: python reinforce.py [--seeds=0,1,2 | --smoke | --mode=dr|transfer | --help]; the sub-commands `reinforce`
 (teachers + store) and `merge`, torchrun, --data shards, --teacher / --vfm checkpoints: docs/reinforce.md "Commands".
@@ -121,6 +121,7 @@ class Config:
     n_labels: int = 10  # labelled images per task class
     n_pool: int = 3000  # mixed unlabelled pool (task and other classes) from the val split
     n_transfer: int = 600  # images per transfer set
+    n_pool_task: int = 600  # world: the pool keeps only its first n task-class images (a web pool; 0: all, ~60%)
     n_vfm: int = 5000  # images the VFM pretrains on (the whole world: every shape, task classes included)
     vfm_width: int = 32  # VFM CNN width (the student's is `width`)
     vfm_epochs: int = 12  # VFM pretraining epochs (multi-label BCE on the shapes and colours present)
@@ -128,8 +129,8 @@ class Config:
     kd_temp: float = 2.0  # softmax temperature of the adapted VFM's targets
     ft_steps: int = 60  # fine-tuning steps on the labels (full labelled batch each step)
     # per-arm lrs, each picked on the val split's task images from the same grid (docs/reinforce.md)
-    task_kd_lr: float = 3e-3  # task-oriented distillation (every transfer set)
-    task_ft_lr: float = 1e-3  # fine-tune after task-oriented distillation
+    task_kd_lr: float = 1e-2  # task-oriented distillation (every transfer set)
+    task_ft_lr: float = 3e-3  # fine-tune after task-oriented distillation
     agnostic_kd_lr: float = 1e-2  # task-agnostic feature distillation
     agnostic_ft_lr: float = 3e-3  # fine-tune after task-agnostic distillation
     scratch_lr: float = 3e-3  # scratch baseline (one fit on the labels)
@@ -139,14 +140,14 @@ class Config:
 # smoke: every stage, also mixing + erasing; teachers and VFM long enough to learn (tested), the rest a few steps
 SMOKE = dict(n_train=200, n_test=300, n_teacher=600, teacher_epochs=6, ns=2, shard_size=100, epochs=4, batch_size=50,
              teacher_widths="12,8", width=8, n_pool=300, n_transfer=100, n_vfm=600, vfm_epochs=6, vfm_width=12,
-             kd_epochs=2, ft_steps=8, log_every=10, mix_p=0.5, erase_p=0.25, n_val=200, student_warmup=4)
+             kd_epochs=2, ft_steps=8, log_every=10, mix_p=0.5, erase_p=0.25, n_val=200, student_warmup=4,
+             n_pool_task=100)
 
 
 def ints(s):
     return [int(v) for v in str(s).split(",") if v.strip()]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # models: small CNNs (any architecture works with DR; CNNs learn this world's shapes fastest, docs/reinforce.md)
 
 
@@ -252,7 +253,6 @@ def clip_teachers(cfg, names):
                                                                  if cfg.bpe else "world", "names": list(names)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # replayable augmentation: common.transforms for the per-image part, MixUp/CutMix with a partner image here. Draws
 # come from the Stream's per-sample generator (so every rank draws its own views), or a key-seeded one for the store.
 
@@ -346,7 +346,6 @@ def mix_batch(x, y, mixes, C, image_size):
     return xm, tm
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # sparse teacher targets (ml-dr sparsify / densify "smooth")
 
 
@@ -366,7 +365,6 @@ def densify(v, i, C):
     return out.scatter_(-1, i.long(), v)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # data: sources, per-sample views (run in the Stream's workers), one-pass sets
 
 
@@ -442,7 +440,6 @@ def majority(y, C):
     return float(torch.bincount(torch.as_tensor(y).long(), minlength=C).max()) / max(len(y), 1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # the reinforced store: {out}/reinforced/reinforced-{j:06d}.tar, one per input unit (an input shard, or shard_size
 # world samples), manifest.json (what it holds), stage.json (for_each_shard's build state: fingerprint, complete).
 # Per sample (webdataset members, no pickle; ml-dr stores one torch.save per image):
@@ -577,7 +574,6 @@ def merge_reinforced(dirs, out_dir, dist=Dist()):
                        runs=sum((m["runs"] for m in mans), []))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # losses (Net returns fp32 logits, also under bf16 autocast; the targets come in fp32) and fits
 
 
@@ -619,7 +615,6 @@ def run_fit(model, loss_fn, stream, steps, cfg, dist, name, streams, fp, lr=None
     return dict(h, fingerprint=fp)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # mode dr: teachers -> reinforced store -> ERM / online KD / DR students at equal epochs
 
 
@@ -737,7 +732,6 @@ def run_dr(cfg, dist, res, plots, streams, test, val, names):
         dist.print(f"{kind}: test accuracy {res[f'{kind}_acc']:.4f} (val {res['val_acc'][kind]:.4f}){times}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # mode transfer (TOKT): VFM -> adapt -> distil on a transfer set -> fine-tune
 
 
@@ -828,6 +822,15 @@ def task_split(ev, remap):
     return ev["x"][keep], torch.tensor([remap[int(c)] for c in ev["y"][keep]])
 
 
+def web_pool(pool, remap, n):
+    """The world's unlabelled pool made web-like: every non-task image, only the first n task-class images (0: all).
+    It reads the world's labels to build the world; TOKT's label-free sets never read them."""
+    k = itertools.count()
+    out = SampleList(s for s in pool if s["label"] not in remap or not n or next(k) < n)
+    out.name, out.skipped = pool.name, pool.skipped
+    return out
+
+
 def transfer_sets(fv_lab, fv_pool, inside, cfg):
     """TOKT's transfer sets, n_transfer pool images each. Chosen without labels: "retrieved" (balanced cosine kNN of
     the labelled images in the VFM's embedding) and "generic" (a uniform random sample of the pool: an uncurated
@@ -849,13 +852,14 @@ def run_transfer(cfg, dist, res, streams, test, val, names):
     train = source(cfg, "train", cfg.n_vfm)
     vfm, vfm_fp = train_vfm(train, names, cfg, dist, streams)
     # every TOKT stage depends on the VFM, the labels, the pool and transfer sets, the distillation and the student
-    tokt = fingerprint(cfg, "seed", "image_size", "batch_size", "crop", "crop_pad", "rrc_min", "data",
-                       "task_classes", "n_labels", "n_pool", "n_transfer", "width", "kd_epochs", "kd_temp", vfm=vfm_fp)
+    tokt = fingerprint(cfg, "seed", "image_size", "batch_size", "crop", "crop_pad", "rrc_min", "data", "task_classes",
+                       "n_labels", "n_pool", "n_pool_task", "n_transfer", "width", "kd_epochs", "kd_temp", vfm=vfm_fp)
     lab = labelled_set(train, remap, cfg.n_labels)
     xl, yl = torch.stack([prep(s, cfg.image_size) for s in lab]), torch.tensor([s["label"] for s in lab])
     (xt, yt), (xv, yv) = task_split(test, remap), task_split(val, remap)
     pool = read_samples(source(cfg, "val", cfg.n_pool, cache=False), cfg.n_pool,
                         transform=lambda s: {"__key__": s["__key__"], "image": s["image"], "label": int(s["label"])})
+    pool = pool if cfg.data else web_pool(pool, remap, cfg.n_pool_task)
     inside = torch.tensor([s["label"] in remap for s in pool])  # ground truth: only the oracle sets and reports read it
     # TOKT step 1: adapt the VFM to the task with the few labels (linear probe on frozen features)
     fv_pool, fv_lab = feats(vfm, torch.stack([prep(s, cfg.image_size) for s in pool]), dev), feats(vfm, xl, dev)
@@ -915,7 +919,6 @@ def run_transfer(cfg, dist, res, streams, test, val, names):
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # plots (common.plot) and the expected-effect checks
 
 
@@ -937,8 +940,7 @@ def plot_results(path, res):
 
 
 def plot_samples(path, d, names, cfg, n_img=6, n_aug=6):
-    """Rows: an image of the store (labelled with its class), then its stored augmentations replayed from the store
-    alone."""
+    """Rows: an image of the store (labelled with its class), then its stored augmentations replayed from the store."""
     man, samples = read_manifest(d), list(iter_samples(store_source(d), n=n_img))
     pipe, n_aug = heavy_pipeline(cfg), min(n_aug, man["ns"])
     name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731

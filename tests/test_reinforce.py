@@ -294,6 +294,15 @@ def test_transfer_sets_without_labels_ignore_the_labels():
 
 
 
+def test_web_pool_keeps_every_other_image_and_the_first_task_images():
+    from common.data import SampleList
+    pool = SampleList({"__key__": str(i), "label": c} for i, c in enumerate([0, 3, 1, 0, 4, 1, 3, 0]))
+    pool.name = "pool"
+    out = rf.web_pool(pool, {0: 0, 1: 1}, 2)
+    assert [s["__key__"] for s in out] == ["0", "1", "2", "4", "6"] and out.name == "pool"
+    assert [s["__key__"] for s in rf.web_pool(pool, {0: 0, 1: 1}, 0)] == [str(i) for i in range(8)]
+
+
 def test_agnostic_target_is_standardised_with_the_pool_statistics():
     """Raw ReLU features share one mean direction (any two have a high cosine); the task-agnostic target removes it
     with the pool's per-dimension mean and std, so matching it by cosine has to match the image-specific part."""
