@@ -23,7 +23,9 @@ final-step average (last row).
 
 The embedded synthetic world drifts over its years (common/world.py): `heart` exists from 2018, `pink` from 2019,
 `moon` from 2020, and shape/colour/texture frequencies shift smoothly. A model that stopped in 2016 has never seen
-a heart. Fixed from the official scripts: cumulative data lists are built in Python (their bash loop
+a heart. tic's world drifts 4x as strongly as the shared one (--drift, common.world's drift_scale: every
+log-frequency trend x 4), so that concepts frequent early (circle, red, plain backgrounds) fade by 2022 and
+backward transfer measures forgetting, as TiC-DataComp's years do. Fixed from the official scripts: cumulative data lists are built in Python (their bash loop
 `{2017..$year}` never expands and silently trains on a literal path).
 
 Data: every run trains from a common.data Stream over its strategy's data, a source built from the time steps'
@@ -92,9 +94,10 @@ class Config:
     restart_rows: str = "last"  # last: Restart trains only at the final step (what its effect reads) | all: every step
     steps: int = 150  # per-time-step budget C in optimizer steps (samples = steps * batch_size); Oracle gets T*C
     batch_size: int = 64  # global batch (split over torchrun ranks)
-    lr: float = 1e-3  # peak learning rate of runs from random init (AdamW, cosine to 0 within every time step)
+    lr: float = 5e-4  # peak learning rate of runs from random init: step 1 (chosen on its val split) and any
+    # from-scratch strategy --strategy_lr does not name (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
-    strategy_lr: str = ("restart=2e-3,oracle=3.33e-4,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
+    strategy_lr: str = ("restart=1e-3,oracle=6.67e-4,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
                         "cumulative_equal=5e-4")  # per-strategy peak lr "name=lr,..." chosen on the val split
     # (docs/tic.md); a strategy not named takes lr / warm_lr; ignored under --warm_start (all runs at --warm_lr)
     weight_decay: float = 0.1  # decoupled weight decay
@@ -105,6 +108,8 @@ class Config:
     buffer: int = 0  # old-data buffer size for cumulative_exp/equal (0 -> n_train, i.e. |D|)
     lwf_weight: float = 1.0  # weight of the distillation term of the lwf strategy
     image_size: int = 32  # the world renders at this size
+    drift: float = 4.0  # the world's drift strength: every shape/colour/texture log-frequency trend x this
+    # (common.world drift_scale; 1: the world the other scripts share; docs/tic.md: why tic's is stronger)
     patch_size: int = 8  # 32/8 -> 4x4 patch tokens: a cheap image tower
     width: int = 96  # ViT width
     layers: int = 3  # ViT depth
@@ -186,7 +191,8 @@ def step_sources(cfg, groups, split):
     opened like --data, so {split}, --val_data and --holdout apply per sub-folder), else tar shards whose json "year"
     is grouped by --time_steps."""
     def opened(data, val_data="", years=None):
-        return open_source(data, split, world=lambda sp: World(cfg.seed, sp, cfg.image_size, years=years),
+        return open_source(data, split, world=lambda sp: World(cfg.seed, sp, cfg.image_size, years=years,
+                                                                   drift_scale=cfg.drift),
                            n=cfg.n_train if split == "train" else cfg.n_eval, val_data=val_data, holdout=cfg.holdout,
                            require=("image", cfg.caption),
                            keep=("image", cfg.caption, "label") + (() if cfg.data else ("objects", "texture")))
@@ -564,6 +570,8 @@ def main(argv=None):
     # --warm_start: step 1 is the checkpoint (its fingerprint: the file); every run starts from trained weights, so
     # every run takes the warm-start lr and warm-up; Restart and Oracle restart from the checkpoint (docs/tic.md)
     results, streams, fps, shared = {}, {}, {}, {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    if cfg.drift != 1.0 and not cfg.data:  # the world's drift (at 1, runs made before the knob still match)
+        shared["drift"] = cfg.drift
     if base is not None:
         shared = {k: v for k, v in shared.items() if k not in MODEL_KEYS}
         fps["step1"] = ws_fp
@@ -573,7 +581,7 @@ def main(argv=None):
     step1_scores = None  # --warm_start: the checkpoint's row of every time matrix, evaluated once
     for strat in strategies:
         s0 = time.time()
-        M_r, M_z, rows, samples, prev = [], [], [], 0, None
+        M_r, M_z, M_v, rows, samples, prev = [], [], [], [], 0, None
         # Oracle trains once at the final step; Restart too by default (its effect reads the final row only: every
         # Restart step is an independent run from scratch, so its earlier rows cost compute and change nothing there)
         once = strat == "oracle" or (strat == "restart" and cfg.restart_rows == "last")
@@ -617,15 +625,18 @@ def main(argv=None):
                 M_r.append(retr)
                 M_z.append(zs)
                 rows.append(t)
+                if val_sets:  # the same checkpoint on every step's val split: the val time matrix
+                    M_v.append(evaluate(unwrap(model), val_sets, None, tok, dist.device)[0])
             dist.barrier()
         if dist.is_master:
             r = results[strat] = {"matrix_retrieval": M_r, "rows": rows, "retrieval": summarize(M_r, rows),
                                   "zeroshot": zs_na, "samples_seen": samples}
-            # the final model on the val split (what learning rates are chosen on; never the test split) and the
-            # linear probe of its image features (the representation check)
+            # the val time matrix (what learning rates and the drift are chosen on; never the test split): its last
+            # row is the final model's, and the linear probe of its image features (the representation check)
             if val_sets:
-                v = evaluate(unwrap(model), val_sets, None, tok, dist.device)[0]
-                r["val"] = {"retrieval": v, "final_avg": float(np.mean(v))}
+                sv = summarize(M_v, rows)
+                r["val"] = {"retrieval": M_v[-1], "final_avg": sv["final_avg"], "backward": sv["backward"],
+                            "id": sv["id"], "matrix": M_v}
             if probe_data is not None:
                 r["probe"] = probe(unwrap(model), probe_data, dist.device)
             r["seconds"] = time.time() - s0

@@ -194,6 +194,9 @@ def test_stage_reuse_by_fingerprint(tmp_path):
     assert trained("--warm_lr=1e-4", "--lr=2e-3")[1] == set(runs)  # Sequential starts from a new step 1
     assert trained("--warm_lr=1e-4", "--lr=2e-3")[1] == set()
     assert trained("--warm_lr=1e-4", "--lr=2e-3", "--retrain")[1] == set(runs)
+    assert trained("--warm_lr=1e-4", "--lr=2e-3", f"--drift={tic.Config.drift}")[1] == set()  # the default drift
+    assert trained("--warm_lr=1e-4", "--lr=2e-3", "--drift=1")[1] == set(runs)  # the shared world: every run
+    assert trained("--warm_lr=1e-4", "--lr=2e-3", "--drift=1")[1] == set()
 
 
 def _free_port():
@@ -372,6 +375,9 @@ def test_restart_rows_strategy_lr_val_and_probe(tmp_path):
     for s in ("restart", "sequential"):
         v = res[s]["val"]
         assert len(v["retrieval"]) == 3 and v["final_avg"] == pytest.approx(sum(v["retrieval"]) / 3)
+        # the val time matrix: one row per trained checkpoint, its last row the final model's
+        assert len(v["matrix"]) == len(res[s]["rows"]) and v["matrix"][-1] == v["retrieval"]
+        assert v["backward"] == pytest.approx(tic.summarize(v["matrix"], res[s]["rows"])["backward"])
         p = res[s]["probe"]
         assert set(p["per_attribute"]) == {"shape", "color", "size", "texture"}
         assert p["chance"] == pytest.approx((1 / 10 + 1 / 9 + 1 / 3 + 1 / 5) / 4)
@@ -384,6 +390,28 @@ def test_restart_rows_strategy_lr_val_and_probe(tmp_path):
         tic.main(args + ["--strategy_lr=sequentail=1e-3"])
     with pytest.raises(SystemExit, match="--restart_rows"):
         tic.main(args + ["--restart_rows=some"])
+
+
+def test_world_drift_scale():
+    """--drift scales the world's frequency trends: scale 1 is the shared world bit for bit, and at any scale a
+    sample makes the same random draws (same object count and grid cells), only its attributes follow the stronger
+    trend: circle and red frequent in 2014 become rare by 2022."""
+    def share(scale, year, n=240):
+        w = World(0, "train", 32, years=[year], drift_scale=scale)
+        xs = [w[i] for i in range(n)]
+        return (sum(o["shape"] == "circle" for x in xs for o in x["objects"]) / sum(len(x["objects"]) for x in xs),
+                sum(o["color"] == "red" for x in xs for o in x["objects"]) / sum(len(x["objects"]) for x in xs), xs)
+    base, same = World(0, "train", 32, years=[2014]), World(0, "train", 32, years=[2014], drift_scale=1.0)
+    for i in range(30):
+        a, b = base[i], same[i]
+        assert (a["image"] == b["image"]).all() and a["caption"] == b["caption"] and a["objects"] == b["objects"]
+    (c1, r1, x1), (c3, r3, x3) = share(1.0, 2014), share(3.0, 2014)
+    assert [[o["pos"] for o in x["objects"]] for x in x1] == [[o["pos"] for o in x["objects"]] for x in x3]
+    assert c3 > c1 + 0.12 and r3 > r1 + 0.08  # by the trend formula: circle .25 -> .58, red .21 -> .45
+    (c1, r1, _), (c3, r3, _) = share(1.0, 2022), share(3.0, 2022)
+    assert c3 < 0.02 and c3 < c1 and r3 < 0.03 and r3 < r1  # by the formula: circle .04 -> .004, red .06 -> .01
+    with pytest.raises(ValueError, match="drift_scale"):
+        World(0, "train", 32, drift_scale=-1.0)
 
 
 def test_probe_labels_are_the_captions_attributes():
