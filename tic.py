@@ -39,7 +39,7 @@ including the run it warm-starts from) matches: Step 1 and Restart survive a cha
 not trained, every run starts from it (Restart and Oracle too; all at --warm_lr), and images and text reach it at its
 own image size, context length and tokenizer (--bpe: CLIP's merges file), with open_clip's normalised preprocessing.
 
-    python tic.py                    # default run: 4 time steps x 6 strategies (about 5 CPU-minutes at 1 thread)
+    python tic.py                    # default run: 4 time steps x 6 strategies (about 3.5 CPU-minutes at 1 thread)
     python tic.py --smoke            # the same pipeline at tiny sizes (< 30 s CPU)
     python tic.py --seeds=0,1,2      # the default per seed -> seeds.json, sweep.png, a verdict per EFFECTS entry
     python tic.py --strategies=sequential,cumulative_all --steps=200
