@@ -97,7 +97,7 @@ class Config:
     lr: float = 5e-4  # peak learning rate of runs from random init: step 1 (chosen on its val split) and any
     # from-scratch strategy --strategy_lr does not name (AdamW, cosine to 0 within every time step)
     warm_lr: float = 5e-4  # peak learning rate after a warm start (0 -> lr, the paper's rule; docs/tic.md: why)
-    strategy_lr: str = ("restart=1e-3,oracle=6.67e-4,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
+    strategy_lr: str = ("restart=1e-3,oracle=3.33e-4,sequential=5e-4,cumulative_all=5e-4,cumulative_exp=5e-4,"
                         "cumulative_equal=5e-4")  # per-strategy peak lr "name=lr,..." chosen on the val split
     # (docs/tic.md); a strategy not named takes lr / warm_lr; ignored under --warm_start (all runs at --warm_lr)
     weight_decay: float = 0.1  # decoupled weight decay
