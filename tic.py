@@ -25,8 +25,8 @@ The embedded synthetic world drifts over its years (common/world.py): `heart` ex
 `moon` from 2020, and shape/colour/texture frequencies shift smoothly. A model that stopped in 2016 has never seen
 a heart. tic's world drifts 4x as strongly as the shared one (--drift, common.world's drift_scale: every
 log-frequency trend x 4), so that concepts frequent early (circle, red, plain backgrounds) fade by 2022 and
-backward transfer measures forgetting, as TiC-DataComp's years do. Fixed from the official scripts: cumulative data lists are built in Python (their bash loop
-`{2017..$year}` never expands and silently trains on a literal path).
+backward transfer measures forgetting, as TiC-DataComp's years do. Fixed from the official scripts: cumulative data
+lists are built in Python (their bash loop `{2017..$year}` never expands and silently trains on a literal path).
 
 Data: every run trains from a common.data Stream over its strategy's data, a source built from the time steps'
 sources that holds no samples itself: indices into the world's (or image folders') time steps, or, on tar shards, a
