@@ -14,8 +14,8 @@ Training pairs come from one common.data Stream: the world's first n_train sampl
 stream's position, so --resume continues with the batches an uninterrupted run would have seen. Augmentation is
 open_clip's default RandomResizedCrop(scale=(0.9, 1)) without flips (the captions say "left"/"right"); it resizes
 images of any size to image_size. Evaluation on held-out test pairs that never share a key with training:
-zero-shot classification with the data's class names and the world's prompt templates (CLIP sec. 3.1.4
-ensembling), a linear probe, and image<->text retrieval.
+zero-shot classification with the data's class names and a prompt ensemble (CLIP sec. 3.1.4; on the world
+"a large {colour} {shape}." over its colours, chosen on val), a linear probe, and image<->text retrieval.
 """
 import math
 import os
@@ -34,7 +34,7 @@ from common.seeds import Effect, run_seeds
 from common.tokenizer import world_tokenizer
 from common.train import TrainConfig, fit, seed_all, start_run
 from common.transforms import eval_transform, train_transform
-from common.world import TEMPLATES, TEXTURES, World, class_names, main_object
+from common.world import COLORS, TEMPLATES, TEXTURES, World, class_names, main_object
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Config:
     n_test: int = 1000  # held-out pairs for zero-shot and retrieval
     n_val: int = 1000  # world val pairs: zero-shot and probes again (results "val") for offline choices; 0 = off
     caption: str = "caption"  # caption | alt_text (the world's accurate or noisy web-like text)
+    prompts: str = "main_object"  # world zero-shot prompts: main_object ("a large {colour} {}." for every colour: the
+    # label is the largest object; chosen on val, docs/clip.md) | world (common.world.TEMPLATES); --data: TEMPLATES
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     compile: bool = False  # torch.compile the model
     ckpt_every: int = 100  # checkpoint every N steps (and at the end)
@@ -85,6 +87,14 @@ def attribute_labels(samples):
     first = [main_object(s) for s in samples]
     return {"shape": [o["shape_id"] for o in first], "color": [o["color_id"] for o in first],
             "size": [o["size_id"] for o in first], "texture": [TEXTURES.index(s["texture"]) for s in samples]}
+
+
+def prompt_templates(cfg):
+    """Zero-shot prompt ensemble (CLIP sec. 3.1.4): on the world the default marginalises the caption's colour word
+    for its largest object ("a large red {}.", ...), which the val split preferred to the generic TEMPLATES."""
+    if cfg.data or cfg.prompts == "world":
+        return TEMPLATES
+    return [f"a large {c} {{}}." for c in COLORS]
 
 
 def label_scores(samples, img_f, clf, probe=None, tr_f=None, te_f=None, tr_e=None):
@@ -134,6 +144,8 @@ def main(argv=None):
         raise SystemExit(f"config error: --caption={cfg.caption!r}; expected caption or alt_text")
     if not 0.01 <= cfg.temperature <= 1:
         raise SystemExit(f"config error: --temperature={cfg.temperature}; expected 0.01..1 (logit scale <= 100)")
+    if cfg.prompts not in ("main_object", "world"):
+        raise SystemExit(f"config error: --prompts={cfg.prompts!r}; expected main_object or world")
     if cfg.stem not in ("conv", "patch"):
         raise SystemExit(f"config error: --stem={cfg.stem!r}; expected conv or patch")
     if cfg.image_size % cfg.patch_size or (cfg.stem == "conv" and cfg.patch_size % 4):
@@ -196,7 +208,7 @@ def main(argv=None):
     if names is not None and not all("label" in s for s in test):
         names, res["zeroshot"] = None, "n/a: the test samples carry no label (a .cls member or a json 'label')"
     if names is not None:
-        clf = zero_shot_classifier(model, tok, names, TEMPLATES, dist.device)
+        clf = zero_shot_classifier(model, tok, names, prompt_templates(cfg), dist.device)
         # linear probe: what the image tower knows about the labels, independent of the text tower
         probe = read_samples(train.source, 2000 if cfg.data else min(cfg.n_train, 2000))
         feats = lambda fn, x: extract_features(fn, x, device=dist.device)  # noqa: E731  (no_grad inside)

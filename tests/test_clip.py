@@ -168,3 +168,16 @@ def test_probes_read_the_probe_features_not_the_embeddings():
     assert out["linear_probe_acc"] == 1.0 and out["attribute_probe"]["per_attribute"]["shape"] == 1.0
     assert out["linear_probe_acc_embedding"] < 0.5  # the same probe on the noise embeddings
     assert set(clip.label_scores(samples, noise, clf)) == {"zeroshot_acc", "majority"}
+
+
+def test_prompt_templates():
+    """World default: one "a large {colour} {}." prompt per world colour (each with one slot); --prompts=world and
+    any --data use common.world.TEMPLATES; a bad value is a config error naming the flag."""
+    from common.world import COLORS, TEMPLATES
+    t = clip.prompt_templates(clip.Config())
+    assert t == [f"a large {c} {{}}." for c in COLORS] and all(p.count("{}") == 1 for p in t)
+    assert t[0].format("star") == "a large red star."
+    assert clip.prompt_templates(clip.Config(prompts="world")) == TEMPLATES
+    assert clip.prompt_templates(clip.Config(data="shards/{split}.tar")) == TEMPLATES
+    with pytest.raises(SystemExit, match="--prompts='x'"):
+        clip.main(["--prompts=x", "--out=/tmp/clip_bad_prompts"])
