@@ -70,9 +70,9 @@ class Config:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     threads: int = 1  # torch intra-op threads per process (0 = torch default); why 1: docs/samclip.md
     log_every: int = 25  # log.jsonl row every N steps
-    clip_steps: int = 300  # steps of the CLIP teacher (= zoo mode's plain CLIP) and of the zoo CLIP
+    clip_steps: int = 900  # steps of the CLIP teacher (= zoo mode's plain CLIP) and of the zoo CLIP (900: val, docs)
     clip_batch: int = 64  # global contrastive batch (128: 2x the CPU; docs "What was tried")
-    clip_lr: float = 1e-3  # peak lr (AdamW, cosine); both CLIP arms, chosen on val (docs)
+    clip_lr: float = 5e-4  # peak lr (AdamW, cosine) of the CLIP teacher / plain CLIP, chosen on val (docs)
     sam_steps: int = 250  # SAM teacher steps
     sam_batch: int = 32  # (image, prompt) pairs a step
     sam_lr: float = 3e-3  # peak lr
@@ -105,7 +105,7 @@ class Config:
     smoke: bool = False  # tiny run (< 60 s) for tests
     seeds: str = ""  # e.g. 0,1,2: the default run once per seed -> seeds.json, sweep.png, verdicts (common/seeds.py)
     eval_split: str = "test"  # test | val: score on val images after the first n_probe (the offline lr sweep, docs)
-    zoo_lr: float = 0.0  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
+    zoo_lr: float = 1e-3  # peak lr of the zoo CLIP (0: clip_lr); per-arm lrs chosen on val (docs/samclip.md)
     noreplay_lr: float = 1e-3  # peak lr of stage 2 without replay (0: head_lr); chosen on val like head_lr (docs)
     bg_thresholds: str = "0,0.5,0.9,0.99,0.999,0.9999,0.99999,0.999999,0.9999999"  # coarse-map bg taus (val)
     refine_thresholds: str = "0,0.9,0.99"  # bg taus of the coarse map that prompts the refinement (val)
@@ -117,7 +117,7 @@ class Config:
 SMOKE = dict(width=32, layers=2, clip_width=32, clip_layers=2, n_train=400, n_distill=600, n_test=100, clip_steps=40,
              clip_batch=32, sam_steps=40, sam_batch=16, stage1_steps=10, stage2_steps=10, batch_size=16, replay_batch=8,
              n_probe=100, probe_steps=40, log_every=5, clip_lr=3e-3, sam_lr=3e-3, head_lr=3e-3, dec_dim=16,
-             expert_steps=20, noreplay_lr=3e-3)
+             expert_steps=20, noreplay_lr=3e-3, zoo_lr=3e-3)
 
 
 def inputs(x):
