@@ -37,7 +37,7 @@ from common.seeds import Effect, run_seeds, summarize
 from common.tokenizer import world_tokenizer
 from common.train import TrainConfig, fit, load_weights, no_decay, seed_all, start_run
 from common.transforms import CenterCrop, Resize, normalize, to_tensor, to_uint8
-from common.world import COLORS, SHAPES, TEMPLATES, TEXTURES, World, class_names
+from common.world import COLORS, SHAPES, SIZES, TEMPLATES, TEXTURES, World, class_names
 
 
 @dataclass
@@ -112,6 +112,8 @@ class Config:
     clip_teacher: str = ""  # open_clip / OpenAI ViT CLIP .safetensors as SAM-CLIP's CLIP teacher (not trained)
     bpe: str = ""  # --clip_teacher: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) for its tokenizer (else world's)
     quick_gelu: str = "auto"  # --clip_teacher: auto (QuickGELU for OpenAI-format keys) | true | false
+    seg_prompts: str = "main_object"  # zero-shot seg shape prompts (world): main_object | world | colour |
+    #                                   size_colour (SEG_PROMPTS, chosen on val: docs/samclip.md); --data: TEMPLATES
 
 
 SMOKE = dict(width=32, layers=2, clip_width=32, clip_layers=2, n_train=400, n_distill=600, n_test=100, clip_steps=40,
@@ -790,6 +792,9 @@ def single_run_effects(res):
     return out
 
 
+SEG_PROMPTS = {"world": TEMPLATES, "colour": [f"a {c} {{}}." for c in COLORS],  # the coarse map's shape prompts
+               "main_object": [f"a large {c} {{}}." for c in COLORS],  # clip.py's --prompts=main_object
+               "size_colour": [f"a {z} {c} {{}}." for z in SIZES for c in COLORS]}
 COLOUR_TEMPLATES = [f"a {{}} {s}." for s in SHAPES]  # colour prompts: an ensemble over the shapes they may name
 
 
@@ -816,7 +821,8 @@ def main(argv=None):
     if cfg.seeds:  # the default experiment once per seed, a verdict per expected effect (common/seeds.py)
         return run_seeds(main, argv, cfg, EFFECTS)
     for k, ok in (("mode", ("merge", "zoo", "all", "experts")), ("dense_readout", ("value", "attn", "auto")),
-                  ("eval_split", ("test", "val")), ("quick_gelu", ("auto", "true", "false"))):
+                  ("eval_split", ("test", "val")), ("quick_gelu", ("auto", "true", "false")),
+                  ("seg_prompts", tuple(SEG_PROMPTS))):
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k}={getattr(cfg, k)!r}; expected one of {', '.join(ok)}")
     if (cfg.bpe or cfg.quick_gelu != "auto") and not cfg.clip_teacher:
@@ -963,7 +969,8 @@ def main(argv=None):
             res[f"{key}_sam_miou"] = eval_prompted(sp(m), te, tp, dev)[2]
         bg = ["a photo of the {}.", "the {}.", "a {}."] if cfg.data else [  # the world's texture phrases
             f"a {{}}, {t}." for t in TEXTURES] + [f"a {t} {{}}." for t in TEXTURES]
-        shape_clf = zero_shot_classifier(teacher.clip, teacher.tok, names, TEMPLATES, dev)
+        shape_clf = zero_shot_classifier(teacher.clip, teacher.tok, names,
+                                         TEMPLATES if cfg.data else SEG_PROMPTS[cfg.seg_prompts], dev)
         seg_clf = torch.cat([zero_shot_classifier(teacher.clip, teacher.tok, ["background"], bg, dev), shape_clf])
         ro = ("value", "attn") if cfg.dense_readout == "auto" else (cfg.dense_readout,)
         zs = lambda d, r, t, ref=False: zero_shot_seg(s2, seg_clf, d, ref, cfg.n_points, dev, r == "value", t)  # noqa

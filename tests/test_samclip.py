@@ -234,6 +234,19 @@ def test_renamed_flags_and_one_line_errors():
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --mode='bogus'; expected one of merge, zoo, all, experts"]
+    with pytest.raises(ValueError, match="--seg_prompts='bogus'; expected one of world, colour, main_object, "
+                                         "size_colour"):
+        S.main(["--seg_prompts=bogus"])
+
+
+def test_seg_prompt_families_name_one_shape_each():
+    """Every zero-shot seg prompt has one slot for the shape; the colour families cover every world colour."""
+    from common.world import COLORS, SIZES, TEMPLATES
+    assert S.SEG_PROMPTS["world"] == TEMPLATES
+    for name, T in S.SEG_PROMPTS.items():
+        assert all(t.count("{}") == 1 for t in T), name
+    assert [t.format("star") for t in S.SEG_PROMPTS["main_object"]] == [f"a large {c} star." for c in COLORS]
+    assert len(S.SEG_PROMPTS["size_colour"]) == len(SIZES) * len(COLORS) == 27
 
 
 def test_logits_in_fp32_under_autocast():
