@@ -141,6 +141,7 @@ def run_seeds(main, argv, cfg, effects):
     dict (rank 0; other ranks may return None). Rank 0 writes seeds.json and sweep.png, prints the verdict table,
     and returns {'seeds': ..., 'effects': rows}."""
     import sys
+    from common.train import keep_process_group
     seeds = parse_seeds(cfg.seeds)
     argv = list(sys.argv[1:] if argv is None else argv)
     drop = ("--seeds", "--seed", "--out")
@@ -149,11 +150,12 @@ def run_seeds(main, argv, cfg, effects):
     base = [x for x in argv if x.split("=", 1)[0] not in drop]
     master = int(os.environ.get("RANK", 0)) == 0
     per_seed, walls = {}, {}
-    for s in seeds:
-        t0 = time.time()
-        r = main(base + [f"--seed={s}", f"--out={os.path.join(cfg.out, f'seed{s}')}"])
-        walls[s] = time.time() - t0
-        per_seed[s] = r
+    with keep_process_group():  # under torchrun: one process group for all seeds (see common/train.py)
+        for s in seeds:
+            t0 = time.time()
+            r = main(base + [f"--seed={s}", f"--out={os.path.join(cfg.out, f'seed{s}')}"])
+            walls[s] = time.time() - t0
+            per_seed[s] = r
     if not master:
         return None
     rows = summarize(per_seed, effects)

@@ -49,12 +49,52 @@ class Dist:
             tdist.barrier()
 
     def cleanup(self):
-        if self.distributed and tdist.is_initialized():
-            tdist.destroy_process_group()
+        """Leave the process group, except inside `keep_process_group` (run_seeds), which leaves once at its end."""
+        if self.distributed and tdist.is_initialized() and not _KEEP_GROUP[0]:
+            leave_process_group()
 
     def print(self, *a, **kw):  # print on rank 0 only
         if self.is_master:
             print(*a, **kw, flush=True)
+
+
+_KEEP_GROUP = [0]  # > 0 while run_seeds calls main() once per seed in one process
+
+
+def leave_process_group(wait_s=1800.0):
+    """All ranks check in at torchrun's agent store, then each destroys its group.
+
+    Why wait: rank 0 evaluates alone after training, and a rank that tore its gloo pairs down and exited while rank 0
+    still held them aborted at interpreter exit ("terminate called without an active exception"), about 1 run in
+    40 under CPU load. The store (hosted by the torchrun agent, not by a rank) outlives every rank, so the
+    check-in is safe; under torch.multiprocessing.spawn rank 0 hosts the store, so there we leave at once. The key
+    carries the elastic restart count, and after wait_s a rank leaves anyway rather than hang."""
+    if not tdist.is_initialized():
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store, n = tdist.distributed_c10d._get_default_store(), tdist.get_world_size()
+        key = f"clipbook/exit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        target = -(-store.add(key, 1) // n) * n  # this round's multiple of n (one process may leave several groups)
+        t0 = time.time()
+        while store.add(key, 0) < target and time.time() - t0 < wait_s:
+            time.sleep(0.05)
+    tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def keep_process_group():
+    """One process group for several main() calls in one process: Dist.cleanup() keeps the group inside, and the
+    group is left once at the end. A second init_process_group after destroy_process_group in one torchrun
+    process hangs (rank 0 never returns), so run_seeds must not re-initialize per seed."""
+    _KEEP_GROUP[0] += 1
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _KEEP_GROUP[0] -= 1
+        if not _KEEP_GROUP[0] and tdist.is_initialized():
+            leave_process_group() if ok else tdist.destroy_process_group()  # failing: torchrun stops the rest
 
 
 def setup_distributed(device=None):
