@@ -65,8 +65,7 @@ def leave_process_group(wait_s=1800.0):
     """All ranks check in at torchrun's agent store, then each destroys its group.
 
     Why wait: rank 0 evaluates alone after training, and a rank that tore its gloo pairs down and exited while rank 0
-    still held them aborted at interpreter exit ("terminate called without an active exception"), about 1 run in
-    40 under CPU load. The store (hosted by the torchrun agent, not by a rank) outlives every rank, so the
+    still held them could abort at interpreter exit ("terminate called without an active exception"). The store (hosted by the torchrun agent, not by a rank) outlives every rank, so the
     check-in is safe; under torch.multiprocessing.spawn rank 0 hosts the store, so there we leave at once. The key
     carries the elastic restart count, and after wait_s a rank leaves anyway rather than hang."""
     if not tdist.is_initialized():
@@ -87,14 +86,12 @@ def keep_process_group():
     group is left once at the end. A second init_process_group after destroy_process_group in one torchrun
     process hangs (rank 0 never returns), so run_seeds must not re-initialize per seed."""
     _KEEP_GROUP[0] += 1
-    ok = False
     try:
         yield
-        ok = True
     finally:
         _KEEP_GROUP[0] -= 1
-        if not _KEEP_GROUP[0] and tdist.is_initialized():
-            leave_process_group() if ok else tdist.destroy_process_group()  # failing: torchrun stops the rest
+    if not _KEEP_GROUP[0] and tdist.is_initialized():  # not on an exception: as before, torchrun stops the rest
+        leave_process_group()
 
 
 def setup_distributed(device=None):

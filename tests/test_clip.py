@@ -87,8 +87,8 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_torchrun_seeds(tmp_path):
-    """--seeds under torchrun: every seed trains on the one process group (re-initializing it per seed hung 4 of 4
-    runs at 3 seeds), rank 0 writes the verdicts."""
+    """--seeds under torchrun: every seed trains on the one process group (re-initializing it per seed hung),
+    rank 0 writes the verdicts."""
     out = tmp_path / "seeds"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip.py",
           "--smoke", "--steps=2", "--n_train=64", "--n_test=32", "--n_val=32", "--batch_size=32", "--seeds=0,1,2",

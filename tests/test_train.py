@@ -377,8 +377,8 @@ LEAVE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("rounds,late", [(1, 1.5), (3, 0.2)])
 def test_torchrun_ranks_leave_together(tmp_path, rounds, late):
-    """One round: rank 1 does not tear its group down before the late rank 0 arrives (leaving early aborted rank 1
-    at exit about 1 run in 40). Three rounds in one process (run_seeds) finish: re-initializing the group after a
+    """One round: rank 1 does not tear its group down before the late rank 0 arrives (leaving early could abort
+    rank 1 at exit). Three rounds in one process (run_seeds) finish: re-initializing the group after a
     destroy in one torchrun process hung (rank 0 a little late, as here), so the group is kept and left once."""
     (tmp_path / "leave.py").write_text(LEAVE_SCRIPT)
     out = tmp_path / "out"
