@@ -445,6 +445,8 @@ def test_smoke_learns_and_writes_results(tmp_path):
     assert lr0["teachers"][0] == pytest.approx(cfg.lr / (cfg.teacher_epochs * cfg.n_teacher // cfg.batch_size // 20))
     # above chance (1/10 shapes, 1/5 task classes) by a margin: the smoke is too short for the paper's effects
     assert res["teacher_acc"] > 0.1 + 0.05 and res["vfm_adapted_acc"] > res["task_chance"] + 0.05
+    # the teachers are also scored on the val images their budget is chosen on (never on test)
+    assert res["teacher_val_acc"] > 0.1 + 0.05 and res["teacher_val_acc"] != res["teacher_acc"]
     # KD's extra cost over DR (the teachers' forward) is judged at the default size by EFFECTS over seeds: at smoke
     # size the two CPU times differ by a few ms and their order flipped in about 1 of 6 runs, so only presence here
     assert res["kd_epoch_cpu_s"] > 0 and res["dr_epoch_cpu_s"] > 0
