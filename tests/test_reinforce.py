@@ -385,7 +385,8 @@ def test_real_teachers_and_vfm_replace_their_training(tmp_path):
     res = rf.main(args)
     assert not os.path.exists(out / "teachers.safetensors") and not os.path.exists(out / "vfm.safetensors")
     assert "teachers" not in res["data"]["stages"] and "vfm" not in res["data"]["stages"]
-    assert len(res["data"]["stages"]) == 15 and {"teacher_acc", "vfm_adapted_acc", "dr_acc"} <= set(res)
+    # 17 fits less the teachers and the VFM, + 2 for each of the smoke preset's 3 restart students
+    assert len(res["data"]["stages"]) == 15 + 6 and {"teacher_acc", "vfm_adapted_acc", "dr_acc"} <= set(res)
     # the stored top-k are the zero-shot ensemble's probabilities of the view replayed from the store alone
     man, ss = load(out / "reinforced")
     ens, _ = rf.clip_teachers(parse_config(rf.Config, [f"--teacher={a},{b}"]), rf.SHAPES)
@@ -427,7 +428,15 @@ def test_smoke_learns_and_writes_results(tmp_path):
         assert k in res, k
     assert set(res["task_kd_acc"]) == {"in_domain_oracle", "retrieved", "generic", "generic_oracle"}
     assert set(res["val_acc"]) == {"erm", "erm_ra", "kd", "dr", "tokt_ft_in_domain_oracle", "tokt_ft_retrieved",
-                                   "tokt_ft_generic", "tokt_ft_generic_oracle", "tokt_ft_agnostic", "tokt_scratch"}
+                                   "tokt_ft_generic", "tokt_ft_generic_oracle", "tokt_ft_agnostic", "tokt_scratch",
+                                   "tokt_ft_in_domain_oracle_r1", "tokt_ft_retrieved_r1", "tokt_ft_generic_r1"}
+    # a compared set scores the mean of its tokt_restarts (2) students, which differ; the oracle row has one
+    kd = res["task_kd_restarts"]
+    assert {k: len(v) for k, v in kd.items()} == {"in_domain_oracle": 2, "retrieved": 2, "generic": 2,
+                                                  "generic_oracle": 1}
+    for k, v in kd.items():
+        assert res["task_kd_acc"][k] == pytest.approx(sum(v) / len(v))
+    assert _losses(out)["tokt_kd_retrieved_r1"] != _losses(out)["tokt_kd_retrieved"]
     # the oracle sets read the pool's labels (all / no task images); the label-free ones cannot be pure
     frac = res["transfer_set_task_fraction"]
     assert frac["in_domain_oracle"] == 1.0 and frac["generic_oracle"] == 0.0 and 0 < frac["generic"] < 1
@@ -455,12 +464,12 @@ def test_smoke_learns_and_writes_results(tmp_path):
     assert d["stages"]["student_dr"]["train_unique_keys"] == 200  # the store holds the n_train training images
     assert os.path.exists(out / "reinforced" / "manifest.json") and os.path.exists(out / "reinforce_samples.png")
     assert "reinforce.py results" in p.stdout
-    # the same command again: every stage (17 fits, the store) is reused as it is, with the same results (the
-    # students' epoch times too: kept with their fingerprints)
+    # the same command again: every stage (23 fits: 17 + the 3 restarts' distillation and fine-tune; the store) is
+    # reused as it is, with the same results (the students' epoch times too: kept with their fingerprints)
     p = subprocess.run([sys.executable, "reinforce.py", "--smoke", f"--out={out}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count(": reusing ") == 17 and "training this stage again" not in p.stdout
+    assert p.stdout.count(": reusing ") == 23 and "training this stage again" not in p.stdout
     again = json.load(open(out / "results.json"))
     assert {k: v for k, v in again.items() if k not in ("seconds", "reinforce_s")} == \
         {k: v for k, v in res.items() if k not in ("seconds", "reinforce_s")}
@@ -503,7 +512,8 @@ def test_shards_keys_disjoint_and_counted(shards, tmp_path, procs):
     res = json.load(open(out / "results.json"))
     d = res["data"]
     assert res["world_size"] == procs and d["eval_samples"] == 60 and "shards(" in d["source"]
-    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and len(d["stages"]) == 17
+    # 17 fits + 2 for each of the smoke preset's 3 restart students (their streams are checked like the others)
+    assert d["eval_keys_in_train"] == 0 and d["skipped_corrupt"] == 0 and len(d["stages"]) == 17 + 6
     for name, st in d["stages"].items():
         seen = SEEN.get(name, 40 if name.startswith("tokt_kd") else 10)  # distillation: 2 steps; fine-tune: 1
         assert st["train_samples_seen"] == seen and st["eval_keys_in_train"] == 0 and st["skipped_corrupt"] == 0

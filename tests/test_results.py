@@ -57,3 +57,20 @@ def test_readme_shown_count():
     assert m, "README: the '**N of M expected effects and checks are shown; K are not**' line is missing"
     shown, total, not_shown = map(int, m.groups())
     assert (shown, total, not_shown) == (verdicts.count("shown"), len(verdicts), verdicts.count("not shown"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_committed_runs_used_the_current_defaults(name):
+    """Each committed seed ran the script's default experiment as the code now defines it: its saved config equals
+    the Config defaults in every field but the run's own (out, seed, seeds), so a changed default fails here until
+    the 3-seed run is redone."""
+    import dataclasses
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON has no tuples)
+    fields = dataclasses.fields(importlib.import_module(name).Config)
+    want = {f.name: norm(f.default) for f in fields if f.default is not dataclasses.MISSING}
+    for s in (0, 1, 2):
+        got = _load(RESULTS / name / f"seed{s}" / "config.json")
+        assert got["seed"] == s
+        diff = {k: (got.get(k, "<missing>"), v) for k, v in want.items()
+                if k not in ("out", "seed", "seeds") and norm(got.get(k, "<missing>")) != v}
+        assert not diff, f"results/{name}/seed{s}/config.json differs from {name}.Config (saved, default): {diff}"
