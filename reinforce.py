@@ -108,8 +108,8 @@ class Config:
     mix_p: float = 0.0  # probability of mixing in a partner image (half MixUp, half CutMix); 0 = ImageNet+ "+RA/RE"
     p_reinforced: float = 0.99  # DR: probability of a reinforced sample (else the plain sample with a one-hot target)
     label_smoothing: float = 0.1  # ERM baseline
-    epochs: int = 60  # student epochs over n_train images (equal for ERM / ERM+RA / KD / DR); val rose for every
-    # arm from 30 to 60 (docs/reinforce.md, session 16)
+    epochs: int = 60  # student epochs over n_train images (equal for ERM / ERM+RA / KD / DR)
+    # 60: the val accuracy of every arm rose from 30 to 60 (docs/reinforce.md, session 16)
     # per-arm peak lrs, each picked on the val split from the same grid (docs/reinforce.md, "Learning rates")
     erm_lr: float = 3e-2  # ERM (crop + flip)
     erm_ra_lr: float = 3e-2  # ERM + RandAugment (DR's own pipeline, drawn fresh): DR's fair baseline
@@ -131,8 +131,8 @@ class Config:
     # from 40 to 120 for every distilled arm (docs/reinforce.md, session 9)
     kd_temp: float = 2.0  # softmax temperature of the adapted VFM's targets
     ft_steps: int = 60  # fine-tuning steps on the labels (full labelled batch each step)
-    tokt_restarts: int = 1  # students per compared transfer set (in-domain, retrieved, generic): a set scores their
-    # mean test accuracy; restart r adds 1000 r to its stages' seeds (docs/reinforce.md, session 16)
+    tokt_restarts: int = 1  # students per compared transfer set (in-domain, retrieved, generic), averaged
+    # a set scores its students' mean test accuracy; restart r adds 1000 r to its stages' seeds (docs, session 16)
     # per-arm lrs, each picked on the val split's task images from the same grid (docs/reinforce.md)
     task_kd_lr: float = 3e-2  # task-oriented distillation (every transfer set)
     task_ft_lr: float = 1e-2  # fine-tune after task-oriented distillation
