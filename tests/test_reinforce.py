@@ -278,6 +278,46 @@ def test_bad_input_is_one_clear_error(tmp_path):
         rf.main([f"--out={tmp_path}", "--smoke", "--mode=transfer", "--task_classes=3,12", "--n_test=20"])
 
 
+def test_config_errors_name_the_flag(tmp_path):
+    for flag, match in (("--tokt_restarts=0", "tokt_restarts=0"), ("--task_domain=sepia", "task_domain='sepia'"),
+                        ("--domain_frac=0", "domain_frac=0")):
+        with pytest.raises(ValueError, match=match):
+            rf.main([f"--out={tmp_path}", "--smoke", flag])
+
+
+def test_task_domain_by_hand():
+    """invert: 255 - x (uint8) and 1 - x (float); gray: the ITU-R 601 luminance in every channel; "": unchanged."""
+    a = np.array([[[255, 0, 10], [0, 0, 0]]], np.uint8)  # (1, 2, 3)
+    assert (rf.to_domain(a, "invert") == 255 - a).all() and rf.to_domain(a, "") is a
+    g = rf.to_domain(a, "gray")
+    assert g.dtype == np.uint8 and (g[0, 0] == round(0.299 * 255 + 0.114 * 10)).all() and (g[0, 1] == 0).all()
+    x = torch.rand(2, 3, 4, 4, generator=gen(0))
+    assert torch.equal(rf.to_domain(x, "invert"), 1.0 - x)
+    y = rf.to_domain(x, "gray")
+    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert all(torch.allclose(y[:, c], lum, atol=1e-6) for c in range(3))
+
+
+def test_domain_share_by_key_hash():
+    """A domain_frac share of keys is in the task's domain (binomial 4 SD over 4000 keys), the same on every call;
+    nothing is with task_domain="" or with --data."""
+    cfg = replace(tiny_cfg("unused"), task_domain="invert", domain_frac=0.35)
+    got = [rf.in_domain(f"val-{i:09d}", cfg) for i in range(4000)]
+    assert abs(sum(got) / 4000 - 0.35) < 4 * (0.35 * 0.65 / 4000) ** 0.5
+    assert got == [rf.in_domain(f"val-{i:09d}", cfg) for i in range(4000)]
+    for c in (replace(cfg, task_domain=""), replace(cfg, data="x/{split}.tar")):
+        assert not any(rf.in_domain(f"val-{i:09d}", c) for i in range(200)) and rf.task_domain(c) == ""
+
+
+def test_vfm_targets_name_only_what_an_image_shows():
+    """The VFM's multi-hot target: the label and every object's shape and colour; an object whose colour is unnamed
+    (a task-domain image in its pretraining) adds its shape only."""
+    s = {"label": 2, "objects": [{"shape": "star", "color": "red"}, {"shape": "ring", "color": None}]}
+    t, C = rf.concepts(s, rf.SHAPES), len(rf.SHAPES)
+    assert t.nonzero().flatten().tolist() == sorted([2, rf.SHAPES.index("star"), rf.SHAPES.index("ring"),
+                                                     C + rf.COLORS.index("red")])
+
+
 def test_transfer_sets_without_labels_ignore_the_labels():
     """retrieved and generic are chosen from features (and a seeded draw) alone: other pool labels leave them as they
     are; the oracles are exactly the first task / non-task images."""
@@ -439,6 +479,9 @@ def test_smoke_learns_and_writes_results(tmp_path):
     # the oracle sets read the pool's labels (all / no task images); the label-free ones cannot be pure
     frac = res["transfer_set_task_fraction"]
     assert frac["in_domain_oracle"] == 1.0 and frac["generic_oracle"] == 0.0 and 0 < frac["generic"] < 1
+    # the task's images are in their own domain (task_domain), a domain_frac share of the pool too
+    dom = res["transfer_set_domain_fraction"]
+    assert dom["in_domain_oracle"] == 1.0 and 0 < dom["generic"] < 1 and 0 < dom["generic_oracle"] < 1
     # every effect and check of EFFECTS reads keys this run wrote (so --seeds can judge them)
     rows = summarize({0: res, 1: res}, rf.EFFECTS)
     assert len(rows) == len(rf.EFFECTS) and all(np.isfinite(r["d_mean"]) for r in rows)
