@@ -781,8 +781,7 @@ def train_vfm(src, names, cfg, dist, streams):
         return light(s, g)
     stream = make_stream(src, web_view, cfg.seed + 33, cfg, dist, "vfm", lambda b: (b["image"], b["multi"]))
     fp = fingerprint(cfg, "seed", "image_size", "n_vfm", "vfm_width", "batch_size", "crop", "crop_pad", "rrc_min",
-                     "data", **({"task_domain": cfg.task_domain, "domain_frac": cfg.domain_frac}
-                                if task_domain(cfg) else {}))
+                     "data", **domain_fp(cfg))
     h = run_fit(vfm, on_logits(F.binary_cross_entropy_with_logits), stream,
                 cfg.vfm_epochs * cfg.n_vfm // cfg.batch_size, cfg, dist, "vfm", streams, fp)
     return vfm.eval(), h["fingerprint"]
@@ -864,6 +863,11 @@ def task_domain(cfg):
     return "" if cfg.data else cfg.task_domain
 
 
+def domain_fp(cfg):
+    """The task domain's part of a stage fingerprint (empty without one, so older stages keep theirs)."""
+    return {"task_domain": cfg.task_domain, "domain_frac": cfg.domain_frac} if task_domain(cfg) else {}
+
+
 def in_domain(key, cfg):
     """Whether a world image outside the task's own sets is in the task's domain: its key hash falls below
     domain_frac (label-free and stable, the same on every rank and run)."""
@@ -903,7 +907,7 @@ def run_transfer(cfg, dist, res, streams, test, val, names):
     # every TOKT stage depends on the VFM, the labels, the pool and transfer sets, the distillation and the student
     tokt = fingerprint(cfg, "seed", "image_size", "batch_size", "crop", "crop_pad", "rrc_min", "data", "task_classes",
                        "n_labels", "n_pool", "n_pool_task", "n_transfer", "width", "kd_epochs", "kd_temp", vfm=vfm_fp,
-                       **({"task_domain": cfg.task_domain, "domain_frac": cfg.domain_frac} if task_domain(cfg) else {}))
+                       **domain_fp(cfg))
     dom = task_domain(cfg)  # the task's images (labels, val, test) are in its domain; the pool's by key hash
     lab = [dict(s, image=to_domain(s["image"], dom)) for s in labelled_set(train, remap, cfg.n_labels)]
     xl, yl = torch.stack([prep(s, cfg.image_size) for s in lab]), torch.tensor([s["label"] for s in lab])
@@ -913,7 +917,7 @@ def run_transfer(cfg, dist, res, streams, test, val, names):
     def pool_sample(s):
         d = in_domain(s["__key__"], cfg)
         return {"__key__": s["__key__"], "image": to_domain(s["image"], dom) if d else s["image"],
-                "label": int(s["label"]), "domain": d or not dom}
+                "label": int(s["label"]), "domain": d or not dom}  # no task domain: every image is in it
     pool = read_samples(source(cfg, "val", cfg.n_pool, cache=False), cfg.n_pool, transform=pool_sample)
     pool = pool if cfg.data else web_pool(pool, remap, cfg.n_pool_task)
     # ground truth: only the oracle sets and reports read it
